@@ -51,6 +51,21 @@ def count_flops(cfg, keep=None, counts=None):
     return embed + sum(layer_flops(cfg, counts)) + head
 
 
+def linear_pyramid(cfg, target):
+    """Kept-token counts falling linearly with depth, |S_l| = 1 + (N-1) * max(0, 1 - a*l/L), with |S_L| = 1
+    (METHOD.md I1); the slope a is bisected so that the total MACs come closest to target."""
+    N, L = cfg.num_tokens, cfg.depth
+
+    def counts(a):
+        return [max(1, round(1 + (N - 1) * max(0.0, 1 - a * l / L))) for l in range(1, L)] + [1]
+
+    lo, hi = 0.0, float(L)
+    for _ in range(60):  # FLOPs fall monotonically as a grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count_flops(cfg, counts=counts(mid)) > target else (lo, mid)
+    return min((counts(lo), counts(hi)), key=lambda c: abs(count_flops(cfg, counts=c) - target))
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("Analytic FLOPs of a dense or patch-slimmed DeiT", add_help=True)
     p.add_argument("--model", default="deit_small", choices=list(PRESETS), help="architecture preset")

@@ -16,7 +16,7 @@ Algorithm 1 as run here (METHOD.md §5), and what is cached so that it is afford
   E <= eps. We first measure E0(r) without fine-tuning (a forward on the held set): a candidate with
   E0 <= eps is accepted at once; one with E0 > --ft-reach * eps is rejected without fine-tuning (fine-tuning
   a few steps never closed a gap that large in our runs: see report.json's per-layer trials); the rest are
-  fine-tuned and accepted if E <= eps, else the block is restored. An accepted candidate is always fine-tuned
+  fine-tuned (at most --ft-tries of them per layer) and accepted if E <= eps, else the block is restored. An accepted candidate is always fine-tuned
   (as in the paper), keeping the new weights only if they lower E. Keeping every token at layer t is the
   state already accepted at layer t+1, so the loop always ends.
 """
@@ -86,6 +86,9 @@ class Ctx:
     def tail(self, x, keep, start):
         """Final class feature (B, d) from tokens x entering block `start` (0-based), masks keep."""
         m = self.model
+        alive = m.cfg.num_tokens if start == 0 else len(keep[start - 1])
+        if x.shape[1] != alive:
+            raise ValueError(f"tokens entering block {start + 1}: {x.shape[1]}, but keep leaves {alive} alive")
         with self.autocast():
             return m.norm(m.run_blocks(x.to(self.device), vit.keep_positions(keep, m.cfg), start)[:, 0]).float()
 
@@ -97,7 +100,7 @@ def cache_dense(ctx, loader, desc):
     m, L = ctx.model, ctx.model.cfg.depth
     xs, fs = [[] for _ in range(L - 1)], []
     store = torch.bfloat16 if ctx.amp else torch.float32
-    for img, _ in tqdm(loader, desc=desc, leave=False):
+    for img, _ in tqdm(loader, desc=desc, leave=False, disable=None):
         with ctx.autocast():
             x = m.embed(img.to(ctx.device))
             for l in range(L):
@@ -175,7 +178,7 @@ def finetune_block(ctx, t, fit, keep, steps, lr, seed, desc):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
         idx = torch.randint(0, len(x_fit), (min(ctx.bs, len(x_fit)),), generator=g)
         f = ctx.tail(x_fit[idx], keep, t - 1)
         loss = distill_loss(f, m.head(f), f_t[idx].to(ctx.device), z_t[idx].to(ctx.device))
@@ -205,15 +208,16 @@ def search_layer(ctx, t, keep, fit, held, args, log):
         for name, fn in SCORES.items():
             s = scores if name == args.score else layer_scores(ctx, fit[0][:args.score_images], full, t, fn)
             info["spearman"][name] = round(spearman(s[cand], truth), 4)
-    grid = list(range(0, len(cand), args.r0)) + [len(cand)]
+    grid, tries = list(range(0, len(cand), args.r0)) + [len(cand)], 0
     for r in grid:
         k_t = torch.cat([forced, cand[:r]]).sort().values       # m_t = m_{t+1} ∪ top-r
         trial = keep[:t - 1] + [k_t] + keep[t:]
         e0 = feature_error(ctx, held[0], held[1], trial, t - 1)
         rec = {"r": r, "kept": int(k_t.numel()), "E0": round(e0, 5)}
         info["trials"].append(rec)
-        if e0 > args.ft_reach * args.eps:
-            continue                                           # hopeless: rejected without fine-tuning
+        if e0 > args.ft_reach * args.eps or (e0 > args.eps and tries == args.ft_tries):
+            continue                                           # rejected without fine-tuning
+        tries += e0 > args.eps
         backup = copy.deepcopy(m.blocks[t - 1].state_dict())
         finetune_block(ctx, t, fit, trial, args.ft_steps, args.ft_lr, args.seed + 1000 * t + r,
                        desc=f"layer {t} r={r} fine-tune")
@@ -267,7 +271,7 @@ def evaluate(model, loader, device, keep=None, desc="eval"):
     model.eval()
     ctx = Ctx(model, device, 0)
     correct = total = 0
-    for img, y in tqdm(loader, desc=desc, leave=False):
+    for img, y in tqdm(loader, desc=desc, leave=False, disable=None):
         with ctx.autocast():
             out = model(img.to(device), keep=keep)
         correct += (out.argmax(-1).cpu() == y).sum().item()
@@ -283,7 +287,7 @@ def finetune_all(student, teacher, keep, loader, device, epochs, lr, log):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    bar, step = tqdm(total=steps, desc="final fine-tune", leave=False), 0
+    bar, step = tqdm(total=steps, desc="final fine-tune", leave=False, disable=None), 0
     while step < steps:
         for img, _ in loader:
             img = img.to(device)
@@ -311,7 +315,7 @@ def finetune_all(student, teacher, keep, loader, device, epochs, lr, log):
 # Defaults. The paper gives r0 = 10 of 197 tokens for ImageNet and no fine-tuning hyper-parameters (METHOD.md I5);
 # for other datasets r0 scales with the token count (3 of 65 for the 32-px CIFAR-10 proxy).
 DEFAULTS = dict(eps=0.2, r0=None, score="significance", score_images=512, fit_images=4096, held_images=1024,
-                ft_steps=100, ft_lr=1e-4, ft_reach=1.5, quality_images=0, final_epochs=0.0, final_lr=2e-5)
+                ft_steps=100, ft_lr=1e-3, ft_reach=1.5, ft_tries=2, quality_images=0, final_epochs=0.0, final_lr=2e-5)
 
 
 def get_args_parser():
@@ -333,6 +337,7 @@ def get_args_parser():
     p.add_argument("--ft-steps", type=int, help=f"fine-tuning steps per candidate, block t only ({DEFAULTS['ft_steps']})")
     p.add_argument("--ft-lr", type=float, help=f"AdamW learning rate of those steps ({DEFAULTS['ft_lr']})")
     p.add_argument("--ft-reach", type=float, help=f"fine-tune a candidate only if E0 <= ft_reach*eps ({DEFAULTS['ft_reach']})")
+    p.add_argument("--ft-tries", type=int, help=f"at most this many fine-tunes of rejected candidates per layer ({DEFAULTS['ft_tries']})")
     p.add_argument("--quality-images", type=int, help="held images for the score-quality measure per layer (0: off)")
     p.add_argument("--final-epochs", type=float, help="optional end-to-end distillation fine-tune after the search (0: off)")
     p.add_argument("--final-lr", type=float, help=f"its AdamW learning rate ({DEFAULTS['final_lr']})")
@@ -383,14 +388,6 @@ def machine():
 def main(args):
     args = resolve(args)
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a")
-
-    def log(msg):
-        tqdm.write(msg)
-        logf.write(msg + "\n")
-        logf.flush()
-
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = load_model(args).to(device)
@@ -402,19 +399,28 @@ def main(args):
     if args.val_per_class:
         val = data.subset(val, per_class=args.val_per_class)
     val_loader = data.loader(val, args.batch_size, workers=args.workers)
+    keep = vit.load_masks(args.masks, cfg) if args.masks else model.keep
+    if not args.eval_only:  # the training split feeds scores, fine-tuning and the error E
+        train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
+        data.check_classes(train_aug, cfg.num_classes)
+    os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be good
+    logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a")
+
+    def log(msg):
+        tqdm.write(msg)
+        logf.write(msg + "\n")
+        logf.flush()
+
     log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {cfg}")
     dense_flops = flops.count_flops(cfg)
 
     if args.eval_only:
-        keep = vit.load_masks(args.masks, cfg) if args.masks else model.keep
         top1, gf = evaluate(model, val_loader, device, keep), flops.count_flops(cfg, keep) / 1e9
         log(f"top-1 {top1:.2f}% on {len(val)} {args.data} val images, {gf:.2f} GFLOPs "
             f"(dense {dense_flops / 1e9:.2f}), tokens kept per layer {flops.kept_counts(cfg, keep)}")
         return {"top1": top1, "gflops": gf}
 
     # the fit set (augmented) and the held set (evaluation transform): disjoint random training images
-    train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
-    data.check_classes(train_aug, cfg.num_classes)
     train_eval = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
     perm = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_fit, n_held = min(args.fit_images, len(perm) // 2), min(args.held_images, len(perm) // 2)
@@ -434,6 +440,7 @@ def main(args):
     fit_cache = cache_dense(ctx, data.loader(fit_ds, args.batch_size, workers=args.workers, seed=args.seed), "cache fit")
     held_cache = cache_dense(ctx, data.loader(held_ds, args.batch_size, workers=args.workers), "cache held")
     log(f"cached dense activations of {n_fit} fit + {n_held} held images in {time.time() - t0:.0f}s")
+    resumed = os.path.exists(state_path)
     state = search(ctx, fit_cache, held_cache, args, log, state_path)
     keep = state["keep"]
     del fit_cache, held_cache
@@ -454,7 +461,7 @@ def main(args):
     report.update({
         "slimmed_top1": top1, "dense_gflops": dense_flops / 1e9, "slimmed_gflops": slim_flops / 1e9,
         "flops_reduction": 1 - slim_flops / dense_flops, "kept_per_layer": flops.kept_counts(cfg, keep),
-        "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1) + report.get("wall_seconds", 0),
+        "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed,
         "val_images": len(val), "args": vars(args), "machine": machine(), "flops_note": flops.NOT_COUNTED})
     json.dump(report, open(report_path, "w"), indent=1)
     log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs "
@@ -463,8 +470,12 @@ def main(args):
     return report
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     try:
-        main(get_args_parser().parse_args())
+        return main(get_args_parser().parse_args(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

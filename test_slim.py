@@ -250,3 +250,112 @@ def test_proxy_checkpoint_reproduces_its_val_top1():
     ds = data.build_dataset(CIFAR, "val", model.cfg.img_size)
     top1 = slim.evaluate(model, data.loader(ds, 250, workers=2), torch.device("cpu"))
     assert abs(top1 - 100 * ck["val_top1"]) <= 0.2, (top1, ck["val_top1"])
+
+
+# ----------------------------------------------------------------------------- slim.py: scores and search
+
+def test_significance_score_matches_its_definition():
+    """s_{t,i} = sum_h ||(A_t[:, i]) (U_{h,t}[i, :])||_F^2 with A_t the chain of head-averaged maps (METHOD.md I3),
+    computed here the long way: explicit diag(m) products over all N tokens and explicit outer products."""
+    g = torch.Generator().manual_seed(0)
+    B, H, N, d = 2, 3, 7, 5
+    S = [torch.arange(N), torch.tensor([0, 2, 3, 5]), torch.tensor([0, 3]), torch.tensor([0])]  # S_t .. S_L
+    maps = [torch.rand(B, H, len(S[j + 1]), len(S[j]), generator=g).softmax(-1) for j in range(3)]
+    U = torch.randn(B, H, N, d, generator=g)
+    got = slim.significance_score(U, maps)
+    for b in range(B):
+        A = torch.eye(N)
+        for j, p in enumerate(maps):  # embed each gathered map into N x N, rows m_{l}, cols m_{l-1}
+            full = torch.zeros(N, N)
+            full[S[j + 1][:, None], S[j][None, :]] = p[b].mean(0)
+            A = full @ A
+        for i in range(N):
+            want = sum((torch.outer(A[:, i], U[b, h, i]) ** 2).sum() for h in range(H))
+            assert torch.allclose(got[b, i], want, rtol=1e-5), (b, i)
+
+
+def test_spearman():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert slim.spearman(a, a * 10) == pytest.approx(1.0)
+    assert slim.spearman(a, -a) == pytest.approx(-1.0)
+
+
+def search_setup(eps, seed=0):
+    torch.manual_seed(seed)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    ctx = slim.Ctx(model, torch.device("cpu"), 32)
+    imgs = torch.utils.data.TensorDataset(torch.randn(96, 3, 32, 32), torch.zeros(96, dtype=torch.long))
+    fit = slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(imgs, range(64)), 32, workers=0), "fit")
+    held = slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(imgs, range(64, 96)), 32, workers=0), "held")
+    args = slim.resolve(slim.get_args_parser().parse_args(
+        ["--data-path", "x", "--eps", str(eps), "--r0", "2", "--ft-steps", "3", "--score-images", "16"]))
+    return ctx, fit, held, args
+
+
+@pytest.mark.parametrize("eps", [1e9, 0.3, 1e-4])
+def test_search_gives_nested_masks_and_respects_eps(eps):
+    ctx, fit, held, args = search_setup(eps)
+    state = slim.search(ctx, fit, held, args, log=lambda s: None)
+    keep = vit.check_keep(state["keep"], SMALL_CFG)  # nested, class token everywhere
+    assert keep[-1].tolist() == [0]                  # I1
+    counts = [k.numel() for k in keep]
+    if eps == 1e9:   # anything goes: only what I1 forces is kept
+        assert counts == [1] * SMALL_CFG.depth
+    if eps == 1e-4:  # nothing may change: every patch is kept below the last layer
+        assert counts[:-1] == [SMALL_CFG.num_tokens] * (SMALL_CFG.depth - 1)
+    err = slim.feature_error(ctx, held[0][0], held[1], keep, 0)  # the final network honours eps
+    assert err <= eps + 1e-6
+
+
+def test_search_resumes_to_the_same_masks(tmp_path):
+    ctx, fit, held, args = search_setup(0.3)
+    whole = slim.search(ctx, fit, held, args, log=lambda s: None)
+    ctx, fit, held, args = search_setup(0.3)
+    path = str(tmp_path / "state.pt")
+    assert slim.search(ctx, fit, held, args, log=lambda s: None, state_path=path, stop_after=1) is None
+    ctx, fit, held, args = search_setup(0.3)  # a fresh process: the model reloaded from its weights
+    resumed = slim.search(ctx, fit, held, args, log=lambda s: None, state_path=path)
+    assert [k.tolist() for k in resumed["keep"]] == [k.tolist() for k in whole["keep"]]
+    assert all(torch.equal(a, b) for a, b in zip(resumed["model"].values(), whole["model"].values()))
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    def run(*argv):
+        with pytest.raises(SystemExit) as e:
+            slim.cli(list(argv))
+        return str(e.value.code)
+    assert "--eps must be > 0" in run("--data-path", "x", "--eps", "0")
+    assert "--r0 must be >= 1" in run("--data-path", "x", "--r0", "0")
+    assert "--data folder needs --weights" in run("--data", "folder", "--data-path", "x")
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
+    assert "does not exist" in run("--data", "folder", "--data-path", str(tmp_path / "none"), "--weights", str(ckpt))
+    assert "has no val/ subfolder" in run("--data", "folder", "--data-path", str(tmp_path), "--weights", str(ckpt))
+    assert "does not match the model" in run("--data-path", "x", "--model", "deit_small", "--weights", str(ckpt))
+    assert "could not download" in run("--data-path", "x", "--weights", "http://127.0.0.1:9/w.pth")
+
+
+@needs_shared
+def test_cli_end_to_end_on_cifar10_subset(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "128",
+            "--held-images", "64", "--score-images", "32", "--ft-steps", "2", "--val-per-class", "10", "--eps", "0.3",
+            "--quality-images", "16", "--workers", "1"]
+    report = slim.cli(argv)
+    on_disk = json.loads((out / "report.json").read_text())
+    cfg = vit.load_checkpoint(PROXY_CKPT).cfg
+    keep = vit.load_masks(out / "masks.json", cfg)
+    assert on_disk["slimmed_gflops"] == pytest.approx(flops.count_flops(cfg, keep) / 1e9)
+    assert on_disk["kept_per_layer"] == [k.numel() for k in keep] and report["slimmed_top1"] == on_disk["slimmed_top1"]
+    assert 0 < on_disk["slimmed_gflops"] < on_disk["dense_gflops"]
+    assert all(-1 <= v <= 1 for lay in on_disk["layers"] for v in lay["spearman"].values())
+    slimmed = vit.load_checkpoint(out / "slimmed.pth")  # weights + masks, loadable as promised
+    assert [k.tolist() for k in slimmed.keep] == [k.tolist() for k in keep]
+    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
+                   "--out", str(tmp_path / "ev"), "--val-per-class", "10", "--workers", "1"])
+    assert ev["top1"] == pytest.approx(on_disk["slimmed_top1"]) and ev["gflops"] == pytest.approx(on_disk["slimmed_gflops"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"keep": [[0, 1]] * 3}))
+    with pytest.raises(SystemExit, match="masks have 3 layers but the model has depth 12"):
+        slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--masks", str(bad),
+                  "--out", str(tmp_path / "ev2")])

@@ -1,0 +1,103 @@
+"""
+Real speed of the gathered patch-slimmed forward (arXiv 2106.02852, METHOD.md I2): images/s at batch 32
+and batch-1 latency, dense vit.py vs timm's DeiT (an independent implementation) vs slimmed vit.py.
+Random weights (timing does not depend on them). Writes results/speed_<device>.json and prints a table.
+
+    python bench/speed.py                                  # DeiT-S 224 px, pyramid at 2.6 GFLOPs, CPU
+    python bench/speed.py --masks results/cifar10-proxy/masks.json --weights ../shared/models/deit_tiny_p4_cifar10.pth
+    python bench/speed.py --device cuda --dtype bfloat16 --batch 64
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flops  # noqa: E402
+import vit  # noqa: E402
+
+
+def timeit(fn, x, repeats, device):
+    """Median seconds per call of fn(x) after warm-up."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    for _ in range(3):
+        fn(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser("Speed of dense vs patch-slimmed DeiT")
+    p.add_argument("--model", default="deit_small", choices=list(vit.PRESETS))
+    p.add_argument("--weights", default=None, help="checkpoint for the architecture (e.g. the proxy); weights unused")
+    p.add_argument("--masks", default=None, help="masks.json; default: a linear pyramid at --gflops")
+    p.add_argument("--gflops", type=float, default=2.6, help="pyramid budget without --masks (paper's PS-ViT DeiT-S: 2.6)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-timm", action="store_true", help="skip the timm reference")
+    p.add_argument("--out", default=None, help="JSON output (default results/speed_<name>_<device>.json)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    model = vit.load_checkpoint(args.weights) if args.weights else vit.deit(args.model)
+    cfg = model.cfg
+    if args.masks:
+        keep = vit.load_masks(args.masks, cfg)
+    else:
+        keep = [torch.arange(n) for n in flops.linear_pyramid(cfg, args.gflops * 1e9)]
+    model = model.to(device, dtype).eval()
+    name = args.model if not args.weights else os.path.basename(args.weights).split(".")[0]
+    models = {"vit.py dense": (model, None), "vit.py slimmed": (model, keep)}
+    if not args.no_timm and not args.weights:
+        import timm
+        ref = timm.create_model(f"{args.model}_patch16_224", pretrained=False).to(device, dtype).eval()
+        models["timm dense"] = (ref, None)
+
+    gf = {"dense": flops.count_flops(cfg) / 1e9, "slimmed": flops.count_flops(cfg, keep) / 1e9}
+    res = {"command": "python " + " ".join(sys.argv), "model": name, "device": args.device, "dtype": args.dtype,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "cores": os.cpu_count(),
+           "gflops": gf, "kept_per_layer": [int(k.numel()) for k in keep], "batch": args.batch, "rows": {}}
+    for label, (m, k) in models.items():
+        with torch.inference_mode():
+            fn = (lambda x, m=m, k=k: m(x, keep=k)) if k is not None or label.startswith("vit") else m
+            xb = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+            x1 = torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+            tb = timeit(fn, xb, args.repeats, device)
+            t1 = timeit(fn, x1, args.repeats * 5, device)
+        res["rows"][label] = {"images_per_s": args.batch / tb, "latency_ms_b1": 1000 * t1}
+        print(f"{label:16s} {args.batch / tb:9.1f} img/s (batch {args.batch})   {1000 * t1:8.2f} ms (batch 1)", flush=True)
+    r = res["rows"]
+    res["speedup_batch"] = r["vit.py slimmed"]["images_per_s"] / r["vit.py dense"]["images_per_s"]
+    res["speedup_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["vit.py slimmed"]["latency_ms_b1"]
+    res["flops_ratio"] = gf["dense"] / gf["slimmed"]
+    if "timm dense" in r:
+        res["ours_over_timm"] = r["vit.py dense"]["images_per_s"] / r["timm dense"]["images_per_s"]
+    print(f"GFLOPs {gf['dense']:.2f} -> {gf['slimmed']:.2f} (ratio {res['flops_ratio']:.2f}); measured speedup "
+          f"{res['speedup_batch']:.2f}x at batch {args.batch}, {res['speedup_b1']:.2f}x batch-1 latency"
+          + (f"; vit.py/timm dense throughput {res['ours_over_timm']:.3f}" if "ours_over_timm" in res else ""))
+    out = args.out or os.path.join("results", f"speed_{name}_{args.device}_{args.dtype}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    json.dump(res, open(out, "w"), indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
