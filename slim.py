@@ -193,16 +193,23 @@ def finetune_block(ctx, t, fit, keep, steps, lr, seed, desc):
 # ----------------------------------------------------------------------------- the search (Alg. 1, METHOD.md §5)
 
 
+def ranked_candidates(scores, forced):
+    """The tokens a layer may add (those not in m_{t+1}), best score first. scores: (N,); forced: indices."""
+    free = torch.ones(len(scores), dtype=torch.bool)
+    free[forced] = False
+    cand = free.nonzero().flatten()
+    return cand[scores[cand].argsort(descending=True, stable=True)]
+
+
 def search_layer(ctx, t, keep, fit, held, args, log):
     """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). Returns (kept indices S_t, trial log)."""
     m, N = ctx.model, ctx.model.cfg.num_tokens
     full = keep[:t - 1] + [torch.arange(N)] + keep[t:]          # layers 1..t dense
     scores = layer_scores(ctx, fit[0][:args.score_images], full, t, SCORES[args.score])
     forced = keep[t]                                           # m_{t+1} ⊆ m_t: nested by construction
-    cand = torch.tensor([i for i in range(N) if i not in set(forced.tolist())], dtype=torch.long)
-    cand = cand[scores[cand].argsort(descending=True, stable=True)]
+    cand = ranked_candidates(scores, forced)
     info = {"layer": t, "trials": []}
-    if args.quality_images:  # how well each score ranks the true impact, at the very state it is used in
+    if args.quality_images and len(cand) >= 3:  # how well each score ranks the true impact, at the very state it is used in
         truth = true_impact(ctx, held[0][:args.quality_images], full, t, cand)
         info["spearman"] = {}
         for name, fn in SCORES.items():
@@ -231,6 +238,24 @@ def search_layer(ctx, t, keep, fit, held, args, log):
             log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e:.4f} (E0 = {e0:.4f}, eps = {args.eps})")
             return k_t, info
     raise AssertionError("unreachable: keeping every token reproduces the previous layer's accepted state")
+
+
+@torch.no_grad()
+def masks_for_counts(ctx, xs, counts, score="significance", seed=0):
+    """Baseline masks with given kept-token counts |S_1|..|S_L|: top-down like Alg. 1 (each layer scored with
+    the layers above already pruned), but each layer simply keeps its count of best-scoring patches, with no
+    error test and no fine-tuning. score: a key of SCORES, or "random". xs: cached inputs of the blocks."""
+    m, N, L = ctx.model, ctx.model.cfg.num_tokens, ctx.model.cfg.depth
+    keep, g = [torch.arange(N)] * (L - 1) + [torch.tensor([0])], torch.Generator().manual_seed(seed)
+    for t in range(L - 1, 0, -1):
+        forced = keep[t]
+        if score == "random":
+            s = torch.rand(N, generator=g)
+        else:
+            s = layer_scores(ctx, xs[t - 1], keep[:t - 1] + [torch.arange(N)] + keep[t:], t, SCORES[score])
+        cand = ranked_candidates(s, forced)
+        keep[t - 1] = torch.cat([forced, cand[:max(0, counts[t - 1] - len(forced))]]).sort().values
+    return keep
 
 
 def search(ctx, fit_cache, held_cache, args, log, state_path=None, stop_after=None):
@@ -302,10 +327,11 @@ def finetune_all(student, teacher, keep, loader, device, epochs, lr, log):
             sched.step()
             step += 1
             bar.update()
+            if step % max(1, steps // 10) == 0:  # progress in the log too, where no bar is drawn
+                log(f"final fine-tune: step {step}/{steps}, loss {loss.item():.4f}")
             if step == steps:
                 break
     bar.close()
-    log(f"final fine-tune: {steps} steps, last loss {loss.item():.4f}")
     for p in student.parameters():
         p.requires_grad_(False)
 

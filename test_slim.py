@@ -359,3 +359,12 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path):
     with pytest.raises(SystemExit, match="masks have 3 layers but the model has depth 12"):
         slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--masks", str(bad),
                   "--out", str(tmp_path / "ev2")])
+
+
+@pytest.mark.parametrize("score", ["significance", "class-attn", "random"])
+def test_baseline_masks_have_the_asked_counts(score):
+    ctx, fit, _, _ = search_setup(0.3)
+    counts = flops.linear_pyramid(SMALL_CFG, 0.6 * flops.count_flops(SMALL_CFG))
+    keep = slim.masks_for_counts(ctx, fit[0], counts, score)
+    assert [k.numel() for k in vit.check_keep(keep, SMALL_CFG)] == counts
+    assert counts[-1] == 1 and all(a >= b for a, b in zip(counts, counts[1:]))

@@ -22,21 +22,24 @@ import flops  # noqa: E402
 import vit  # noqa: E402
 
 
-def timeit(fn, x, repeats, device):
-    """Median seconds per call of fn(x) after warm-up."""
+def interleaved(fns, x, repeats, device):
+    """Median seconds per call of each fn(x), timed round-robin (one call of each per round) so that the
+    machine's drift affects every model alike; after warm-up."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-    for _ in range(3):
-        fn(x)
+    for fn in fns.values():
+        for _ in range(3):
+            fn(x)
     sync()
-    times = []
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -75,15 +78,16 @@ def main():
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "cores": os.cpu_count(),
            "gflops": gf, "kept_per_layer": [int(k.numel()) for k in keep], "batch": args.batch, "rows": {}}
-    for label, (m, k) in models.items():
-        with torch.inference_mode():
-            fn = (lambda x, m=m, k=k: m(x, keep=k)) if k is not None or label.startswith("vit") else m
-            xb = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
-            x1 = torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
-            tb = timeit(fn, xb, args.repeats, device)
-            t1 = timeit(fn, x1, args.repeats * 5, device)
-        res["rows"][label] = {"images_per_s": args.batch / tb, "latency_ms_b1": 1000 * t1}
-        print(f"{label:16s} {args.batch / tb:9.1f} img/s (batch {args.batch})   {1000 * t1:8.2f} ms (batch 1)", flush=True)
+    fns = {label: (lambda x, m=m, k=k: m(x, keep=k)) if label.startswith("vit") else m
+           for label, (m, k) in models.items()}
+    with torch.inference_mode():
+        xb = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+        x1 = torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+        tb, t1 = interleaved(fns, xb, args.repeats, device), interleaved(fns, x1, args.repeats * 5, device)
+    for label in models:
+        res["rows"][label] = {"images_per_s": args.batch / tb[label], "latency_ms_b1": 1000 * t1[label]}
+        print(f"{label:16s} {args.batch / tb[label]:9.1f} img/s (batch {args.batch})   "
+              f"{1000 * t1[label]:8.2f} ms (batch 1)", flush=True)
     r = res["rows"]
     res["speedup_batch"] = r["vit.py slimmed"]["images_per_s"] / r["vit.py dense"]["images_per_s"]
     res["speedup_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["vit.py slimmed"]["latency_ms_b1"]
