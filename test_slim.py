@@ -348,7 +348,8 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path):
     assert on_disk["slimmed_gflops"] == pytest.approx(flops.count_flops(cfg, keep) / 1e9)
     assert on_disk["kept_per_layer"] == [k.numel() for k in keep] and report["slimmed_top1"] == on_disk["slimmed_top1"]
     assert 0 < on_disk["slimmed_gflops"] < on_disk["dense_gflops"]
-    assert all(-1 <= v <= 1 for lay in on_disk["layers"] for v in lay["spearman"].values())
+    rhos = [v for lay in on_disk["layers"] for v in lay.get("spearman", {}).values()]  # layers with >= 3 candidates
+    assert rhos and all(-1 <= v <= 1 for v in rhos)
     slimmed = vit.load_checkpoint(out / "slimmed.pth")  # weights + masks, loadable as promised
     assert [k.tolist() for k in slimmed.keep] == [k.tolist() for k in keep]
     ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
