@@ -23,7 +23,6 @@ Algorithm 1 as run here (METHOD.md §5), and what is cached so that it is afford
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import sys
@@ -245,7 +244,7 @@ def masks_for_counts(ctx, xs, counts, score="significance", seed=0):
     """Baseline masks with given kept-token counts |S_1|..|S_L|: top-down like Alg. 1 (each layer scored with
     the layers above already pruned), but each layer simply keeps its count of best-scoring patches, with no
     error test and no fine-tuning. score: a key of SCORES, or "random". xs: cached inputs of the blocks."""
-    m, N, L = ctx.model, ctx.model.cfg.num_tokens, ctx.model.cfg.depth
+    N, L = ctx.model.cfg.num_tokens, ctx.model.cfg.depth
     keep, g = [torch.arange(N)] * (L - 1) + [torch.tensor([0])], torch.Generator().manual_seed(seed)
     for t in range(L - 1, 0, -1):
         forced = keep[t]

@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
