@@ -16,9 +16,9 @@ Algorithm 1 as run here (METHOD.md §5), and what is cached so that it is afford
   E <= eps. We first measure E0(r) without fine-tuning (a forward on the held set): a candidate with
   E0 <= eps is accepted at once; one with E0 > --ft-reach * eps is rejected without fine-tuning (fine-tuning
   a few steps never closed a gap that large in our runs: see report.json's per-layer trials); the rest are
-  fine-tuned (at most --ft-tries of them per layer) and accepted if E <= eps, else the block is restored. An accepted candidate is always fine-tuned
-  (as in the paper), keeping the new weights only if they lower E. Keeping every token at layer t is the
-  state already accepted at layer t+1, so the loop always ends.
+  fine-tuned (at most --ft-tries of them per layer) and accepted if E <= eps, else the block is restored.
+  An accepted candidate is always fine-tuned (as in the paper), keeping the new weights only if they lower E.
+  Keeping every token at layer t is the state already accepted at layer t+1, so the loop always ends.
 """
 import argparse
 import copy
@@ -28,6 +28,7 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ import data
 import flops
 import vit
 from vit import UserError
+
+progress = partial(tqdm, leave=False, disable=None)  # bars on a terminal; none in log files or CI
 
 # ----------------------------------------------------------------------------- scores (Sec. 3.2, METHOD.md §4)
 
@@ -99,7 +102,7 @@ def cache_dense(ctx, loader, desc):
     m, L = ctx.model, ctx.model.cfg.depth
     xs, fs = [[] for _ in range(L - 1)], []
     store = torch.bfloat16 if ctx.amp else torch.float32
-    for img, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for img, _ in progress(loader, desc=desc):
         with ctx.autocast():
             x = m.embed(img.to(ctx.device))
             for l in range(L):
@@ -148,7 +151,7 @@ def true_impact(ctx, x_in, keep, t, candidates):
             f = m.norm(m.run_blocks(y, vit.keep_positions(keep, m.cfg), t)[:, 0]).float()
             for j, i in enumerate(candidates.tolist()):
                 rest = torch.cat([torch.arange(i), torch.arange(i + 1, N)])
-                k = keep[:t - 1] + [rest] + keep[t:]
+                k = with_layer(keep, t, rest)
                 fi = m.norm(m.run_blocks(y.index_select(1, rest.to(y.device)), vit.keep_positions(k, m.cfg), t)[:, 0])
                 impact[j] += (fi.float() - f).norm(dim=-1).sum().cpu()
     return impact / len(x_in)
@@ -177,7 +180,7 @@ def finetune_block(ctx, t, fit, keep, steps, lr, seed, desc):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+    for _ in progress(range(steps), desc=desc):
         idx = torch.randint(0, len(x_fit), (min(ctx.bs, len(x_fit)),), generator=g)
         f = ctx.tail(x_fit[idx], keep, t - 1)
         loss = distill_loss(f, m.head(f), f_t[idx].to(ctx.device), z_t[idx].to(ctx.device))
@@ -192,6 +195,11 @@ def finetune_block(ctx, t, fit, keep, steps, lr, seed, desc):
 # ----------------------------------------------------------------------------- the search (Alg. 1, METHOD.md §5)
 
 
+def with_layer(keep, t, k):
+    """keep with layer t's (1-based) kept indices replaced by k."""
+    return keep[:t - 1] + [k] + keep[t:]
+
+
 def ranked_candidates(scores, forced):
     """The tokens a layer may add (those not in m_{t+1}), best score first. scores: (N,); forced: indices."""
     free = torch.ones(len(scores), dtype=torch.bool)
@@ -203,12 +211,12 @@ def ranked_candidates(scores, forced):
 def search_layer(ctx, t, keep, fit, held, args, log):
     """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). Returns (kept indices S_t, trial log)."""
     m, N = ctx.model, ctx.model.cfg.num_tokens
-    full = keep[:t - 1] + [torch.arange(N)] + keep[t:]          # layers 1..t dense
+    full = with_layer(keep, t, torch.arange(N))                # layers 1..t dense
     scores = layer_scores(ctx, fit[0][:args.score_images], full, t, SCORES[args.score])
     forced = keep[t]                                           # m_{t+1} ⊆ m_t: nested by construction
     cand = ranked_candidates(scores, forced)
     info = {"layer": t, "trials": []}
-    if args.quality_images and len(cand) >= 3:  # how well each score ranks the true impact, at the very state it is used in
+    if args.quality_images and len(cand) >= 3:  # how well each score ranks the true impact, in the state it is used
         truth = true_impact(ctx, held[0][:args.quality_images], full, t, cand)
         info["spearman"] = {}
         for name, fn in SCORES.items():
@@ -217,7 +225,7 @@ def search_layer(ctx, t, keep, fit, held, args, log):
     grid, tries = list(range(0, len(cand), args.r0)) + [len(cand)], 0
     for r in grid:
         k_t = torch.cat([forced, cand[:r]]).sort().values       # m_t = m_{t+1} ∪ top-r
-        trial = keep[:t - 1] + [k_t] + keep[t:]
+        trial = with_layer(keep, t, k_t)
         e0 = feature_error(ctx, held[0], held[1], trial, t - 1)
         rec = {"r": r, "kept": int(k_t.numel()), "E0": round(e0, 5)}
         info["trials"].append(rec)
@@ -251,7 +259,7 @@ def masks_for_counts(ctx, xs, counts, score="significance", seed=0):
         if score == "random":
             s = torch.rand(N, generator=g)
         else:
-            s = layer_scores(ctx, xs[t - 1], keep[:t - 1] + [torch.arange(N)] + keep[t:], t, SCORES[score])
+            s = layer_scores(ctx, xs[t - 1], with_layer(keep, t, torch.arange(N)), t, SCORES[score])
         cand = ranked_candidates(s, forced)
         keep[t - 1] = torch.cat([forced, cand[:max(0, counts[t - 1] - len(forced))]]).sort().values
     return keep
@@ -295,7 +303,7 @@ def evaluate(model, loader, device, keep=None, desc="eval"):
     model.eval()
     ctx = Ctx(model, device, 0)
     correct = total = 0
-    for img, y in tqdm(loader, desc=desc, leave=False, disable=None):
+    for img, y in progress(loader, desc=desc):
         with ctx.autocast():
             out = model(img.to(device), keep=keep)
         correct += (out.argmax(-1).cpu() == y).sum().item()
@@ -311,7 +319,7 @@ def finetune_all(student, teacher, keep, loader, device, epochs, lr, log):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    bar, step = tqdm(total=steps, desc="final fine-tune", leave=False, disable=None), 0
+    bar, step = progress(total=steps, desc="final fine-tune"), 0
     while step < steps:
         for img, _ in loader:
             img = img.to(device)
