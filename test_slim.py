@@ -368,3 +368,25 @@ def test_baseline_masks_have_the_asked_counts(score):
     keep = slim.masks_for_counts(ctx, fit[0], counts, score)
     assert [k.numel() for k in vit.check_keep(keep, SMALL_CFG)] == counts
     assert counts[-1] == 1 and all(a >= b for a, b in zip(counts, counts[1:]))
+
+
+def test_search_layer_takes_the_first_acceptable_candidate():
+    """Alg. 1 stops at the first r (in steps of r0) whose error is <= eps. With fine-tuning off, the chosen
+    candidate must have E0 <= eps and the grid point just below it E0 > eps (the bisection's guarantee)."""
+    ctx, fit, held, args = search_setup(0.3)
+    args.ft_tries, args.ft_steps = 0, 1
+    N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
+    keep, checked = [torch.arange(N)] * (L - 1) + [torch.tensor([0])], 0
+    for t in range(L - 1, 0, -1):
+        k_t, info = slim.search_layer(ctx, t, keep, (fit[0][t - 1], fit[1], fit[2]), (held[0][t - 1], held[1]),
+                                      args, log=lambda s: None)
+        e0 = {r["r"]: r["E0"] for r in info["trials"]}
+        n_cand = N - len(keep[t])
+        grid = list(range(0, n_cand, args.r0)) + [n_cand]
+        r = int(k_t.numel()) - len(keep[t])
+        assert r in grid and (r == n_cand or e0[r] <= args.eps)
+        if r > 0:  # not the most aggressive choice: the grid point below was measured and rejected
+            assert e0[grid[grid.index(r) - 1]] > args.eps
+            checked += 1
+        keep[t - 1] = k_t
+    assert checked  # the case that matters happened at least once

@@ -1,0 +1,207 @@
+"""
+Accuracy against FLOPs on the CIFAR-10 proxy (arXiv 2106.02852 reproduction): patch slimming at several eps
+against baselines that get the *same* kept-token counts per layer and the *same* fine-tuning budget.
+
+For each eps, slim.search (Algorithm 1) gives masks and per-block fine-tuned weights. Then, on the counts
+|S_1|..|S_L| it chose, every method starts from the pretrained weights:
+  ps           patch slimming: the search's masks and weights, then the final end-to-end fine-tune
+  ps-search    the same before the final fine-tune (per-block fine-tuning of the search only)
+  ps-noft      the search's masks on the pretrained weights: no fine-tuning at all
+  random       random patches (top-down, nested), then the matched budget:
+               one per-block fine-tune per layer (t = L-1..1, --ft-steps each, kept only if it lowers E, as
+               the search keeps exactly one per layer) and the same final fine-tune (same steps, lr, images)
+  class-attn   patches by the class token's attention (EViT's criterion, averaged over the training
+               sample into a static mask, slim.class_attention_score), then the same budget
+  random-noft, class-attn-noft   those masks on the pretrained weights
+The search settings are slim.py's defaults (override any with its flags, e.g. --fit-images 2048).
+
+    python bench/curve.py                                  # eps 0.1 0.2 0.3 0.4: about 70 min on 2 cores
+    python bench/curve.py --eps 0.2 --final-steps 20       # a quick look
+Writes results/curve/eps_<eps>.json as each method finishes (a rerun resumes, skipping finished ones; the
+search resumes from results/curve/eps_<eps>/state.pt), then results/curve.json, curve.md and curve.png.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flops  # noqa: E402
+import slim  # noqa: E402
+import vit  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+METHODS = ["ps", "ps-search", "ps-noft", "random", "class-attn", "random-noft", "class-attn-noft"]
+LABELS = {"ps": "patch slimming (search + final FT)", "ps-search": "patch slimming, search only (per-block FT)",
+          "ps-noft": "patch slimming masks, no FT", "random": "random patches + same FT",
+          "class-attn": "class-attention top-k + same FT", "random-noft": "random patches, no FT",
+          "class-attn-noft": "class-attention top-k, no FT"}
+
+
+def refit_blocks(ctx, keep, fit_cache, held_cache, args, log):
+    """The search's per-block fine-tuning budget, spent on fixed masks: for t = L-1..1 (top-down, layers below t
+    dense as in the search), fine-tune block t once for args.ft_steps and keep the result only if E drops."""
+    m, L, N = ctx.model, ctx.model.cfg.depth, ctx.model.cfg.num_tokens
+    for t in range(L - 1, 0, -1):
+        trial = [torch.arange(N)] * (t - 1) + keep[t - 1:]
+        held = (held_cache[0][t - 1], held_cache[1])
+        e0 = slim.feature_error(ctx, *held, trial, t - 1)
+        backup = copy.deepcopy(m.blocks[t - 1].state_dict())
+        slim.finetune_block(ctx, t, (fit_cache[0][t - 1], fit_cache[1], fit_cache[2]), trial, args.ft_steps,
+                            args.ft_lr, args.seed + 1000 * t, desc=f"layer {t} fine-tune")
+        e = slim.feature_error(ctx, *held, trial, t - 1)
+        if e > e0:
+            m.blocks[t - 1].load_state_dict(backup)
+        log(f"  layer {t:2d}: E {e0:.4f} -> {min(e, e0):.4f}")
+
+
+def table(points, dense_top1, dense_gflops, N):
+    rows = ["| eps | kept tokens per layer | GFLOPs | fewer | " + " | ".join(METHODS) + " |",
+            "|---|---|---|---|" + "---|" * len(METHODS),
+            f"| dense | all {N} | {dense_gflops:.3f} | 0% | {dense_top1:.2f} (dense model) |" + " |" * (len(METHODS) - 1)]
+    for p in points:
+        rows.append(f"| {p['eps']} | {' '.join(map(str, p['kept_per_layer']))} | {p['gflops']:.3f} | "
+                    f"{100 * (1 - p['gflops'] / dense_gflops):.1f}% | "
+                    + " | ".join(f"{p['top1'][k]:.2f}" if k in p["top1"] else "–" for k in METHODS) + " |")
+    return "\n".join(rows)
+
+
+def plot(points, dense_top1, dense_gflops, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
+        return
+    style = {"ps": ("C0", "o", "-"), "ps-search": ("C0", "o", ":"), "ps-noft": ("C0", "o", "--"),
+             "random": ("C3", "s", "-"), "random-noft": ("C3", "s", "--"),
+             "class-attn": ("C2", "^", "-"), "class-attn-noft": ("C2", "^", "--")}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = sorted(points, key=lambda p: p["gflops"])
+    for k in METHODS:
+        xy = [(p["gflops"], p["top1"][k]) for p in pts if k in p["top1"]]
+        if xy:
+            c, mk, ls = style[k]
+            ax.plot(*zip(*xy), color=c, marker=mk, ls=ls, label=LABELS[k], alpha=1 if ls == "-" else 0.6)
+    ax.plot([dense_gflops], [dense_top1], "k*", ms=14, label="dense DeiT-Ti/4 (proxy)")
+    for p in pts:
+        ax.annotate(f"ε={p['eps']}", (p["gflops"], p["top1"]["ps"] if "ps" in p["top1"] else dense_top1),
+                    textcoords="offset points", xytext=(4, 6), fontsize=8, color="C0")
+    ax.set_xlabel("GFLOPs (multiply-accumulates)")
+    ax.set_ylabel("CIFAR-10 val top-1 (%)")
+    ax.set_title("Patch slimming vs baselines at the same kept-token counts (CIFAR-10 proxy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser("Accuracy vs FLOPs: patch slimming against baselines on the CIFAR-10 proxy")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
+    p.add_argument("--final-steps", type=int, default=100, help="end-to-end fine-tune steps, the same for every method")
+    p.add_argument("--final-lr", type=float, default=3e-4)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "curve"))
+    p.add_argument("--val-per-class", type=int, default=None, help="evaluate on k val images per class (quick runs)")
+    args, rest = p.parse_known_args()
+    sargs = slim.resolve(slim.get_args_parser().parse_args(
+        ["--data", "folder", "--data-path", os.path.join(SHARED, "data", "cifar10"),
+         "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth")] + rest))
+    torch.manual_seed(sargs.seed)
+    device = torch.device(sargs.device)
+    pretrained = slim.load_model(sargs).to(device)
+    cfg = pretrained.cfg
+    sargs.r0 = sargs.r0 or max(1, round(10 * (cfg.num_tokens - 1) / 196))
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    t_start = time.time()
+    log(f"bench/curve.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(vars(sargs))}")
+    val = data.build_dataset(sargs.data_path, "val", cfg.img_size)
+    if args.val_per_class:
+        val = data.subset(val, per_class=args.val_per_class)
+    val_loader = data.loader(val, 250, workers=sargs.workers)
+    train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
+    final_loader = data.loader(train_aug, sargs.batch_size, shuffle=True, workers=sargs.workers, seed=sargs.seed,
+                               drop_last=True)
+    final_epochs = (args.final_steps + 0.5) / len(final_loader)  # finetune_all runs int(epochs * len) steps
+    dense_path = os.path.join(args.out, "dense.json")
+    if not os.path.exists(dense_path):
+        json.dump({"top1": slim.evaluate(pretrained, val_loader, device, desc="eval dense")}, open(dense_path, "w"))
+    dense_top1, dense_gflops = json.load(open(dense_path))["top1"], flops.count_flops(cfg) / 1e9
+    log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
+
+    ctx = slim.Ctx(copy.deepcopy(pretrained), device, sargs.batch_size)
+    fit_cache, held_cache = slim.cache_search_sets(ctx, train_aug, sargs, log)
+    score_xs = [x[:sargs.score_images] for x in fit_cache[0]]
+    points = []
+    for eps in args.eps:
+        path = os.path.join(args.out, f"eps_{eps}.json")
+        pt = json.load(open(path)) if os.path.exists(path) else {"eps": eps, "top1": {}, "seconds": {}}
+
+        def done(name, top1, t0, pt=pt, path=path):
+            pt["top1"][name], pt["seconds"][name] = top1, round(time.time() - t0, 1)
+            json.dump(pt, open(path, "w"), indent=1)
+            log(f"eps {eps}: {name:16s} top-1 {top1:.2f}%  ({pt['seconds'][name]:.0f}s)")
+
+        t0 = time.time()
+        ctx.model.load_state_dict(pretrained.state_dict())
+        sargs.eps = eps
+        state = slim.search(ctx, fit_cache, held_cache, sargs, log, os.path.join(args.out, f"eps_{eps}_state.pt"))
+        keep, searched = state["keep"], copy.deepcopy(ctx.model.state_dict())
+        counts = flops.kept_counts(cfg, keep)
+        pt.update(kept_per_layer=counts, gflops=flops.count_flops(cfg, keep) / 1e9, final_steps=args.final_steps,
+                  final_lr=args.final_lr, search_layers=state["layers"])
+        pt["seconds"].setdefault("search", round(time.time() - t0, 1))
+        masks = {"ps": keep}
+        for b in ("random", "class-attn"):  # the baselines' masks: same counts, pretrained weights
+            ctx.model.load_state_dict(pretrained.state_dict())
+            masks[b] = slim.masks_for_counts(ctx, score_xs, counts, b, sargs.seed)
+            assert flops.kept_counts(cfg, masks[b]) == counts
+        pt["keep"] = {k: [v.tolist() for v in ks] for k, ks in masks.items()}
+        json.dump(pt, open(path, "w"), indent=1)
+        for name in METHODS:
+            if name in pt["top1"]:
+                continue
+            t0 = time.time()
+            base = name.removesuffix("-noft").removesuffix("-search")
+            ctx.model.load_state_dict(searched if name in ("ps", "ps-search") else pretrained.state_dict())
+            if name in ("random", "class-attn"):
+                log(f"eps {eps}: {name}: per-block fine-tune (the search's budget)")
+                refit_blocks(ctx, masks[base], fit_cache, held_cache, sargs, log)
+            if name in ("ps", "random", "class-attn"):
+                slim.finetune_all(ctx.model, pretrained, masks[base], final_loader, device, final_epochs,
+                                  args.final_lr, log)
+            done(name, slim.evaluate(ctx.model, val_loader, device, masks[base], desc=f"eval {name}"), t0)
+        points.append(pt)
+
+    summary = {"command": " ".join(["python bench/curve.py"] + sys.argv[1:]), "dense_top1": dense_top1,
+               "dense_gflops": dense_gflops, "val_images": len(val), "search_settings": vars(sargs),
+               "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
+               "points": [{k: v for k, v in p.items() if k not in ("keep", "search_layers")} for p in points]}
+    base = os.path.join(os.path.dirname(args.out), os.path.basename(args.out))
+    json.dump(summary, open(base + ".json", "w"), indent=1)
+    md = table(points, dense_top1, dense_gflops, cfg.num_tokens)
+    open(base + ".md", "w").write(f"`{summary['command']}`\n\n{md}\n")
+    log(md)
+    plot(points, dense_top1, dense_gflops, base + ".png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")

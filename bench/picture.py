@@ -1,0 +1,97 @@
+"""
+The kept-patch pyramid drawn over images (arXiv 2106.02852, the paper's visualisation of the patches each layer
+keeps): for each layer, the patches whose tokens survive it are shown, the dropped ones greyed out; below, the
+kept-token counts per layer against a linear pyramid of the same FLOPs. Masks are static (PS-ViT), so every
+image shows the same pattern; several images show what the kept patches cover.
+
+    python bench/picture.py                                   # the proxy run's masks, 4 CIFAR-10 val images
+    python bench/picture.py --masks OUT/masks.json --data-path /data/imagenet --images 3
+Writes results/pyramid_picture.png and results/pyramid_picture.json (the masks, counts and images drawn).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flops  # noqa: E402
+import vit  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+
+
+def patch_mask(keep_l, cfg):
+    """(grid, grid) bool: which patches' tokens survive a layer (token i >= 1 is patch i-1, row-major)."""
+    g = cfg.img_size // cfg.patch_size
+    m = torch.zeros(g * g, dtype=torch.bool)
+    m[keep_l[keep_l > 0] - 1] = True
+    return m.view(g, g).numpy()
+
+
+def main():
+    p = argparse.ArgumentParser("Draw the kept-patch pyramid over images")
+    p.add_argument("--masks", default=os.path.join(ROOT, "results", "cifar10-proxy", "masks.json"))
+    p.add_argument("--data-path", default=os.path.join(SHARED, "data", "cifar10"))
+    p.add_argument("--images", type=int, default=4, help="how many val images (one per class, first in folder order)")
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "pyramid_picture"))
+    args = p.parse_args()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    obj = json.load(open(args.masks))
+    cfg = vit.ViTConfig(**obj["config"])
+    keep = vit.load_masks(args.masks, cfg)
+    counts, dense = flops.kept_counts(cfg, keep), flops.count_flops(cfg)
+    pyramid = flops.linear_pyramid(cfg, flops.count_flops(cfg, keep))
+    ds = data.build_dataset(args.data_path, "val", cfg.img_size)
+    ds.transform = data.build_transform(cfg.img_size, train=False)
+    ds.transform.transforms = ds.transform.transforms[:-1]  # drop Normalize: draw the image itself
+    idx = data.subset(ds, per_class=1).indices[:args.images]
+
+    L = cfg.depth
+    fig = plt.figure(figsize=(1.15 * (L + 1), 1.2 * len(idx) + 2.6))
+    gs = fig.add_gridspec(len(idx) + 1, L + 1, height_ratios=[1] * len(idx) + [1.8], hspace=0.15, wspace=0.05)
+    for r, i in enumerate(idx):
+        img = ds[i][0].permute(1, 2, 0).numpy()
+        for c in range(L + 1):
+            ax = fig.add_subplot(gs[r, c])
+            shown = img.copy()
+            if c > 0:
+                m = patch_mask(keep[c - 1], cfg).repeat(cfg.patch_size, 0).repeat(cfg.patch_size, 1)
+                shown[~m] = 0.8 + 0.2 * shown[~m]  # dropped: faded to light grey
+            ax.imshow(np.clip(shown, 0, 1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("input" if c == 0 else f"layer {c}\n{counts[c - 1] - 1} patches", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(ds.classes[ds.targets[i]], fontsize=7)
+    ax = fig.add_subplot(gs[len(idx), :])
+    x = np.arange(1, L + 1)
+    ax.bar(x, counts, color="C0", label=f"searched masks: {flops.count_flops(cfg, keep) / 1e9:.3f} GFLOPs "
+           f"({100 * (1 - flops.count_flops(cfg, keep) / dense):.0f}% fewer)")
+    ax.plot(x, pyramid, "k.--", label="linear pyramid, same FLOPs")
+    ax.axhline(cfg.num_tokens, color="grey", lw=0.8, ls=":", label=f"dense: {cfg.num_tokens} tokens")
+    for xi, n in zip(x, counts):
+        ax.text(xi, n + 1, str(n), ha="center", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept tokens (incl. class)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Patches kept by each layer ({os.path.relpath(args.masks, ROOT)}); grey: dropped", fontsize=9)
+    fig.savefig(args.out + ".png", dpi=120, bbox_inches="tight")
+    json.dump({"command": " ".join(["python bench/picture.py"] + sys.argv[1:]), "masks": os.path.relpath(args.masks, ROOT),
+               "kept_per_layer": counts, "linear_pyramid_same_flops": pyramid,
+               "images": [os.path.relpath(ds.samples[i][0], args.data_path) for i in idx]},
+              open(args.out + ".json", "w"), indent=1)
+    print(f"wrote {args.out}.png and {args.out}.json")
+
+
+if __name__ == "__main__":
+    main()

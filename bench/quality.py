@@ -1,0 +1,76 @@
+"""
+Score quality (METHOD.md §4): how well each patch score ranks the true impact of dropping a patch, per layer.
+For layer t, the layers above keep the given masks (default: the proxy run's), layers 1..t are dense, and
+every candidate patch (alive after layer t+1's mask is forced in) is dropped alone at layer t; its true impact
+is the mean change ||f - f_full|| of the final class feature over held training images. Each score is
+averaged over other training images, as the search uses it, and rank-correlated (Spearman) with that truth.
+Pretrained weights, no fine-tuning, so the numbers describe the scores, not the search's weights.
+
+    python bench/quality.py                                   # proxy masks, 512 score + 128 held images
+Writes results/score_quality.json and prints a table.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import slim  # noqa: E402
+import vit  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+
+
+def main():
+    p = argparse.ArgumentParser("Rank correlation of patch scores with the true impact, per layer")
+    p.add_argument("--weights", default=os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"))
+    p.add_argument("--data-path", default=os.path.join(SHARED, "data", "cifar10"))
+    p.add_argument("--masks", default=os.path.join(ROOT, "results", "cifar10-proxy", "masks.json"))
+    p.add_argument("--score-images", type=int, default=512)
+    p.add_argument("--held-images", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "score_quality.json"))
+    args = p.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count()))
+    model = vit.load_checkpoint(args.weights)
+    cfg, N, L = model.cfg, model.cfg.num_tokens, model.cfg.depth
+    keep = vit.load_masks(args.masks, cfg)
+    ctx = slim.Ctx(model, torch.device("cpu"), 64)
+    train = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_s, n_h = args.score_images, args.held_images
+
+    def cache(idx, desc):
+        return slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(train, idx), 64), desc)[0]
+
+    xs_score, xs_held = cache(perm[:n_s], "cache score"), cache(perm[n_s:n_s + n_h], "cache held")
+    rows = []
+    for t in range(L - 1, 0, -1):
+        full = [torch.arange(N)] * t + keep[t:]                  # layers 1..t dense, t+1..L as in the masks
+        cand = slim.ranked_candidates(torch.zeros(N), keep[t])  # every patch layer t may drop
+        if len(cand) < 3:
+            continue
+        truth = slim.true_impact(ctx, xs_held[t - 1], full, t, cand)
+        row = {"layer": t, "candidates": len(cand)}
+        for name, fn in slim.SCORES.items():
+            s = slim.layer_scores(ctx, xs_score[t - 1], full, t, fn)
+            row[name] = round(slim.spearman(s[cand], truth), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    res = {"command": " ".join(["python bench/quality.py"] + sys.argv[1:]), "masks": os.path.relpath(args.masks, ROOT),
+           "score_images": n_s, "held_images": n_h, "layers": rows, "machine": slim.machine(),
+           "mean": {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in slim.SCORES}}
+    print(f"{'layer':>5} {'candidates':>10} " + " ".join(f"{k:>13}" for k in slim.SCORES))
+    for r in rows:
+        print(f"{r['layer']:>5} {r['candidates']:>10} " + " ".join(f"{r[k]:>13.3f}" for k in slim.SCORES))
+    print(f"{'mean':>5} {'':>10} " + " ".join(f"{res['mean'][k]:>13.3f}" for k in slim.SCORES))
+    json.dump(res, open(args.out, "w"), indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
