@@ -51,10 +51,16 @@ def significance_score(head_out, attn_maps):
     attn_maps: [P_{t+1}, ..., P_L], P_l (B, H, n_l, n_{l-1}) over the kept rows/alive columns.
     A_t = diag(m_L) P̄_L ... diag(m_{t+1}) P̄_{t+1} with P̄ the head mean (the diag(m) are the row gathers);
     s_{t,i} = ||A_t[:, i]||^2 * sum_h ||U_{h,t}[i]||^2. Returns (B, n_t)."""
+    return attention_flow_score(head_out, attn_maps) * head_out.pow(2).sum(-1).sum(1)
+
+
+def attention_flow_score(head_out, attn_maps):
+    """The significance score without its head-output factor: ||A_t[:, i]||^2 alone, the attention flow from
+    the class token at the top down to token i (a diagnostic of which factor ranks patches). (B, n_t)."""
     a = attn_maps[-1].mean(1)                              # (B, n_L, n_{L-1})
     for p in reversed(attn_maps[:-1]):
         a = a @ p.mean(1)                                  # (B, n_L, n_{l-1})
-    return a.pow(2).sum(1) * head_out.pow(2).sum(-1).sum(1)
+    return a.pow(2).sum(1)
 
 
 def class_attention_score(head_out, attn_maps):
@@ -63,7 +69,7 @@ def class_attention_score(head_out, attn_maps):
     return attn_maps[0].mean(1)[:, 0]
 
 
-SCORES = {"significance": significance_score, "class-attn": class_attention_score}
+SCORES = {"significance": significance_score, "class-attn": class_attention_score, "attn-flow": attention_flow_score}
 
 
 def spearman(a, b):
@@ -395,7 +401,8 @@ def get_args_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eps", type=float, help=f"tolerance on the relative feature error E, METHOD.md I4 ({DEFAULTS['eps']})")
     p.add_argument("--r0", type=int, help="search granularity in tokens (10 at 197 tokens, scaled by token count)")
-    p.add_argument("--score", choices=list(SCORES), help="patch score (significance: the paper's, METHOD.md I3)")
+    p.add_argument("--score", choices=list(SCORES), help="patch score: significance (the paper's, METHOD.md I3), "
+                   "class-attn (EViT-like) or attn-flow (significance without its head-output factor)")
     p.add_argument("--score-images", type=int, help=f"training images the scores average over ({DEFAULTS['score_images']})")
     p.add_argument("--fit-images", type=int, help=f"cached augmented training images for fine-tuning ({DEFAULTS['fit_images']})")
     p.add_argument("--held-images", type=int, help=f"held training images E is measured on ({DEFAULTS['held_images']})")

@@ -261,7 +261,7 @@ def test_significance_score_matches_its_definition():
     S = [torch.arange(N), torch.tensor([0, 2, 3, 5]), torch.tensor([0, 3]), torch.tensor([0])]  # S_t .. S_L
     maps = [torch.rand(B, H, len(S[j + 1]), len(S[j]), generator=g).softmax(-1) for j in range(3)]
     U = torch.randn(B, H, N, d, generator=g)
-    got = slim.significance_score(U, maps)
+    got, flow = slim.significance_score(U, maps), slim.attention_flow_score(U, maps)
     for b in range(B):
         A = torch.eye(N)
         for j, p in enumerate(maps):  # embed each gathered map into N x N, rows m_{l}, cols m_{l-1}
@@ -271,6 +271,7 @@ def test_significance_score_matches_its_definition():
         for i in range(N):
             want = sum((torch.outer(A[:, i], U[b, h, i]) ** 2).sum() for h in range(H))
             assert torch.allclose(got[b, i], want, rtol=1e-5), (b, i)
+            assert torch.allclose(flow[b, i], A[:, i].pow(2).sum(), rtol=1e-5), (b, i)
 
 
 def test_spearman():

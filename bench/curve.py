@@ -4,19 +4,22 @@ against baselines that get the *same* kept-token counts per layer and the *same*
 
 For each eps, slim.search (Algorithm 1) gives masks and per-block fine-tuned weights. Then, on the counts
 |S_1|..|S_L| it chose, every method starts from the pretrained weights:
-  ps           patch slimming: the search's masks and weights, then the final end-to-end fine-tune
-  ps-search    the same before the final fine-tune (per-block fine-tuning of the search only)
+  ps           patch slimming: the search's masks and its per-block fine-tuned weights
   ps-noft      the search's masks on the pretrained weights: no fine-tuning at all
-  random       random patches (top-down, nested), then the matched budget:
-               one per-block fine-tune per layer (t = L-1..1, --ft-steps each, kept only if it lowers E, as
-               the search keeps exactly one per layer) and the same final fine-tune (same steps, lr, images)
-  class-attn   patches by the class token's attention (EViT's criterion, averaged over the training
-               sample into a static mask, slim.class_attention_score), then the same budget
-  random-noft, class-attn-noft   those masks on the pretrained weights
-The search settings are slim.py's defaults (override any with its flags, e.g. --fit-images 2048).
+  random       random patches (top-down, nested), then the search's fine-tuning budget: one per-block
+               fine-tune per layer (t = L-1..1, --ft-steps each on the same cached images, kept only if it
+               lowers E; the search too keeps exactly one fine-tune per layer)
+  class-attn   patches by the class token's attention (EViT's criterion, averaged over the training sample
+               into a static mask, slim.class_attention_score), then the same budget
+  significance patches by the paper's score computed on the pretrained weights (top-down, no error test):
+               the search's score without the search, then the same budget
+  random-noft, class-attn-noft, significance-noft   those masks on the pretrained weights
+With --final-steps N every fine-tuned method also gets the same end-to-end distillation fine-tune afterwards.
+The search takes slim.py's flags; the defaults here are cheaper than slim.py's (--ft-steps 50, --held-images
+512) so that bench/run_all.sh stays under 90 minutes on 2 CPU cores.
 
-    python bench/curve.py                                  # eps 0.1 0.2 0.3 0.4: about 70 min on 2 cores
-    python bench/curve.py --eps 0.2 --final-steps 20       # a quick look
+    python bench/curve.py                                  # eps 0.1 0.2 0.3 0.4 (about 55 min on 2 cores)
+    python bench/curve.py --eps 0.2 --ft-steps 100 --held-images 1024   # slim.py's own search settings
 Writes results/curve/eps_<eps>.json as each method finishes (a rerun resumes, skipping finished ones; the
 search resumes from results/curve/eps_<eps>/state.pt), then results/curve.json, curve.md and curve.png.
 """
@@ -37,11 +40,12 @@ import vit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
-METHODS = ["ps", "ps-search", "ps-noft", "random", "class-attn", "random-noft", "class-attn-noft"]
-LABELS = {"ps": "patch slimming (search + final FT)", "ps-search": "patch slimming, search only (per-block FT)",
-          "ps-noft": "patch slimming masks, no FT", "random": "random patches + same FT",
-          "class-attn": "class-attention top-k + same FT", "random-noft": "random patches, no FT",
-          "class-attn-noft": "class-attention top-k, no FT"}
+BASELINES = ["random", "class-attn", "significance"]
+METHODS = ["ps"] + BASELINES + ["ps-noft"] + [b + "-noft" for b in BASELINES]
+LABELS = {"ps": "patch slimming (search, per-block FT)", "ps-noft": "patch slimming masks, no FT",
+          "random": "random patches + same FT", "class-attn": "class-attention top-k + same FT",
+          "significance": "significance top-k + same FT", "random-noft": "random patches, no FT",
+          "class-attn-noft": "class-attention top-k, no FT", "significance-noft": "significance top-k, no FT"}
 
 
 def refit_blocks(ctx, keep, fit_cache, held_cache, args, log):
@@ -72,7 +76,7 @@ def table(points, dense_top1, dense_gflops, N):
     return "\n".join(rows)
 
 
-def plot(points, dense_top1, dense_gflops, path):
+def plot(points, dense_top1, dense_gflops, path, headline=None):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -80,9 +84,10 @@ def plot(points, dense_top1, dense_gflops, path):
     except ImportError:
         print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
         return
-    style = {"ps": ("C0", "o", "-"), "ps-search": ("C0", "o", ":"), "ps-noft": ("C0", "o", "--"),
+    style = {"ps": ("C0", "o", "-"), "ps-noft": ("C0", "o", "--"),
              "random": ("C3", "s", "-"), "random-noft": ("C3", "s", "--"),
-             "class-attn": ("C2", "^", "-"), "class-attn-noft": ("C2", "^", "--")}
+             "class-attn": ("C2", "^", "-"), "class-attn-noft": ("C2", "^", "--"),
+             "significance": ("C1", "D", "-"), "significance-noft": ("C1", "D", "--")}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = sorted(points, key=lambda p: p["gflops"])
     for k in METHODS:
@@ -91,6 +96,9 @@ def plot(points, dense_top1, dense_gflops, path):
             c, mk, ls = style[k]
             ax.plot(*zip(*xy), color=c, marker=mk, ls=ls, label=LABELS[k], alpha=1 if ls == "-" else 0.6)
     ax.plot([dense_gflops], [dense_top1], "k*", ms=14, label="dense DeiT-Ti/4 (proxy)")
+    if headline:  # the slim.py run of the README (its own settings, plus a 2-epoch final fine-tune)
+        ax.plot([headline["slimmed_gflops"]], [headline["slimmed_top1"]], "P", color="C4", ms=10,
+                label="slim.py headline run + final FT (results/cifar10-proxy)")
     for p in pts:
         ax.annotate(f"ε={p['eps']}", (p["gflops"], p["top1"]["ps"] if "ps" in p["top1"] else dense_top1),
                     textcoords="offset points", xytext=(4, 6), fontsize=8, color="C0")
@@ -106,15 +114,18 @@ def plot(points, dense_top1, dense_gflops, path):
 
 def main():
     p = argparse.ArgumentParser("Accuracy vs FLOPs: patch slimming against baselines on the CIFAR-10 proxy")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
-    p.add_argument("--final-steps", type=int, default=100, help="end-to-end fine-tune steps, the same for every method")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.3, 0.4])
+    p.add_argument("--final-steps", type=int, default=0, help="end-to-end fine-tune steps after, the same for every method")
     p.add_argument("--final-lr", type=float, default=3e-4)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "curve"))
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on k val images per class (quick runs)")
+    p.add_argument("--headline", default=os.path.join(ROOT, "results", "cifar10-proxy", "report.json"),
+                   help="a slim.py report.json to mark on the plot (skipped when absent)")
     args, rest = p.parse_known_args()
     sargs = slim.resolve(slim.get_args_parser().parse_args(
         ["--data", "folder", "--data-path", os.path.join(SHARED, "data", "cifar10"),
-         "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth")] + rest))
+         "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "--ft-steps", "50",
+         "--held-images", "512", "--out", args.out] + rest))
     torch.manual_seed(sargs.seed)
     device = torch.device(sargs.device)
     pretrained = slim.load_model(sargs).to(device)
@@ -167,7 +178,7 @@ def main():
                   final_lr=args.final_lr, search_layers=state["layers"])
         pt["seconds"].setdefault("search", round(time.time() - t0, 1))
         masks = {"ps": keep}
-        for b in ("random", "class-attn"):  # the baselines' masks: same counts, pretrained weights
+        for b in BASELINES:  # the baselines' masks: same counts, pretrained weights
             ctx.model.load_state_dict(pretrained.state_dict())
             masks[b] = slim.masks_for_counts(ctx, score_xs, counts, b, sargs.seed)
             assert flops.kept_counts(cfg, masks[b]) == counts
@@ -177,12 +188,12 @@ def main():
             if name in pt["top1"]:
                 continue
             t0 = time.time()
-            base = name.removesuffix("-noft").removesuffix("-search")
-            ctx.model.load_state_dict(searched if name in ("ps", "ps-search") else pretrained.state_dict())
-            if name in ("random", "class-attn"):
+            base = name.removesuffix("-noft")
+            ctx.model.load_state_dict(searched if name == "ps" else pretrained.state_dict())
+            if name in BASELINES:
                 log(f"eps {eps}: {name}: per-block fine-tune (the search's budget)")
                 refit_blocks(ctx, masks[base], fit_cache, held_cache, sargs, log)
-            if name in ("ps", "random", "class-attn"):
+            if name in ["ps"] + BASELINES and args.final_steps:
                 slim.finetune_all(ctx.model, pretrained, masks[base], final_loader, device, final_epochs,
                                   args.final_lr, log)
             done(name, slim.evaluate(ctx.model, val_loader, device, masks[base], desc=f"eval {name}"), t0)
@@ -191,13 +202,15 @@ def main():
     summary = {"command": " ".join(["python bench/curve.py"] + sys.argv[1:]), "dense_top1": dense_top1,
                "dense_gflops": dense_gflops, "val_images": len(val), "search_settings": vars(sargs),
                "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
+               "seconds_all_points": round(sum(sum(p["seconds"].values()) for p in points), 1),
                "points": [{k: v for k, v in p.items() if k not in ("keep", "search_layers")} for p in points]}
     base = os.path.join(os.path.dirname(args.out), os.path.basename(args.out))
     json.dump(summary, open(base + ".json", "w"), indent=1)
     md = table(points, dense_top1, dense_gflops, cfg.num_tokens)
     open(base + ".md", "w").write(f"`{summary['command']}`\n\n{md}\n")
     log(md)
-    plot(points, dense_top1, dense_gflops, base + ".png")
+    plot(points, dense_top1, dense_gflops, base + ".png",
+         json.load(open(args.headline)) if args.headline and os.path.exists(args.headline) else None)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ step() { echo; echo "== $* ($(( ($(date +%s) - t0) / 60 )) min in)"; "$@"; }
 
 # 1. accuracy vs FLOPs: patch slimming at several eps against random / class-attention masks with the same
 #    kept counts and fine-tuning budget, and all three without fine-tuning -> results/curve.{json,md,png}
-step python bench/curve.py --eps ${EPS:-0.1 0.2 0.3 0.4}
+step python bench/curve.py --eps ${EPS:-0.1 0.15 0.2 0.3 0.4}
 # 2. real speed: DeiT-S 224 px with a 2.6-GFLOPs pyramid (the paper's PS-ViT budget), and the proxy's masks
 step python bench/speed.py --repeats 20
 step python bench/speed.py --weights ../shared/models/deit_tiny_p4_cifar10.pth \
