@@ -17,6 +17,7 @@ step python bench/curve.py --eps ${EPS:-0.1 0.15 0.2 0.3 0.4}
 step python bench/speed.py --repeats 20
 step python bench/speed.py --weights ../shared/models/deit_tiny_p4_cifar10.pth \
     --masks results/cifar10-proxy/masks.json --batch 256 --repeats 20
+step python bench/gemm.py   # why batch-1 gains less: GEMM rate at the token counts a slimmed layer keeps
 # 3. the kept-patch pyramid over images, from the proxy run's masks -> results/pyramid_picture.{png,json}
 step python bench/picture.py
 # 4. the linear pyramid chosen by the score, no fine-tuning, at the proxy run's FLOPs and at 40% / 50% fewer
