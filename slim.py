@@ -215,6 +215,23 @@ def ranked_candidates(scores, forced):
     return cand[scores[cand].argsort(descending=True, stable=True)]
 
 
+def finetune_or_restore(ctx, t, fit, held, keep, args, seed, bound, desc):
+    """Fine-tune block t (finetune_block, args.ft_steps at args.ft_lr) with masks keep, then measure E on the held
+    set; if E > bound the block's weights are restored. Returns E after fine-tuning (kept or not)."""
+    block = ctx.model.blocks[t - 1]
+    backup = copy.deepcopy(block.state_dict())
+    finetune_block(ctx, t, fit, keep, args.ft_steps, args.ft_lr, seed, desc)
+    e = feature_error(ctx, held[0], held[1], keep, t - 1)
+    if e > bound:
+        block.load_state_dict(backup)
+    return e
+
+
+def default_r0(cfg):
+    """The paper's r0 = 10 of 197 tokens, scaled by the token count (3 for the 65-token proxy)."""
+    return max(1, round(10 * (cfg.num_tokens - 1) / 196))
+
+
 def search_layer(ctx, t, keep, fit, held, args, log):
     """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). Returns (kept indices S_t, trial log)."""
     m, N = ctx.model, ctx.model.cfg.num_tokens
@@ -254,13 +271,10 @@ def search_layer(ctx, t, keep, fit, held, args, log):
     for i in list(range(i_ft, i_ok))[:args.ft_tries] + [i_ok]:
         k_t, e0 = trial(i)
         rec = next(r for r in info["trials"] if r["r"] == grid[i])
-        backup = copy.deepcopy(m.blocks[t - 1].state_dict())
-        finetune_block(ctx, t, fit, with_layer(keep, t, k_t), args.ft_steps, args.ft_lr, args.seed + 1000 * t + grid[i],
-                       desc=f"layer {t} r={grid[i]} fine-tune")
-        e = feature_error(ctx, held[0], held[1], with_layer(keep, t, k_t), t - 1)
+        e = finetune_or_restore(ctx, t, fit, held, with_layer(keep, t, k_t), args, args.seed + 1000 * t + grid[i],
+                                bound=min(e0, args.eps), desc=f"layer {t} r={grid[i]} fine-tune")
         rec["E"] = round(e, 5)
-        if e > e0 or e > args.eps:                             # Alg. 1: a rejected fine-tune restores the block
-            m.blocks[t - 1].load_state_dict(backup)
+        if e > min(e0, args.eps):                              # Alg. 1: a rejected fine-tune restored the block
             e = e0
         if e <= args.eps or i == len(grid) - 1:  # keeping every token changes nothing (float noise aside)
             info["trials"].sort(key=lambda r: r["r"])
@@ -465,7 +479,7 @@ def main(args):
     model = load_model(args).to(device)
     cfg = model.cfg
     if args.r0 is None:
-        args.r0 = max(1, round(10 * (cfg.num_tokens - 1) / 196))
+        args.r0 = default_r0(cfg)
     val = data.build_dataset(args.data_path, "val", cfg.img_size)
     data.check_classes(val, cfg.num_classes)
     if args.val_per_class:

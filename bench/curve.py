@@ -51,17 +51,13 @@ LABELS = {"ps": "patch slimming (search, per-block FT)", "ps-noft": "patch slimm
 def refit_blocks(ctx, keep, fit_cache, held_cache, args, log):
     """The search's per-block fine-tuning budget, spent on fixed masks: for t = L-1..1 (top-down, layers below t
     dense as in the search), fine-tune block t once for args.ft_steps and keep the result only if E drops."""
-    m, L, N = ctx.model, ctx.model.cfg.depth, ctx.model.cfg.num_tokens
+    L, N = ctx.model.cfg.depth, ctx.model.cfg.num_tokens
     for t in range(L - 1, 0, -1):
         trial = [torch.arange(N)] * (t - 1) + keep[t - 1:]
         held = (held_cache[0][t - 1], held_cache[1])
         e0 = slim.feature_error(ctx, *held, trial, t - 1)
-        backup = copy.deepcopy(m.blocks[t - 1].state_dict())
-        slim.finetune_block(ctx, t, (fit_cache[0][t - 1], fit_cache[1], fit_cache[2]), trial, args.ft_steps,
-                            args.ft_lr, args.seed + 1000 * t, desc=f"layer {t} fine-tune")
-        e = slim.feature_error(ctx, *held, trial, t - 1)
-        if e > e0:
-            m.blocks[t - 1].load_state_dict(backup)
+        e = slim.finetune_or_restore(ctx, t, (fit_cache[0][t - 1], fit_cache[1], fit_cache[2]), held, trial, args,
+                                     args.seed + 1000 * t, bound=e0, desc=f"layer {t} fine-tune")
         log(f"  layer {t:2d}: E {e0:.4f} -> {min(e, e0):.4f}")
 
 
@@ -130,7 +126,7 @@ def main():
     device = torch.device(sargs.device)
     pretrained = slim.load_model(sargs).to(device)
     cfg = pretrained.cfg
-    sargs.r0 = sargs.r0 or max(1, round(10 * (cfg.num_tokens - 1) / 196))
+    sargs.r0 = sargs.r0 or slim.default_r0(cfg)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "log.txt"), "a")
 
