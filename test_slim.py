@@ -105,6 +105,22 @@ def test_gathered_forward_equals_masked_reference(seed):
     assert torch.allclose(records[0]["head_out"].sum(1) + blk.attn.proj.bias, full, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_packed_model_equals_the_plain_one():
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    packed, x, keep = vit.pack_for_cpu(model), torch.randn(3, 3, 32, 32), random_nested_keep(SMALL_CFG, 1)
+    with torch.inference_mode():
+        for k in (None, keep):
+            out, ref = packed(x, keep=k), model(x, keep=k)
+            assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every linear really is packed
+    with pytest.raises(UserError, match="inference only"):  # training it would silently update nothing
+        packed(x)
+    with pytest.raises(UserError, match="float32 model on the CPU"):
+        vit.pack_for_cpu(vit.VisionTransformer(SMALL_CFG).to(torch.bfloat16))
+
+
 def test_bad_keep_is_a_clear_error():
     cfg, N = SMALL_CFG, SMALL_CFG.num_tokens
     good = random_nested_keep(cfg, 0)

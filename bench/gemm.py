@@ -1,9 +1,14 @@
 """
-Why batch-1 latency falls less than FLOPs (bench/speed.py): the rate of one F.linear (the GEMMs that are ~90%
-of DeiT-S's time) at the token counts a slimmed layer keeps, against the dense 197 tokens. Batch 1, float32,
-the CPU's default threads; the median of 50 calls after warm-up. Writes results/gemm_<device>.json.
+Where batch-1 latency goes (bench/speed.py measures the totals). Batch 1, float32, the CPU's default threads.
 
-    python bench/gemm.py
+1. The rate of one linear layer (the GEMMs are ~75% of DeiT-S's time) at the token counts a slimmed layer keeps,
+   with MKL (F.linear, PyTorch's default) and with the weight prepacked for oneDNN (vit.PackedLinear).
+2. Per block of DeiT-S, slimmed to the linear pyramid at 2.6 GFLOPs: its time against its FLOPs share of the
+   dense block's time. The excess is what a layer costs beyond its FLOPs. Timed twice: in the real forward
+   (weights stream from memory: 85 MB per forward, more than the 32 MB L3) and one block at a time, repeated
+   (its 7 MB of weights stay in cache). The difference between the two is the cost of reading the weights.
+
+    python bench/gemm.py     # -> results/gemm_cpu.json
 """
 import json
 import os
@@ -15,38 +20,100 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flops  # noqa: E402
 import slim  # noqa: E402
+import vit  # noqa: E402
+from speed import random_nested  # noqa: E402
 
 SHAPES = {"q / proj (384 -> 384)": (384, 384), "kv (384 -> 768)": (384, 768), "qkv (384 -> 1152)": (384, 1152),
           "fc1 (384 -> 1536)": (384, 1536), "fc2 (1536 -> 384)": (1536, 384)}
 TOKENS = [197, 184, 158, 133, 107, 81, 56]
 
 
-def rate(m, k, n, repeats=50):
-    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-    for _ in range(5):
-        F.linear(x, w, b)
+def median_s(fn, repeats, warmup=5):
+    for _ in range(warmup):
+        fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        F.linear(x, w, b)
+        fn()
         ts.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(ts) / 1e9  # GFLOP/s (2 per multiply-accumulate)
+    return statistics.median(ts)
+
+
+def gemm_rates(repeats=50):
+    """GFLOP/s (2 per multiply-accumulate) per shape and token count, MKL and oneDNN-prepacked."""
+    out = {"mkl": {}, "onednn": {}}
+    for name, (k, n) in SHAPES.items():
+        lin = torch.nn.Linear(k, n)
+        packed = vit.PackedLinear(lin)
+        out["mkl"][name], out["onednn"][name] = {}, {}
+        for m in TOKENS:
+            x = torch.randn(1, m, k)
+            out["mkl"][name][m] = round(2 * m * k * n / median_s(lambda: lin(x), repeats) / 1e9, 1)
+            out["onednn"][name][m] = round(2 * m * k * n / median_s(lambda: packed(x), repeats) / 1e9, 1)
+    return out
+
+
+def block_times(model, keep, repeats=30):
+    """ms per block, dense and slimmed, in a full forward (cold weights) and alone (hot weights)."""
+    cfg, pos = model.cfg, vit.keep_positions(keep, model.cfg)
+    x = model.embed(torch.randn(1, 3, cfg.img_size, cfg.img_size))
+    ins = {"dense": [x] * cfg.depth, "slimmed": [x]}
+    for l in range(cfg.depth - 1):
+        ins["slimmed"].append(model.blocks[l](ins["slimmed"][-1], pos[l]))
+    idx = {"dense": [None] * cfg.depth, "slimmed": pos}
+    res = {}
+    for kind in ("dense", "slimmed"):
+        cold = [[] for _ in range(cfg.depth)]
+        for _ in range(repeats):  # the whole stack in order, as the forward runs it
+            for l, blk in enumerate(model.blocks):
+                t0 = time.perf_counter()
+                blk(ins[kind][l], idx[kind][l])
+                cold[l].append(time.perf_counter() - t0)
+        hot = [median_s(lambda: blk(ins[kind][l], idx[kind][l]), repeats)
+               for l, blk in enumerate(model.blocks)]
+        res[kind] = {"cold_ms": [1000 * statistics.median(c) for c in cold], "hot_ms": [1000 * h for h in hot]}
+    return res
 
 
 def main():
-    rate(197, 384, 1536, repeats=200)  # warm the thread pool and the clock before anything is recorded
-    rows = {name: {m: round(rate(m, k, n), 1) for m in TOKENS} for name, (k, n) in SHAPES.items()}
-    print(f"{'GFLOP/s at tokens':24s}" + "".join(f"{m:>7d}" for m in TOKENS))
-    for name, r in rows.items():
-        print(f"{name:24s}" + "".join(f"{r[m]:7.0f}" for m in TOKENS))
-    rel = {m: round(statistics.mean(r[m] / r[197] for r in rows.values()), 3) for m in TOKENS}
-    print(f"{'mean rate / rate at 197':24s}" + "".join(f"{rel[m]:7.2f}" for m in TOKENS))
+    torch.manual_seed(0)
+    median_s(lambda: F.linear(torch.randn(197, 384), torch.randn(1536, 384)), 200)  # warm threads and clock
+    rates = gemm_rates()
+    print(f"{'GFLOP/s at tokens':30s}" + "".join(f"{m:>7d}" for m in TOKENS))
+    for lib in rates:
+        for name, r in rates[lib].items():
+            print(f"{lib + ' ' + name:30s}" + "".join(f"{r[m]:7.0f}" for m in TOKENS))
+    rel = {lib: {m: round(statistics.mean(r[m] / r[197] for r in rates[lib].values()), 3) for m in TOKENS}
+           for lib in rates}
+
+    cfg = vit.PRESETS["deit_small"]
+    counts = flops.linear_pyramid(cfg, 2.6e9)
+    keep = random_nested(counts, cfg.num_tokens)
+    share = [a / b for a, b in zip(flops.layer_flops(cfg, counts), flops.layer_flops(cfg, [cfg.num_tokens] * cfg.depth))]
+    blocks = {}
+    base = vit.deit("deit_small").eval()
+    for label, model in (("mkl", base), ("onednn", vit.pack_for_cpu(base))):
+        t = block_times(model, keep)
+        rows = []
+        for where in ("cold_ms", "hot_ms"):
+            d, s = t["dense"][where], t["slimmed"][where]
+            rows.append({"where": where[:-3], "dense_ms": d, "slimmed_ms": s,
+                         "excess_ms": [si - fi * statistics.mean(d) for si, fi in zip(s, share)]})
+        blocks[label] = rows
+        print(f"\n{label}: per block (kept {counts}), ms")
+        for r in rows:
+            for key in ("dense_ms", "slimmed_ms", "excess_ms"):
+                print(f"  {r['where']:4s} {key[:-3]:8s}" + " ".join(f"{v:5.2f}" for v in r[key]) + f"  sum {sum(r[key]):5.1f}")
+            print(f"  {r['where']:4s} blocks {sum(r['dense_ms']) / sum(r['slimmed_ms']):.2f}x faster, FLOPs {len(share) / sum(share):.2f}x")
     os.makedirs("results", exist_ok=True)
-    json.dump({"command": "python bench/gemm.py", "gflops_per_s": rows, "relative_to_197": rel,
+    json.dump({"command": "python bench/gemm.py", "gflops_per_s": rates, "relative_to_197": rel,
+               "kept_per_layer": counts, "flops_share_per_layer": share, "blocks_b1": blocks,
                "machine": slim.machine()}, open("results/gemm_cpu.json", "w"), indent=1)
     print("wrote results/gemm_cpu.json")
 
 
 if __name__ == "__main__":
-    main()
+    with torch.inference_mode():
+        main()

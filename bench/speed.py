@@ -1,6 +1,7 @@
 """
 Real speed of the gathered patch-slimmed forward (arXiv 2106.02852, METHOD.md I2): images/s at batch 32
-and batch-1 latency, dense vit.py vs timm's DeiT (an independent implementation) vs slimmed vit.py.
+and batch-1 latency, dense vit.py vs timm's DeiT (an independent implementation) vs slimmed vit.py; on CPU
+also both vit.py models with their linear weights prepacked for oneDNN (vit.pack_for_cpu).
 Random weights (timing does not depend on them); without --masks, a linear pyramid at --gflops whose patches
 are chosen at random (scattered, like real masks). The median over round-robin repeats is the result; the
 fastest call is recorded beside it. Writes results/speed_<model>_<device>_<dtype>.json and prints a table.
@@ -65,6 +66,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-timm", action="store_true", help="skip the timm reference")
+    p.add_argument("--no-packed", action="store_true", help="skip the oneDNN-prepacked rows (CPU float32 only)")
     p.add_argument("--out", default=None, help="JSON output (default results/speed_<name>_<device>.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,6 +81,10 @@ def main():
     model = model.to(device, dtype).eval()
     name = args.model if not args.weights else os.path.basename(args.weights).split(".")[0]
     models = {"vit.py dense": (model, None), "vit.py slimmed": (model, keep)}
+    packed = not args.no_packed and device.type == "cpu" and dtype == torch.float32
+    if packed:
+        pm = vit.pack_for_cpu(model)
+        models.update({"packed dense": (pm, None), "packed slimmed": (pm, keep)})
     if not args.no_timm and not args.weights:
         import timm
         ref = timm.create_model(f"{args.model}_patch16_224", pretrained=False).to(device, dtype).eval()
@@ -89,7 +95,7 @@ def main():
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "cores": os.cpu_count(),
            "gflops": gf, "kept_per_layer": [int(k.numel()) for k in keep], "batch": args.batch, "rows": {}}
-    fns = {label: (lambda x, m=m, k=k: m(x, keep=k)) if label.startswith("vit") else m
+    fns = {label: (lambda x, m=m, k=k: m(x, keep=k)) if not label.startswith("timm") else m
            for label, (m, k) in models.items()}
     with torch.inference_mode():
         xb = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
@@ -105,6 +111,11 @@ def main():
     res["speedup_batch"] = r["vit.py slimmed"]["images_per_s"] / r["vit.py dense"]["images_per_s"]
     res["speedup_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["vit.py slimmed"]["latency_ms_b1"]
     res["speedup_b1_fastest"] = r["vit.py dense"]["latency_ms_b1_min"] / r["vit.py slimmed"]["latency_ms_b1_min"]
+    if packed:
+        res["speedup_batch_packed"] = r["packed slimmed"]["images_per_s"] / r["packed dense"]["images_per_s"]
+        res["speedup_b1_packed"] = r["packed dense"]["latency_ms_b1"] / r["packed slimmed"]["latency_ms_b1"]
+        res["speedup_b1_packed_fastest"] = r["packed dense"]["latency_ms_b1_min"] / r["packed slimmed"]["latency_ms_b1_min"]
+        res["packed_over_unpacked_dense_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["packed dense"]["latency_ms_b1"]
     res["flops_ratio"] = gf["dense"] / gf["slimmed"]
     if "timm dense" in r:
         res["ours_over_timm"] = r["vit.py dense"]["images_per_s"] / r["timm dense"]["images_per_s"]
@@ -112,6 +123,10 @@ def main():
           f"{res['speedup_batch']:.2f}x at batch {args.batch}, {res['speedup_b1']:.2f}x batch-1 latency (median; "
           f"{res['speedup_b1_fastest']:.2f}x fastest call)"
           + (f"; vit.py/timm dense throughput {res['ours_over_timm']:.3f}" if "ours_over_timm" in res else ""))
+    if packed:
+        print(f"prepacked (oneDNN): {res['speedup_batch_packed']:.2f}x at batch {args.batch}, {res['speedup_b1_packed']:.2f}x "
+              f"batch-1 latency (median; {res['speedup_b1_packed_fastest']:.2f}x fastest call); packed dense batch 1 is "
+              f"{res['packed_over_unpacked_dense_b1']:.2f}x faster than unpacked")
     out = args.out or os.path.join("results", f"speed_{name}_{args.device}_{args.dtype}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     json.dump(res, open(out, "w"), indent=1)
