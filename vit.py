@@ -224,10 +224,22 @@ def pack_for_cpu(model):
 def check_keep(keep, cfg):
     """Validate per-layer kept indices; returns them as a list of sorted 1-D LongTensors.
     keep[l] is S_{l+1}, the tokens block l+1 outputs; nested, each holding the class token 0."""
+    return _checked(keep, cfg)[0]
+
+
+def keep_positions(keep, cfg):
+    """Per layer, the positions of S_l inside S_{l-1} (what the gathered forward indexes with);
+    None for a layer that keeps every token alive before it (the dense path, exactly)."""
+    return _checked(keep, cfg)[1]
+
+
+def _checked(keep, cfg):
+    """(kept indices, positions) after validation. Runs on every slimmed forward, so it is a few cheap tensor
+    ops per layer: nestedness is read off the same searchsorted that gives the positions."""
     N, L = cfg.num_tokens, cfg.depth
     if len(keep) != L:
         raise UserError(f"masks have {len(keep)} layers but the model has depth {L}: use masks made for this model")
-    out, prev = [], None
+    out, pos, prev = [], [], torch.arange(N)
     for l, k in enumerate(keep):
         k = torch.as_tensor(k, dtype=torch.long).flatten()
         if k.numel() == 0 or k[0] != 0:
@@ -237,24 +249,15 @@ def check_keep(keep, cfg):
         if k[-1] >= N:
             raise UserError(f"masks layer {l + 1} has token index {int(k[-1])} but the model has {N} tokens: "
                             "use masks made for this model")
-        if prev is not None and not bool(torch.isin(k, prev).all()):
-            bad = k[~torch.isin(k, prev)][:5].tolist()
-            raise UserError(f"masks are not nested: layer {l + 1} keeps tokens {bad} that layer {l} dropped "
-                            "(a patch dropped once is never used again)")
+        p = torch.searchsorted(prev, k)  # where each kept token sits among those alive before the layer
+        found = prev[p.clamp(max=prev.numel() - 1)] == k
+        if not bool(found.all()):
+            raise UserError(f"masks are not nested: layer {l + 1} keeps tokens {k[~found][:5].tolist()} that "
+                            f"layer {l} dropped (a patch dropped once is never used again)")
         out.append(k)
+        pos.append(None if k.numel() == prev.numel() else p)
         prev = k
-    return out
-
-
-def keep_positions(keep, cfg):
-    """Per layer, the positions of S_l inside S_{l-1} (what the gathered forward indexes with);
-    None for a layer that keeps every token alive before it (the dense path, exactly)."""
-    keep = check_keep(keep, cfg)
-    prev, pos = torch.arange(cfg.num_tokens), []
-    for k in keep:
-        pos.append(None if k.numel() == prev.numel() else torch.searchsorted(prev, k))
-        prev = k
-    return pos
+    return out, pos
 
 
 def save_masks(path, keep, cfg, name=None, **extra):

@@ -4,7 +4,8 @@ and batch-1 latency, dense vit.py vs timm's DeiT (an independent implementation)
 also both vit.py models with their linear weights prepacked for oneDNN (vit.pack_for_cpu).
 Random weights (timing does not depend on them); without --masks, a linear pyramid at --gflops whose patches
 are chosen at random (scattered, like real masks). The median over round-robin repeats is the result; the
-fastest call is recorded beside it. Writes results/speed_<model>_<device>_<dtype>.json and prints a table.
+fastest call is recorded beside it, and so is the median over rounds of the per-round ratio dense/slimmed (each
+round's two calls run back to back, so drift between rounds cancels). Writes results/speed_<model>_<device>_<dtype>.json.
 
     python bench/speed.py                                  # DeiT-S 224 px, pyramid at 2.6 GFLOPs, CPU
     python bench/speed.py --masks results/cifar10-proxy/masks.json --weights ../shared/models/deit_tiny_p4_cifar10.pth
@@ -116,16 +117,19 @@ def main():
         res["speedup_b1_packed"] = r["packed dense"]["latency_ms_b1"] / r["packed slimmed"]["latency_ms_b1"]
         res["speedup_b1_packed_fastest"] = r["packed dense"]["latency_ms_b1_min"] / r["packed slimmed"]["latency_ms_b1_min"]
         res["packed_over_unpacked_dense_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["packed dense"]["latency_ms_b1"]
+    for pre, (d, s) in {"": ("vit.py dense", "vit.py slimmed"), "packed_": ("packed dense", "packed slimmed")}.items():
+        if s in t1:
+            res[f"speedup_b1_{pre}paired"] = statistics.median(a / b for a, b in zip(t1[d], t1[s]))
     res["flops_ratio"] = gf["dense"] / gf["slimmed"]
     if "timm dense" in r:
         res["ours_over_timm"] = r["vit.py dense"]["images_per_s"] / r["timm dense"]["images_per_s"]
     print(f"GFLOPs {gf['dense']:.2f} -> {gf['slimmed']:.2f} (ratio {res['flops_ratio']:.2f}); measured speedup "
           f"{res['speedup_batch']:.2f}x at batch {args.batch}, {res['speedup_b1']:.2f}x batch-1 latency (median; "
-          f"{res['speedup_b1_fastest']:.2f}x fastest call)"
+          f"{res['speedup_b1_fastest']:.2f}x fastest call, {res['speedup_b1_paired']:.2f}x paired)"
           + (f"; vit.py/timm dense throughput {res['ours_over_timm']:.3f}" if "ours_over_timm" in res else ""))
     if packed:
         print(f"prepacked (oneDNN): {res['speedup_batch_packed']:.2f}x at batch {args.batch}, {res['speedup_b1_packed']:.2f}x "
-              f"batch-1 latency (median; {res['speedup_b1_packed_fastest']:.2f}x fastest call); packed dense batch 1 is "
+              f"batch-1 latency (median; {res['speedup_b1_packed_fastest']:.2f}x fastest call, {res['speedup_b1_packed_paired']:.2f}x paired); packed dense batch 1 is "
               f"{res['packed_over_unpacked_dense_b1']:.2f}x faster than unpacked")
     out = args.out or os.path.join("results", f"speed_{name}_{args.device}_{args.dtype}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
