@@ -185,7 +185,7 @@ class PackedLinear(nn.Module):
     """Inference-only stand-in for a Linear on CPU: each weight (or row block [r0, r1) of it, for the split
     q / kv projections) is reordered once into oneDNN's blocked layout, as torch.compile's CPU freezing does.
     On our 2-core AMD EPYC this runs DeiT-S's GEMMs 10-30% faster than MKL's sgemm at every token count a
-    slimmed layer keeps, so small late layers lose less to fixed costs (bench/speed.py, README "Speed")."""
+    slimmed layer keeps (bench/gemm.py; README "Real speed")."""
 
     def __init__(self, lin):
         super().__init__()

@@ -7,6 +7,9 @@ Where batch-1 latency goes (bench/speed.py measures the totals). Batch 1, float3
    dense block's time. The excess is what a layer costs beyond its FLOPs. Timed twice: in the real forward
    (weights stream from memory: 85 MB per forward, more than the 32 MB L3) and one block at a time, repeated
    (its 7 MB of weights stay in cache). The difference between the two is the cost of reading the weights.
+3. How each kind of operator in a block speeds up from 1 thread to all threads, at 197, 120 and 56 tokens: the
+   batch-1 speedup of slimming is larger on 1 thread than on 2 (results/speed_*_1thread.json), and this says which
+   operators lose parallel efficiency as the token count falls.
 
     python bench/gemm.py     # -> results/gemm_cpu.json
 """
@@ -77,6 +80,24 @@ def block_times(model, keep, repeats=30):
     return res
 
 
+def thread_scaling(repeats=100):
+    """Per operator of a DeiT-S block: time on 1 thread / time on all threads, at batch 1."""
+    threads, out = torch.get_num_threads(), {}
+    fc1, fc2, ln = (vit.PackedLinear(torch.nn.Linear(384, 1536)), vit.PackedLinear(torch.nn.Linear(1536, 384)),
+                    torch.nn.LayerNorm(384))
+    for n in (197, 120, 56):
+        x, y, q, kv = torch.randn(1, n, 384), torch.randn(1, n, 1536), torch.randn(1, 6, n, 64), torch.randn(1, 6, n + 13, 64)
+        ops = {"fc1 (oneDNN)": lambda: fc1(x), "fc2 (oneDNN)": lambda: fc2(y), "attention (SDPA)":
+               lambda: F.scaled_dot_product_attention(q, kv, kv), "gelu": lambda: F.gelu(y), "layernorm": lambda: ln(x)}
+        out[n] = {}
+        for name, fn in ops.items():
+            torch.set_num_threads(1)
+            one = median_s(fn, repeats)
+            torch.set_num_threads(threads)
+            out[n][name] = round(one / median_s(fn, repeats), 2)
+    return out
+
+
 def main():
     torch.manual_seed(0)
     median_s(lambda: F.linear(torch.randn(197, 384), torch.randn(1536, 384)), 200)  # warm threads and clock
@@ -107,9 +128,13 @@ def main():
             for key in ("dense_ms", "slimmed_ms", "excess_ms"):
                 print(f"  {r['where']:4s} {key[:-3]:8s}" + " ".join(f"{v:5.2f}" for v in r[key]) + f"  sum {sum(r[key]):5.1f}")
             print(f"  {r['where']:4s} blocks {sum(r['dense_ms']) / sum(r['slimmed_ms']):.2f}x faster, FLOPs {len(share) / sum(share):.2f}x")
+    scaling = thread_scaling()
+    print(f"\nspeedup from 1 to {torch.get_num_threads()} threads, batch 1 (tokens: {list(scaling)})")
+    for name in scaling[197]:
+        print(f"  {name:18s}" + "".join(f"{scaling[n][name]:7.2f}" for n in scaling))
     os.makedirs("results", exist_ok=True)
     json.dump({"command": "python bench/gemm.py", "gflops_per_s": rates, "relative_to_197": rel,
-               "kept_per_layer": counts, "flops_share_per_layer": share, "blocks_b1": blocks,
+               "kept_per_layer": counts, "flops_share_per_layer": share, "blocks_b1": blocks, "thread_scaling": scaling,
                "machine": slim.machine()}, open("results/gemm_cpu.json", "w"), indent=1)
     print("wrote results/gemm_cpu.json")
 

@@ -50,8 +50,7 @@ def main():
     counts, dense = flops.kept_counts(cfg, keep), flops.count_flops(cfg)
     pyramid = flops.linear_pyramid(cfg, flops.count_flops(cfg, keep))
     ds = data.build_dataset(args.data_path, "val", cfg.img_size)
-    ds.transform = data.build_transform(cfg.img_size, train=False)
-    ds.transform.transforms = ds.transform.transforms[:-1]  # drop Normalize: draw the image itself
+    ds.transform.transforms = ds.transform.transforms[:-1]  # the val transform without Normalize: draw the image itself
     idx = data.subset(ds, per_class=1).indices[:args.images]
 
     L = cfg.depth

@@ -1,15 +1,20 @@
 """
 The reference point of the slim.py issue (arXiv 2106.02852 reproduction): a plain linear pyramid of kept tokens,
 the patches of each layer chosen top-down by a score (the paper's significance score by default), with no
-fine-tuning at all, evaluated on val. Writes results/pyramid_<score>_<gflops>.json.
+fine-tuning at all, evaluated on val. With --final-epochs, the same end-to-end distillation fine-tune slim.py
+gives a searched network (slim.finetune_all, same loader, seed and learning rate) follows, so the pyramid can
+be compared with the headline run at equal FLOPs and equal final training. Writes
+results/pyramid_<score>_<gflops>[_ft<epochs>].json.
 
     python bench/pyramid.py --gflops-of results/cifar10-proxy/report.json     # same FLOPs as a search result
     python bench/pyramid.py --reduction 0.4 0.5                                # 40% and 50% fewer FLOPs
+    python bench/pyramid.py --gflops-of results/cifar10-proxy/report.json --final-epochs 2 --final-lr 3e-4
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -31,8 +36,13 @@ def main():
     p.add_argument("--score", default="significance", choices=list(slim.SCORES) + ["random"])
     p.add_argument("--score-images", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--final-epochs", type=float, default=0, help="end-to-end fine-tune after (as slim.py's)")
+    p.add_argument("--final-lr", type=float, default=slim.DEFAULTS["final_lr"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count()))
+    torch.manual_seed(args.seed)
     model = vit.load_checkpoint(args.weights)
     cfg, dense = model.cfg, flops.count_flops(model.cfg)
     budgets = [dense * (1 - r) for r in args.reduction]
@@ -51,9 +61,18 @@ def main():
         res = {"command": "python " + " ".join(sys.argv), "score": args.score, "kept_per_layer": counts,
                "gflops": gf, "dense_gflops": dense / 1e9, "flops_reduction": 1 - gf * 1e9 / dense,
                "top1": slim.evaluate(model, val, ctx.device, keep), "dense_top1": dense_top1, "torch": torch.__version__}
+        name = f"results/pyramid_{args.score}_{gf:.3f}G"
+        if args.final_epochs > 0:  # as slim.main does after its search
+            t0, student = time.time(), vit.load_checkpoint(args.weights)
+            train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
+            slim.finetune_all(student, model, keep, data.loader(train_aug, args.batch_size, shuffle=True, workers=args.workers,
+                              seed=args.seed, drop_last=True), ctx.device, args.final_epochs, args.final_lr, print)
+            res.update(top1_no_ft=res["top1"], top1=slim.evaluate(student, val, ctx.device, keep),
+                       final_epochs=args.final_epochs, final_lr=args.final_lr, ft_seconds=round(time.time() - t0))
+            name += f"_ft{args.final_epochs:g}"
         print(json.dumps(res), flush=True)
         os.makedirs("results", exist_ok=True)
-        json.dump(res, open(f"results/pyramid_{args.score}_{gf:.3f}G.json", "w"), indent=1)
+        json.dump(res, open(name + ".json", "w"), indent=1)
 
 
 if __name__ == "__main__":
