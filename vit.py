@@ -211,7 +211,7 @@ def pack_for_cpu(model):
         raise UserError("this torch build has no oneDNN (mkldnn) linear: run the model unpacked")
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         raise UserError("pack_for_cpu needs a float32 model on the CPU: call it before .to(device, dtype)")
-    packed = copy.deepcopy(model).eval()
+    packed = copy.deepcopy(model).eval().requires_grad_(False)
     for parent in list(packed.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
