@@ -234,7 +234,7 @@ def default_r0(cfg):
 
 def search_layer(ctx, t, keep, fit, held, args, log):
     """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). Returns (kept indices S_t, trial log)."""
-    m, N = ctx.model, ctx.model.cfg.num_tokens
+    N = ctx.model.cfg.num_tokens
     full = with_layer(keep, t, torch.arange(N))                # layers 1..t dense
     scores = layer_scores(ctx, fit[0][:args.score_images], full, t, SCORES[args.score])
     forced = keep[t]                                           # m_{t+1} ⊆ m_t: nested by construction
@@ -361,6 +361,11 @@ def evaluate(model, loader, device, keep=None, desc="eval"):
         correct += (out.argmax(-1).cpu() == y).sum().item()
         total += len(y)
     return 100.0 * correct / total
+
+
+def final_loader(train_aug, args):
+    """The shuffled training loader of the end-to-end fine-tune (args: batch_size, workers, seed)."""
+    return data.loader(train_aug, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed, drop_last=True)
 
 
 def finetune_all(student, teacher, keep, loader, device, epochs, lr, log):
@@ -526,8 +531,7 @@ def main(args):
         report["searched_top1"] = evaluate(model, val_loader, device, keep, desc="eval searched")
         log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
         teacher = load_model(args).to(device)
-        finetune_all(model, teacher, keep, data.loader(train_aug, args.batch_size, shuffle=True, workers=args.workers,
-                     seed=args.seed, drop_last=True), device, args.final_epochs, args.final_lr, log)
+        finetune_all(model, teacher, keep, final_loader(train_aug, args), device, args.final_epochs, args.final_lr, log)
     top1 = evaluate(model, val_loader, device, keep, desc="eval slimmed")
     slim_flops = flops.count_flops(cfg, keep)
     name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)

@@ -142,8 +142,7 @@ def main():
         val = data.subset(val, per_class=args.val_per_class)
     val_loader = data.loader(val, 250, workers=sargs.workers)
     train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
-    final_loader = data.loader(train_aug, sargs.batch_size, shuffle=True, workers=sargs.workers, seed=sargs.seed,
-                               drop_last=True)
+    final_loader = slim.final_loader(train_aug, sargs)
     final_epochs = (args.final_steps + 0.5) / len(final_loader)  # finetune_all runs int(epochs * len) steps
     dense_path = os.path.join(args.out, "dense.json")
     if not os.path.exists(dense_path):

@@ -54,6 +54,7 @@ def main():
     xs, _, _ = slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(train, perm[:args.score_images]), 64), "cache")
     val = data.loader(data.build_dataset(args.data_path, "val", cfg.img_size), 250)
     dense_top1 = slim.evaluate(model, val, ctx.device)
+    train_aug = data.build_dataset(args.data_path, "train", cfg.img_size) if args.final_epochs > 0 else None
     for b in budgets:
         counts = flops.linear_pyramid(cfg, b)
         keep = slim.masks_for_counts(ctx, xs, counts, args.score, args.seed)
@@ -64,9 +65,8 @@ def main():
         name = f"results/pyramid_{args.score}_{gf:.3f}G"
         if args.final_epochs > 0:  # as slim.main does after its search
             t0, student = time.time(), vit.load_checkpoint(args.weights)
-            train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
-            slim.finetune_all(student, model, keep, data.loader(train_aug, args.batch_size, shuffle=True, workers=args.workers,
-                              seed=args.seed, drop_last=True), ctx.device, args.final_epochs, args.final_lr, print)
+            slim.finetune_all(student, model, keep, slim.final_loader(train_aug, args), ctx.device, args.final_epochs,
+                              args.final_lr, print)
             res.update(top1_no_ft=res["top1"], top1=slim.evaluate(student, val, ctx.device, keep),
                        final_epochs=args.final_epochs, final_lr=args.final_lr, ft_seconds=round(time.time() - t0))
             name += f"_ft{args.final_epochs:g}"

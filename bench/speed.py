@@ -109,17 +109,14 @@ def main():
         print(f"{label:16s} {args.batch / b:9.1f} img/s (batch {args.batch})   {1000 * one:8.2f} ms (batch 1; "
               f"fastest {1000 * min(t1[label]):.2f})", flush=True)
     r = res["rows"]
-    res["speedup_batch"] = r["vit.py slimmed"]["images_per_s"] / r["vit.py dense"]["images_per_s"]
-    res["speedup_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["vit.py slimmed"]["latency_ms_b1"]
-    res["speedup_b1_fastest"] = r["vit.py dense"]["latency_ms_b1_min"] / r["vit.py slimmed"]["latency_ms_b1_min"]
+    for suffix, (d, s) in {"": ("vit.py dense", "vit.py slimmed"), "_packed": ("packed dense", "packed slimmed")}.items():
+        if s in r:
+            res[f"speedup_batch{suffix}"] = r[s]["images_per_s"] / r[d]["images_per_s"]
+            res[f"speedup_b1{suffix}"] = r[d]["latency_ms_b1"] / r[s]["latency_ms_b1"]
+            res[f"speedup_b1{suffix}_fastest"] = r[d]["latency_ms_b1_min"] / r[s]["latency_ms_b1_min"]
+            res[f"speedup_b1{suffix}_paired"] = statistics.median(a / b for a, b in zip(t1[d], t1[s]))
     if packed:
-        res["speedup_batch_packed"] = r["packed slimmed"]["images_per_s"] / r["packed dense"]["images_per_s"]
-        res["speedup_b1_packed"] = r["packed dense"]["latency_ms_b1"] / r["packed slimmed"]["latency_ms_b1"]
-        res["speedup_b1_packed_fastest"] = r["packed dense"]["latency_ms_b1_min"] / r["packed slimmed"]["latency_ms_b1_min"]
         res["packed_over_unpacked_dense_b1"] = r["vit.py dense"]["latency_ms_b1"] / r["packed dense"]["latency_ms_b1"]
-    for pre, (d, s) in {"": ("vit.py dense", "vit.py slimmed"), "packed_": ("packed dense", "packed slimmed")}.items():
-        if s in t1:
-            res[f"speedup_b1_{pre}paired"] = statistics.median(a / b for a, b in zip(t1[d], t1[s]))
     res["flops_ratio"] = gf["dense"] / gf["slimmed"]
     if "timm dense" in r:
         res["ours_over_timm"] = r["vit.py dense"]["images_per_s"] / r["timm dense"]["images_per_s"]
