@@ -184,7 +184,7 @@ class VisionTransformer(nn.Module):
 class PackedLinear(nn.Module):
     """Inference-only stand-in for a Linear on CPU: each weight (or row block [r0, r1) of it, for the split
     q / kv projections) is reordered once into oneDNN's blocked layout, as torch.compile's CPU freezing does.
-    On our 2-core AMD EPYC this runs DeiT-S's GEMMs 10-30% faster than MKL's sgemm at every token count a
+    On our 2-core AMD EPYC this runs DeiT-S's GEMMs 11-32% faster than MKL's sgemm at every token count a
     slimmed layer keeps (bench/gemm.py; README "Real speed")."""
 
     def __init__(self, lin):
