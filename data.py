@@ -4,7 +4,7 @@ Data for patch slimming (Tang et al., CVPR 2022, arXiv 2106.02852): ImageNet or 
 
 - 224 px (ImageNet): DeiT's recipe (facebookresearch/deit datasets.py). Eval: Resize(int(224/0.875),
   bicubic) -> CenterCrop(224) -> Normalize(ImageNet mean/std). Train (for the short fine-tunes of
-  METHOD.md I5): RandomResizedCrop(224, bicubic) + horizontal flip.
+  METHOD.md C5): RandomResizedCrop(224, bicubic) + horizontal flip.
 - small images (<= 64 px, e.g. the CIFAR-10 proxy at 32 px): eval is the image as it is (a CenterCrop
   to the model size is the identity there); train is a random crop of the 4-px reflect-padded image +
   flip, the recipe the proxy checkpoint was trained with (../shared/README.md).

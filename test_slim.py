@@ -44,21 +44,25 @@ def random_nested_keep(cfg, seed, last_cls_only=True):
     return keep
 
 
-def masked_reference(model, img, keep):
-    """Dense masked forward with METHOD.md I2 semantics, written independently of the gathered one:
-    every token is computed, attention only sees keys alive before the layer, the class token is read."""
+def eq2_reference(model, img, keep, tokens, maps=None):
+    """The two token semantics written straight from their definitions, independently of vit.py's gathered forward:
+    every one of the N rows is computed densely, and block t multiplies its MSA and MLP outputs by diag(m_t) (Eq. 2).
+    "frozen" (METHOD.md P1): keys from every row. "removed" (C1): keys only from the rows alive after layer t-1.
+    maps: a list that receives, per block, (P, Z) with P (B, H, N, N) every row's attention and Z the block input."""
     x = model.embed(img)
     B, N, d = x.shape
     alive = torch.ones(N, dtype=torch.bool)
     for blk, k in zip(model.blocks, keep):
-        a = blk.attn
+        a, m = blk.attn, torch.zeros(N, 1)
+        m[k] = 1
         q, kk, v = a.qkv(blk.norm1(x)).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         s = (q @ kk.transpose(-2, -1)) * a.scale
-        p = s.masked_fill(~alive, float("-inf")).softmax(-1)
-        x = x + a.proj((p @ v).transpose(1, 2).reshape(B, N, d))
-        x = x + blk.mlp(blk.norm2(x))
-        alive = torch.zeros(N, dtype=torch.bool)
-        alive[k] = True
+        p = (s if tokens == "frozen" else s.masked_fill(~alive, float("-inf"))).softmax(-1)
+        if maps is not None:
+            maps.append((p, x))
+        x = x + m * a.proj((p @ v).transpose(1, 2).reshape(B, N, d))
+        x = x + m * blk.mlp(blk.norm2(x))
+        alive = m.flatten().bool()
     return model.head(model.norm(x[:, 0]))
 
 
@@ -76,33 +80,69 @@ def test_parity_with_timm(tmp_path, name):
         assert torch.allclose(ours(x), ref(x), atol=1e-4)
 
 
-def test_keep_all_is_exactly_dense():
-    torch.manual_seed(0)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
-    x = torch.randn(3, 3, 32, 32)
-    keep = [torch.arange(SMALL_CFG.num_tokens)] * SMALL_CFG.depth
-    with torch.no_grad():
-        assert torch.equal(model(x, keep=keep), model(x))
-
-
+@pytest.mark.parametrize("tokens", vit.TOKENS)
 @pytest.mark.parametrize("seed", range(4))
-def test_gathered_forward_equals_masked_reference(seed):
+def test_gathered_forward_equals_the_eq2_reference(seed, tokens):
+    """Must-hold 1: the gathered forward (rows selected, computed, written back or dropped) equals the dense
+    masked reference for random nested masks, under both token semantics."""
     torch.manual_seed(seed)
     model = vit.VisionTransformer(SMALL_CFG).eval()
     x = torch.randn(3, 3, 32, 32)
     keep = random_nested_keep(SMALL_CFG, seed, last_cls_only=seed % 2 == 0)
     with torch.no_grad():
-        out, ref = model(x, keep=keep), masked_reference(model, x, keep)
+        out, ref = model(x, keep=keep, tokens=tokens), eq2_reference(model, x, keep, tokens)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
         records = []  # the recording path (explicit softmax) computes the same thing
-        feats = model.forward_features(x, keep=keep, records=records)
-        assert torch.allclose(model.head(feats), ref, atol=1e-5)
-    assert [r["attn"].shape[2:] for r in records][-1] == (keep[-1].numel(), keep[-2].numel())
-    # the per-head outputs U_h sum to the attention output before the projection bias (METHOD.md §4)
-    blk, h = model.blocks[0], model.blocks[0].norm1(model.embed(x))
+        y = model.run_blocks(model.embed(x), keep, tokens, records=records)
+        assert torch.allclose(model.head(model.norm(y[:, 0])), ref, atol=1e-5)
+    n_keys = SMALL_CFG.num_tokens if tokens == "frozen" else keep[-2].numel()
+    assert records[-1]["P"].shape[2:] == (keep[-1].numel(), n_keys)  # kept queries x (all | alive) keys
+    assert torch.equal(records[-1]["query_rows"], keep[-1])
+
+
+def test_the_two_semantics_differ():
+    """The reference really tells them apart: with masks that prune, frozen and removed give other logits."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    x, keep = torch.randn(3, 3, 32, 32), random_nested_keep(SMALL_CFG, 2)
     with torch.no_grad():
-        full = blk.attn(h, vit.keep_positions(keep, SMALL_CFG)[0])
-    assert torch.allclose(records[0]["head_out"].sum(1) + blk.attn.proj.bias, full, atol=1e-5)
+        assert not torch.allclose(model(x, keep, "frozen"), model(x, keep, "removed"), atol=1e-3)
+
+
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_keeping_every_token_gives_the_dense_logits_through_the_gather(tokens):
+    """Must-hold 2, through the gathered code path, not the dense one: (a) a block called with every index equals
+    the block called with none; (b) masks that keep every token but one patch at the last layer only differ from
+    the dense model by that patch, and equal the reference; (c) the class-token-only top is the reference too."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    x, N, L = torch.randn(3, 3, 32, 32), SMALL_CFG.num_tokens, SMALL_CFG.depth
+    z = model.embed(x)
+    with torch.no_grad():
+        for blk in model.blocks:
+            assert torch.allclose(blk(z, torch.arange(N), tokens), blk(z), atol=1e-6)
+        all_but_one = [torch.arange(N)] * (L - 1) + [torch.arange(N - 1)]  # the last block skips patch N-1
+        dense, ref = model(x), eq2_reference(model, x, all_but_one, tokens)
+        assert torch.allclose(model(x, all_but_one, tokens), dense, atol=1e-5)  # class token: same as dense
+        assert torch.allclose(ref, dense, atol=1e-5)
+        feats = model.run_blocks(z, all_but_one, tokens)
+        rows = feats.shape[1]
+        assert rows == (N if tokens == "frozen" else N - 1)
+
+
+def test_frozen_rows_pass_through_unchanged():
+    """P1: a patch pruned at layer t keeps its feature from then on, and every row stays in the sequence."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
+    keep = [torch.arange(N), torch.tensor([0, 1, 2, 3])] + [torch.tensor([0, 1])] * (L - 2)
+    z = model.embed(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        after_1 = model.run_blocks(z, keep, "frozen", end=1)
+        out = model.run_blocks(z, keep, "frozen")
+    assert out.shape[1] == N
+    assert torch.equal(out[:, 4:], after_1[:, 4:])            # pruned at layer 2: frozen since layer 1's output
+    assert not torch.allclose(out[:, :2], after_1[:, :2])     # kept rows were updated
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -111,8 +151,8 @@ def test_packed_model_equals_the_plain_one():
     model = vit.VisionTransformer(SMALL_CFG).eval()
     packed, x, keep = vit.pack_for_cpu(model), torch.randn(3, 3, 32, 32), random_nested_keep(SMALL_CFG, 1)
     with torch.inference_mode():
-        for k in (None, keep):
-            out, ref = packed(x, keep=k), model(x, keep=k)
+        for k, tokens in ((None, "frozen"), (keep, "frozen"), (keep, "removed")):
+            out, ref = packed(x, k, tokens), model(x, k, tokens)
             assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every linear really is packed
     with pytest.raises(UserError, match="inference only"):  # training it would silently update nothing
@@ -137,22 +177,41 @@ def test_bad_keep_is_a_clear_error():
             model(torch.randn(1, 3, 32, 32), keep=keep)
 
 
-def test_masks_file_roundtrip_and_validation(tmp_path):
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_masks_file_roundtrip_and_validation(tmp_path, tokens):
     keep = random_nested_keep(SMALL_CFG, 1)
-    vit.save_masks(tmp_path / "m.json", keep, SMALL_CFG, name="small")
-    back = vit.load_masks(tmp_path / "m.json", SMALL_CFG)
-    assert all(torch.equal(a, b) for a, b in zip(keep, back))
+    vit.save_masks(tmp_path / "m.json", keep, SMALL_CFG, tokens, name="small")
+    back, back_tokens = vit.load_masks(tmp_path / "m.json", SMALL_CFG)
+    assert all(torch.equal(a, b) for a, b in zip(keep, back)) and back_tokens == tokens
     other = vit.ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=2)
     with pytest.raises(UserError, match="is for 17 tokens but the model has 65"):
         vit.load_masks(tmp_path / "m.json", other)
     obj = json.loads((tmp_path / "m.json").read_text())
-    obj["keep"][2] = [0, 16]
-    obj["keep"][1] = [0, 15]
+    del obj["tokens"]  # a file from before the entry existed means the paper's semantics (issue: "frozen")
+    (tmp_path / "old.json").write_text(json.dumps(obj))
+    assert vit.load_masks(tmp_path / "old.json", SMALL_CFG)[1] == "frozen"
+    obj["tokens"] = "squashed"
+    (tmp_path / "odd.json").write_text(json.dumps(obj))
+    with pytest.raises(UserError, match="unknown token semantics 'squashed'"):
+        vit.load_masks(tmp_path / "odd.json", SMALL_CFG)
+    obj["tokens"], obj["keep"][2], obj["keep"][1] = tokens, [0, 16], [0, 15]
     (tmp_path / "bad.json").write_text(json.dumps(obj))
     with pytest.raises(UserError, match="not nested"):
         vit.load_masks(tmp_path / "bad.json", SMALL_CFG)
     with pytest.raises(UserError, match="not found"):
         vit.load_masks(tmp_path / "none.json", SMALL_CFG)
+
+
+def test_slimmed_checkpoint_carries_its_token_semantics(tmp_path):
+    model, keep = vit.VisionTransformer(SMALL_CFG), random_nested_keep(SMALL_CFG, 3)
+    sd = {"model": model.state_dict(), "config": vit.asdict(SMALL_CFG), "keep": [k.tolist() for k in keep]}
+    torch.save({**sd, "tokens": "removed"}, tmp_path / "removed.pth")
+    torch.save(sd, tmp_path / "v1.pth")  # no "tokens" entry
+    assert vit.load_checkpoint(tmp_path / "removed.pth").tokens == "removed"
+    assert vit.load_checkpoint(tmp_path / "v1.pth").tokens == "frozen"
+    assert vit.resolve_tokens("removed", None, "f") == ("removed", None)
+    tokens, note = vit.resolve_tokens("removed", "frozen", "f.json")  # an explicit --tokens: allowed, and said
+    assert tokens == "frozen" and "searched with tokens='removed'" in note
 
 
 def test_checkpoint_errors(tmp_path):
@@ -184,19 +243,38 @@ CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
             lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
 
 
-def counted_macs(model, keep):
+def counted_macs(model, keep, tokens):
     """torch's own FLOP counter on the real (gathered) forward; it counts 2 FLOPs per MAC."""
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
-        model(torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size), keep=keep)
+        model(torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size), keep=keep, tokens=tokens)
     return fc.get_total_flops() / 2
 
 
+@pytest.mark.parametrize("tokens", vit.TOKENS)
 @pytest.mark.parametrize("seed", [None, 0, 1, 2])
-def test_flops_match_torch_counter(seed):
+def test_flops_match_torch_counter(seed, tokens):
+    """Must-hold 4: the closed form equals what the real forward executes, under both semantics."""
     model = vit.deit("deit_tiny").eval()
     keep = None if seed is None else random_nested_keep(model.cfg, seed)
-    ours, theirs = flops.count_flops(model.cfg, keep), counted_macs(model, keep)
+    ours, theirs = flops.count_flops(model.cfg, keep, tokens=tokens), counted_macs(model, keep, tokens)
     assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
+
+
+FIG5_PYRAMID = [197, 197, 160, 153, 121, 101, 83, 63, 50, 25, 20, 1]  # DeiT-S kept patches, paper's Fig. 5 (approx.)
+
+
+@pytest.mark.parametrize("tokens,gflops", [("frozen", "2.66"), ("removed", "2.33")])
+def test_fig5_pyramid_costs_what_the_paper_counts(tmp_path, capsys, tokens, gflops):
+    """python flops.py --model deit_small --masks F (first-k tokens): 2.66 G frozen (paper: 2.6 G), 2.33 G removed;
+    the file's own semantics by default, the other with an explicit --tokens."""
+    cfg = vit.PRESETS["deit_small"]
+    vit.save_masks(tmp_path / "fig5.json", [torch.arange(n) for n in FIG5_PYRAMID], cfg, tokens)
+    total = flops.main(flops.get_args_parser().parse_args(["--model", "deit_small", "--masks", str(tmp_path / "fig5.json")]))
+    assert f"total {gflops} GFLOPs" in capsys.readouterr().out and f"{total / 1e9:.2f}" == gflops
+    other = "removed" if tokens == "frozen" else "frozen"
+    flops.main(flops.get_args_parser().parse_args(["--masks", str(tmp_path / "fig5.json"), "--tokens", other]))
+    out = capsys.readouterr().out
+    assert f"searched with tokens='{tokens}'" in out and ("2.33" if other == "removed" else "2.66") in out
 
 
 def test_dense_flops_match_paper():
@@ -207,15 +285,15 @@ def test_dense_flops_match_paper():
 def test_flops_fall_monotonically_as_tokens_drop():
     cfg = vit.PRESETS["deit_small"]
     counts = [cfg.num_tokens] * cfg.depth
-    last = flops.count_flops(cfg, counts=counts)
+    last = {tokens: flops.count_flops(cfg, counts=counts, tokens=tokens) for tokens in vit.TOKENS}
     g = torch.Generator().manual_seed(0)
     for _ in range(60):  # drop one more token at a random layer (and, to stay nested, every layer after it)
         l = int(torch.randint(0, cfg.depth, (1,), generator=g))
         if counts[l] == 1:
             continue
         counts = counts[:l] + [min(c, counts[l] - 1) for c in counts[l:]]
-        now = flops.count_flops(cfg, counts=counts)
-        assert now < last
+        now = {tokens: flops.count_flops(cfg, counts=counts, tokens=tokens) for tokens in vit.TOKENS}
+        assert all(now[k] < last[k] for k in vit.TOKENS) and now["removed"] <= now["frozen"]
         last = now
 
 
@@ -263,31 +341,90 @@ def test_proxy_checkpoint_reproduces_its_val_top1():
     ck = torch.load(PROXY_CKPT, map_location="cpu", weights_only=False)
     model = vit.load_checkpoint(PROXY_CKPT)
     ds = data.build_dataset(CIFAR, "val", model.cfg.img_size)
-    top1 = slim.evaluate(model, data.loader(ds, 250, workers=2), torch.device("cpu"))
+    top1 = slim.evaluate(model, data.loader(ds, 250, workers=2))
     assert abs(top1 - 100 * ck["val_top1"]) <= 0.2, (top1, ck["val_top1"])
 
 
 # ----------------------------------------------------------------------------- slim.py: scores and search
 
-def test_significance_score_matches_its_definition():
-    """s_{t,i} = sum_h ||(A_t[:, i]) (U_{h,t}[i, :])||_F^2 with A_t the chain of head-averaged maps (METHOD.md I3),
-    computed here the long way: explicit diag(m) products over all N tokens and explicit outer products."""
-    g = torch.Generator().manual_seed(0)
-    B, H, N, d = 2, 3, 7, 5
-    S = [torch.arange(N), torch.tensor([0, 2, 3, 5]), torch.tensor([0, 3]), torch.tensor([0])]  # S_t .. S_L
-    maps = [torch.rand(B, H, len(S[j + 1]), len(S[j]), generator=g).softmax(-1) for j in range(3)]
-    U = torch.randn(B, H, N, d, generator=g)
-    got, flow = slim.significance_score(U, maps), slim.attention_flow_score(U, maps)
-    for b in range(B):
+TINY_CFG = vit.ViTConfig(img_size=8, patch_size=4, num_classes=3, embed_dim=8, depth=4, num_heads=2)  # 5 tokens
+
+
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+@pytest.mark.parametrize("t", [1, 2])
+def test_eq6_exact_recursion_equals_brute_force_paths(t, tokens):
+    """Must-hold 3: on a tiny model (2 heads, 4 layers, 5 tokens), slim.significance_score (the C3a recursion over the
+    recorded maps) equals Eq. 6 enumerated path by path, Σ_{h_t..h_L} ||A[:, i] U^{h_t}[i, :]||², with
+    A = Π_{l=t+1..L} diag(m_l) P^{h_l}_l and U = P^{h_t}_t |Z_{t-1}|, everything taken from the independent
+    reference forward (N x N maps of every row)."""
+    import itertools
+    torch.manual_seed(t)
+    model = vit.VisionTransformer(TINY_CFG).eval()
+    N, L, H = TINY_CFG.num_tokens, TINY_CFG.depth, TINY_CFG.num_heads
+    keep = [torch.arange(N)] * t + [torch.tensor([0, 1, 3]), torch.tensor([0, 3]), torch.tensor([0])][-(L - t):]
+    img = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        maps = []
+        eq2_reference(model, img, keep, tokens, maps)
+        records = []
+        x_t = maps[t - 1][1]  # Z_{t-1}, the input of block t
+        model.run_blocks(x_t, keep, tokens, start=t, records=records)
+        got = slim.significance_score(records)
+    D = [torch.diag(torch.zeros(N).index_fill(0, k, 1.0)) for k in keep]
+    for b in range(img.shape[0]):
+        want = torch.zeros(N)
+        for path in itertools.product(range(H), repeat=L - t + 1):  # one head per layer t..L
+            U = maps[t - 1][0][b, path[0]] @ x_t[b].abs()
+            A = torch.eye(N)
+            for l, h in zip(range(t + 1, L + 1), path[1:]):
+                A = D[l - 1] @ maps[l - 1][0][b, h] @ A
+            want += torch.stack([torch.outer(A[:, i], U[i]).pow(2).sum() for i in range(N)])
+        assert torch.allclose(got[b], want, rtol=1e-4, atol=1e-7), (got[b], want)
+    assert len(records) == L - t + 1 and records[0]["U"].shape == (2, H, N, TINY_CFG.embed_dim)
+
+
+def test_head_mean_score_matches_its_definition():
+    """The v1 score: ||Ā[:, i]||² Σ_h ||head_out_h[i]||², Ā the chain of head-averaged diag(m_l) P_l, computed the long
+    way from the reference forward (removed semantics, as v1 ran it)."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(TINY_CFG).eval()
+    N, L = TINY_CFG.num_tokens, TINY_CFG.depth
+    keep = [torch.arange(N), torch.tensor([0, 2, 4]), torch.tensor([0, 4]), torch.tensor([0])]
+    img = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        maps, records = [], []
+        eq2_reference(model, img, keep, "removed", maps)
+        model.run_blocks(maps[0][1], keep, "removed", start=1, records=records)
+        got = slim.head_mean_score(records)
+        a = model.blocks[0].attn
+        v = a.qkv(model.blocks[0].norm1(maps[0][1]))[..., 2 * a.head_dim * a.num_heads:]
+        v = v.view(2, N, a.num_heads, a.head_dim).transpose(1, 2)
+        w = a.proj.weight.view(-1, a.num_heads, a.head_dim)
+        head_out = torch.stack([(maps[0][0][:, h] @ v[:, h]) @ w[:, h].T for h in range(a.num_heads)], 1)
+    for b in range(2):
         A = torch.eye(N)
-        for j, p in enumerate(maps):  # embed each gathered map into N x N, rows m_{l}, cols m_{l-1}
-            full = torch.zeros(N, N)
-            full[S[j + 1][:, None], S[j][None, :]] = p[b].mean(0)
-            A = full @ A
-        for i in range(N):
-            want = sum((torch.outer(A[:, i], U[b, h, i]) ** 2).sum() for h in range(H))
-            assert torch.allclose(got[b, i], want, rtol=1e-5), (b, i)
-            assert torch.allclose(flow[b, i], A[:, i].pow(2).sum(), rtol=1e-5), (b, i)
+        for l in range(2, L + 1):
+            A = torch.diag(torch.zeros(N).index_fill(0, keep[l - 1], 1.0)) @ maps[l - 1][0][b].mean(0) @ A
+        want = A.pow(2).sum(0) * head_out[b].pow(2).sum(-1).sum(0)
+        assert torch.allclose(got[b], want, rtol=1e-4, atol=1e-8)
+
+
+def test_comparison_scores():
+    """attn: the norm of each column of layer t's attention over queries and heads; class-attn: row 0 of layer t+1's
+    head-averaged attention; random: reproducible from the seed. All (B, N) / (N,)."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(TINY_CFG).eval()
+    N = TINY_CFG.num_tokens
+    keep = [torch.arange(N), torch.tensor([0, 2, 4]), torch.tensor([0, 4]), torch.tensor([0])]
+    x = model.embed(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        records = []
+        model.run_blocks(x, keep, "frozen", records=records)
+    P1, P2 = records[0]["P"], records[1]["P"]
+    assert torch.allclose(slim.attn_score(records), P1.pow(2).sum((1, 2)).sqrt())
+    assert torch.allclose(slim.class_attention_score(records), P2[:, :, 0].mean(1))  # frozen: every key
+    a = slim.layer_scores(model, x, keep, "frozen", 1, "random", 8, seed=3)
+    assert a.shape == (N,) and torch.equal(a, slim.layer_scores(model, x, keep, "frozen", 1, "random", 8, seed=3))
 
 
 def test_spearman():
@@ -296,43 +433,48 @@ def test_spearman():
     assert slim.spearman(a, -a) == pytest.approx(-1.0)
 
 
-def search_setup(eps, seed=0):
+def search_setup(eps, seed=0, tokens="frozen", **settings):
     torch.manual_seed(seed)
     model = vit.VisionTransformer(SMALL_CFG).eval()
-    ctx = slim.Ctx(model, torch.device("cpu"), 32)
     imgs = torch.utils.data.TensorDataset(torch.randn(96, 3, 32, 32), torch.zeros(96, dtype=torch.long))
-    fit = slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(imgs, range(64)), 32, workers=0), "fit")
-    held = slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(imgs, range(64, 96)), 32, workers=0), "held")
-    args = slim.resolve(slim.get_args_parser().parse_args(
-        ["--data-path", "x", "--eps", str(eps), "--r0", "2", "--ft-steps", "3", "--score-images", "16"]))
-    return ctx, fit, held, args
+    fit = slim.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64)), 32, workers=0), "fit")
+    held = slim.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64, 96)), 32, workers=0), "held")
+    s = slim.SearchSettings(**{**dict(tokens=tokens, eps=eps, r0=2, ft_steps=3, score_images=16, batch_size=32), **settings})
+    return model, fit, held, s
 
 
+@pytest.mark.parametrize("tokens", vit.TOKENS)
 @pytest.mark.parametrize("eps", [1e9, 0.3, 1e-4])
-def test_search_gives_nested_masks_and_respects_eps(eps):
-    ctx, fit, held, args = search_setup(eps)
-    state = slim.search(ctx, fit, held, args, log=lambda s: None)
+def test_search_gives_nested_masks_and_respects_eps(eps, tokens):
+    model, fit, held, s = search_setup(eps, tokens=tokens)
+    state = slim.search(model, fit, held, s, log=lambda m: None)
     keep = vit.check_keep(state["keep"], SMALL_CFG)  # nested, class token everywhere
-    assert keep[-1].tolist() == [0]                  # I1
+    assert keep[-1].tolist() == [0]                  # m_L = e_0
     counts = [k.numel() for k in keep]
-    if eps == 1e9:   # anything goes: only what I1 forces is kept
+    if eps == 1e9:   # anything goes: only what m_L = e_0 and nesting force is kept
         assert counts == [1] * SMALL_CFG.depth
     if eps == 1e-4:  # nothing may change: every patch is kept below the last layer
         assert counts[:-1] == [SMALL_CFG.num_tokens] * (SMALL_CFG.depth - 1)
-    err = slim.feature_error(ctx, held[0][0], held[1], keep, 0)  # the final network honours eps
+    err = slim.feature_error(model, held.x_in[0], held.feat, keep, tokens, 1, 32)  # the final network honours eps
     assert err <= eps + 1e-6
 
 
-def test_search_resumes_to_the_same_masks(tmp_path):
-    ctx, fit, held, args = search_setup(0.3)
-    whole = slim.search(ctx, fit, held, args, log=lambda s: None)
-    ctx, fit, held, args = search_setup(0.3)
+def test_search_resumes_to_the_same_masks_and_refuses_other_settings(tmp_path):
+    model, fit, held, s = search_setup(0.3)
+    whole = slim.search(model, fit, held, s, log=lambda m: None)
+    model, fit, held, s = search_setup(0.3)
     path = str(tmp_path / "state.pt")
-    assert slim.search(ctx, fit, held, args, log=lambda s: None, state_path=path, stop_after=1) is None
-    ctx, fit, held, args = search_setup(0.3)  # a fresh process: the model reloaded from its weights
-    resumed = slim.search(ctx, fit, held, args, log=lambda s: None, state_path=path)
+    assert slim.search(model, fit, held, s, log=lambda m: None, state_path=path, stop_after=1) is None
+    model, fit, held, s = search_setup(0.3)  # a fresh process: the model reloaded from its weights
+    resumed = slim.search(model, fit, held, s, log=lambda m: None, state_path=path)
     assert [k.tolist() for k in resumed["keep"]] == [k.tolist() for k in whole["keep"]]
     assert all(torch.equal(a, b) for a, b in zip(resumed["model"].values(), whole["model"].values()))
+    model, fit, held, s = search_setup(0.4)  # a rerun with another eps must not return the eps=0.3 masks
+    with pytest.raises(UserError, match=r"other settings \(eps 0.3 -> 0.4\)"):
+        slim.search(model, fit, held, s, log=lambda m: None, state_path=path)
+    model, fit, held, s = search_setup(0.3, tokens="removed")
+    with pytest.raises(UserError, match="tokens 'frozen' -> 'removed'"):
+        slim.search(model, fit, held, s, log=lambda m: None, state_path=path)
 
 
 def test_cli_bad_input(tmp_path, capsys):
@@ -343,6 +485,8 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "--eps must be > 0" in run("--data-path", "x", "--eps", "0")
     assert "--r0 must be >= 1" in run("--data-path", "x", "--r0", "0")
     assert "--data folder needs --weights" in run("--data", "folder", "--data-path", "x")
+    (tmp_path / "afile").write_text("")
+    assert "is a file: pass a folder" in run("--data-path", "x", "--out", str(tmp_path / "afile"))
     ckpt = tmp_path / "small.pth"
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
     assert "does not exist" in run("--data", "folder", "--data-path", str(tmp_path / "none"), "--weights", str(ckpt))
@@ -360,17 +504,25 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path):
     report = slim.cli(argv)
     on_disk = json.loads((out / "report.json").read_text())
     cfg = vit.load_checkpoint(PROXY_CKPT).cfg
-    keep = vit.load_masks(out / "masks.json", cfg)
-    assert on_disk["slimmed_gflops"] == pytest.approx(flops.count_flops(cfg, keep) / 1e9)
+    keep, tokens = vit.load_masks(out / "masks.json", cfg)
+    assert tokens == "frozen" == on_disk["tokens"]  # the paper's semantics by default, written into the masks
+    assert on_disk["slimmed_gflops"] == pytest.approx(flops.count_flops(cfg, keep, tokens="frozen") / 1e9)
     assert on_disk["kept_per_layer"] == [k.numel() for k in keep] and report["slimmed_top1"] == on_disk["slimmed_top1"]
     assert 0 < on_disk["slimmed_gflops"] < on_disk["dense_gflops"]
     rhos = [v for lay in on_disk["layers"] for v in lay.get("spearman", {}).values()]  # layers with >= 3 candidates
     assert rhos and all(-1 <= v <= 1 for v in rhos)
-    slimmed = vit.load_checkpoint(out / "slimmed.pth")  # weights + masks, loadable as promised
-    assert [k.tolist() for k in slimmed.keep] == [k.tolist() for k in keep]
+    slimmed = vit.load_checkpoint(out / "slimmed.pth")  # weights + masks + semantics, loadable as promised
+    assert [k.tolist() for k in slimmed.keep] == [k.tolist() for k in keep] and slimmed.tokens == "frozen"
     ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
                    "--out", str(tmp_path / "ev"), "--val-per-class", "10", "--workers", "1"])
     assert ev["top1"] == pytest.approx(on_disk["slimmed_top1"]) and ev["gflops"] == pytest.approx(on_disk["slimmed_gflops"])
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top1"] == ev["top1"]
+    ev2 = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
+                    "--out", str(tmp_path / "ev"), "--val-per-class", "10", "--workers", "1", "--tokens", "removed"])
+    assert ev2["tokens"] == "removed" and ev2["gflops"] < ev["gflops"]  # explicit, and logged as such
+    assert "searched with tokens='frozen'" in (tmp_path / "ev" / "eval.log").read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(eps 0.3 -> 0.5\)"):  # refused before any caching
+        slim.cli(argv[:-6] + ["--eps", "0.5", "--quality-images", "16", "--workers", "1"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"keep": [[0, 1]] * 3}))
     with pytest.raises(SystemExit, match="masks have 3 layers but the model has depth 12"):
@@ -378,32 +530,32 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path):
                   "--out", str(tmp_path / "ev2")])
 
 
-@pytest.mark.parametrize("score", ["significance", "class-attn", "random"])
+@pytest.mark.parametrize("score", list(slim.SCORES))
 def test_baseline_masks_have_the_asked_counts(score):
-    ctx, fit, _, _ = search_setup(0.3)
+    model, fit, _, s = search_setup(0.3)
     counts = flops.linear_pyramid(SMALL_CFG, 0.6 * flops.count_flops(SMALL_CFG))
-    keep = slim.masks_for_counts(ctx, fit[0], counts, score)
+    keep = slim.masks_for_counts(model, fit.x_in, counts, "frozen", score, batch_size=32)
     assert [k.numel() for k in vit.check_keep(keep, SMALL_CFG)] == counts
     assert counts[-1] == 1 and all(a >= b for a, b in zip(counts, counts[1:]))
 
 
-def test_search_layer_takes_the_first_acceptable_candidate():
+@pytest.mark.parametrize("tokens,eps", [("frozen", 0.01), ("removed", 0.3)])  # eps where some layer keeps patches
+def test_search_layer_takes_the_first_acceptable_candidate(tokens, eps):
     """Alg. 1 stops at the first r (in steps of r0) whose error is <= eps. With fine-tuning off, the chosen
     candidate must have E0 <= eps and the grid point just below it E0 > eps (the bisection's guarantee)."""
-    ctx, fit, held, args = search_setup(0.3)
-    args.ft_tries, args.ft_steps = 0, 1
+    model, fit, held, s = search_setup(eps, tokens=tokens, ft_tries=0, ft_steps=1)
     N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
     keep, checked = [torch.arange(N)] * (L - 1) + [torch.tensor([0])], 0
     for t in range(L - 1, 0, -1):
-        k_t, info = slim.search_layer(ctx, t, keep, (fit[0][t - 1], fit[1], fit[2]), (held[0][t - 1], held[1]),
-                                      args, log=lambda s: None)
+        k_t, info = slim.search_layer(model, t, keep, slim.at_layer(fit, t), slim.at_layer(held, t), s,
+                                      log=lambda m: None)
         e0 = {r["r"]: r["E0"] for r in info["trials"]}
         n_cand = N - len(keep[t])
-        grid = list(range(0, n_cand, args.r0)) + [n_cand]
+        grid = list(range(0, n_cand, s.r0)) + [n_cand]
         r = int(k_t.numel()) - len(keep[t])
-        assert r in grid and (r == n_cand or e0[r] <= args.eps)
+        assert r in grid and (r == n_cand or e0[r] <= s.eps)
         if r > 0:  # not the most aggressive choice: the grid point below was measured and rejected
-            assert e0[grid[grid.index(r) - 1]] > args.eps
+            assert e0[grid[grid.index(r) - 1]] > s.eps
             checked += 1
         keep[t - 1] = k_t
     assert checked  # the case that matters happened at least once

@@ -4,9 +4,13 @@ A from-scratch DeiT (Touvron et al. 2021) with the patch-slimmed forward of
 
 Descends from the DeiT/timm VisionTransformer (same parameter names, so a release checkpoint loads
 with strict=True and no key map) and from nanoGPT's model.py (one config dataclass, a from_pretrained
-that builds the model and checks every shape). The one addition is `keep`: per layer, the sorted
-indices of the tokens that layer keeps (METHOD.md §2). With `keep` the forward *gathers* the kept rows,
-so pruned patches cost no FLOPs at all (METHOD.md I2); `keep=None` is the plain dense DeiT.
+that builds the model and checks every shape). The one addition is `keep`: per layer t, the sorted
+indices of the tokens block t updates, m_t (METHOD.md §2), and `tokens`, what becomes of the others:
+- "frozen" (the paper's, METHOD.md P1, default): the sequence keeps all N rows; a pruned patch keeps its
+  last feature and stays a key/value of every later layer; queries, attention rows, W_o, the residual and
+  the MLP run only on the gathered rows of m_t, which are written back (Eq. 2, Sec. 3).
+- "removed" (the v1 variant, C1): pruned rows leave the sequence; keys/values come only from the rows alive.
+Both gather the kept rows, so the FLOPs really fall (flops.py counts both); `keep=None` is the plain dense DeiT.
 """
 import copy
 import json
@@ -54,7 +58,7 @@ PRESETS = {  # METHOD.md §1 reference sizes
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can compute only output rows [r0, r1) of its weight:
-    the fused qkv projection gives q for the kept tokens and k, v for all alive ones (METHOD.md I2)."""
+    the fused qkv projection gives q for the updated rows only and k, v for every row (METHOD.md P1)."""
 
     def forward(self, x, rows=None):
         if rows is None:
@@ -72,26 +76,25 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, h, idx=None, record=None):
-        """h: (B, n_in, d) normed tokens alive before this layer; idx: (n_out,) positions in h of the
-        tokens this layer keeps (None = all). Returns (B, n_out, d).
-        METHOD.md I2: keys/values from all n_in tokens, queries only for the n_out kept ones; the
-        q and kv projections are split so no FLOP is spent on a dropped query."""
-        B, n_in, d = h.shape
+        """h: (B, n_keys, d) normed rows that give keys and values; idx: (n_q,) positions in h of the rows that get
+        queries (None = all). Returns the MSA output of those rows, (B, n_q, d). The q and kv projections are
+        split so no FLOP is spent on a query nobody reads (METHOD.md P1: "only the effective patches ...
+        calculate queries"). record: a dict that receives P (B, H, n_q, n_keys), the per-head attention, and
+        head_out (B, H, n_q, d), head h's output after W_o (the v1 score's U)."""
+        B, n_keys, d = h.shape
         H, dh = self.num_heads, self.head_dim
         if idx is None:
-            q, k, v = self.qkv(h).view(B, n_in, 3, H, dh).permute(2, 0, 3, 1, 4)
+            q, k, v = self.qkv(h).view(B, n_keys, 3, H, dh).permute(2, 0, 3, 1, 4)
         else:
             q = self.qkv(h.index_select(1, idx), rows=(0, d)).view(B, -1, H, dh).transpose(1, 2)
-            k, v = self.qkv(h, rows=(d, 3 * d)).view(B, n_in, 2, H, dh).permute(2, 0, 3, 1, 4)
+            k, v = self.qkv(h, rows=(d, 3 * d)).view(B, n_keys, 2, H, dh).permute(2, 0, 3, 1, 4)
         if record is None:  # the fast path: fused attention, nothing stored
-            o = F.scaled_dot_product_attention(q, k, v)                     # (B, H, n_out, dh)
+            o = F.scaled_dot_product_attention(q, k, v)                     # (B, H, n_q, dh)
             return self.proj(o.transpose(1, 2).reshape(B, -1, d))
-        # the recording path (for significance scores, METHOD.md §4): explicit softmax
-        attn = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)       # P_h: (B, H, n_out, n_in)
-        o = attn @ v                                                        # (B, H, n_out, dh)
-        # U_h = (P_h V_h) W_o[:, h]: head h's contribution to each token after the projection
-        w = self.proj.weight.view(d, H, dh).permute(1, 2, 0)                # (H, dh, d)
-        record["attn"], record["head_out"] = attn, o @ w                    # (B, H, n_out, d)
+        P = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)          # P^h: (B, H, n_q, n_keys)
+        o = P @ v                                                           # (B, H, n_q, dh)
+        w_o = self.proj.weight.view(d, H, dh).permute(1, 2, 0)              # W_o's columns of head h: (H, dh, d)
+        record["P"], record["head_out"] = P, o @ w_o                        # head_out: (B, H, n_q, d)
         return self.proj(o.transpose(1, 2).reshape(B, -1, d))
 
 
@@ -113,12 +116,22 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
 
-    def forward(self, x, idx=None, record=None):
-        """x: (B, n_in, d) -> (B, n_out, d). Y = X + Attn(LN1(X)), Z = Y + MLP(LN2(Y)) (METHOD.md §1),
-        with the residual and the MLP only on the kept rows idx (the paper's diag(m_l), Sec. 3)."""
+    def forward(self, x, idx=None, tokens="frozen", record=None):
+        """One pre-norm block, Y = X + MSA(LN1(X)), Z = Y + MLP(LN2(Y)), updating only the rows idx (the paper's
+        diag(m_l) on the MSA and MLP outputs, Eq. 2). x: (B, n_in, d); idx: positions in x of the updated rows
+        (None = all, the dense block). Keys and values come from all n_in rows. tokens (METHOD.md P1 / C1):
+        "frozen" returns all n_in rows, the others unchanged; "removed" returns only the idx rows.
+        record: a dict that receives the attention's P and head_out, and U (B, H, n_q, d) = P^h |x|, the
+        paper's U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input)."""
         a = self.attn(self.norm1(x), idx, record)
-        x = (x if idx is None else x.index_select(1, idx)) + a
-        return x + self.mlp(self.norm2(x))
+        if record is not None:
+            record["U"] = record["P"] @ x.abs().unsqueeze(1)
+        if idx is None:
+            y = x + a
+            return y + self.mlp(self.norm2(y))
+        y = x.index_select(1, idx) + a
+        y = y + self.mlp(self.norm2(y))
+        return y if tokens == "removed" else x.index_copy(1, idx, y)  # P1: every other row passes on unchanged
 
 
 class PatchEmbed(nn.Module):
@@ -136,7 +149,9 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg = cfg or ViTConfig(**kwargs)
         if cfg.img_size % cfg.patch_size or cfg.embed_dim % cfg.num_heads:
             raise UserError(f"bad config {cfg}: img_size must be a multiple of patch_size and embed_dim of num_heads")
-        self.keep = None  # the masks a slimmed checkpoint was saved with (see load_checkpoint); forward never reads it
+        # the masks (and their token semantics) a slimmed checkpoint was saved with (load_checkpoint); forward never
+        # reads them: pass keep=model.keep, tokens=model.tokens
+        self.keep, self.tokens = None, None
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.embed_dim))
@@ -159,24 +174,30 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(img)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
 
-    def run_blocks(self, x, pos=None, start=0, end=None, records=None):
-        """Blocks start..end-1 on tokens x. pos: from keep_positions(keep) (None = dense).
-        records: a list to which each block appends {"attn", "head_out"} (METHOD.md §4)."""
-        for l in range(start, self.cfg.depth if end is None else end):
+    def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
+        """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
+        all N rows under "frozen", the rows alive after layer start-1 under "removed". keep: all L layers' masks
+        (None = dense). records: a list to which each block appends a dict with P, head_out and U (Block.forward)
+        and the global token indices of its query rows (m_l) and key rows."""
+        N = self.cfg.num_tokens
+        keep, gather = (None, None) if keep is None else masks_plan(keep, self.cfg, tokens)
+        for t in range(start, (self.cfg.depth if end is None else end) + 1):
             rec = None if records is None else {}
-            x = self.blocks[l](x, None if pos is None else pos[l], rec)
+            x = self.blocks[t - 1](x, None if gather is None else gather[t - 1], tokens, rec)
             if rec is not None:
+                rec["query_rows"] = torch.arange(N) if keep is None else keep[t - 1]
+                rec["key_rows"] = torch.arange(N) if keep is None or tokens == "frozen" or t == 1 else keep[t - 2]
                 records.append(rec)
         return x
 
-    def forward_features(self, img, keep=None, records=None):
-        """The final class-token feature after the last norm, (B, d): what METHOD.md I4 compares."""
-        pos = None if keep is None else keep_positions(keep, self.cfg)
-        return self.norm(self.run_blocks(self.embed(img), pos, records=records)[:, 0])
+    def forward_features(self, img, keep=None, tokens="frozen"):
+        """The final class-token feature after the last norm, (B, d)."""
+        return self.norm(self.run_blocks(self.embed(img), keep, tokens)[:, 0])
 
-    def forward(self, img, keep=None):
-        """img: (B, 3, H, W) -> logits (B, classes). keep: per-layer kept token indices (None = dense)."""
-        return self.head(self.forward_features(img, keep))
+    def forward(self, img, keep=None, tokens="frozen"):
+        """img: (B, 3, H, W) -> logits (B, classes). keep: per layer the token indices it updates (None = dense);
+        tokens: what happens to the others, "frozen" (the paper, METHOD.md P1) or "removed" (v1, C1)."""
+        return self.head(self.forward_features(img, keep, tokens))
 
 
 # ----------------------------------------------------------------------------- CPU inference: prepacked weights
@@ -220,57 +241,76 @@ def pack_for_cpu(model):
 
 
 # ----------------------------------------------------------------------------- masks (METHOD.md §2)
+#
+# Layer numbers are the paper's: blocks t = 1..L, and keep[t-1] holds m_t, the sorted global indices (0..N-1, token
+# 0 = class token) of the rows block t updates. Masks are nested (m_{t+1} ⊆ m_t) and hold the class token.
+
+TOKENS = ("frozen", "removed")  # what a pruned patch becomes: METHOD.md P1 (the paper's, default) or C1 (v1)
+
+
+def check_tokens(tokens):
+    if tokens not in TOKENS:
+        raise UserError(f"unknown token semantics {tokens!r}: choose 'frozen' (the paper's, METHOD.md P1) or "
+                        "'removed' (the v1 variant, C1)")
+    return tokens
+
 
 def check_keep(keep, cfg):
-    """Validate per-layer kept indices; returns them as a list of sorted 1-D LongTensors.
-    keep[l] is S_{l+1}, the tokens block l+1 outputs; nested, each holding the class token 0."""
+    """Validate per-layer kept indices; returns them as a list of sorted 1-D LongTensors."""
     return _checked(keep, cfg)[0]
 
 
-def keep_positions(keep, cfg):
-    """Per layer, the positions of S_l inside S_{l-1} (what the gathered forward indexes with);
-    None for a layer that keeps every token alive before it (the dense path, exactly)."""
-    return _checked(keep, cfg)[1]
+def masks_plan(keep, cfg, tokens):
+    """(kept indices, gather) for the forward: gather[t-1] is the index block t selects its updated rows with:
+    under "frozen" the global indices m_t themselves (the sequence keeps all N rows), under "removed" the positions
+    of m_t among the rows alive before the layer; None for a layer that updates every row it receives (the dense
+    block, exactly)."""
+    keep, positions = _checked(keep, cfg)
+    if check_tokens(tokens) == "removed":
+        return keep, positions
+    return keep, [None if k.numel() == cfg.num_tokens else k for k in keep]
 
 
 def _checked(keep, cfg):
-    """(kept indices, positions) after validation. Runs on every slimmed forward, so it is a few cheap tensor
-    ops per layer: nestedness is read off the same searchsorted that gives the positions."""
+    """(kept indices, positions in the previous layer's) after validation. Runs on every slimmed forward, so it is a
+    few cheap tensor ops per layer: nestedness is read off the same searchsorted that gives the positions."""
     N, L = cfg.num_tokens, cfg.depth
     if len(keep) != L:
         raise UserError(f"masks have {len(keep)} layers but the model has depth {L}: use masks made for this model")
     out, pos, prev = [], [], torch.arange(N)
-    for l, k in enumerate(keep):
+    for t, k in enumerate(keep, 1):
         k = torch.as_tensor(k, dtype=torch.long).flatten()
         if k.numel() == 0 or k[0] != 0:
-            raise UserError(f"masks layer {l + 1} does not keep the class token 0: every layer must keep index 0")
+            raise UserError(f"masks layer {t} does not keep the class token 0: every layer must keep index 0")
         if k.numel() > 1 and not bool((k[1:] > k[:-1]).all()):
-            raise UserError(f"masks layer {l + 1} indices are not sorted and unique: give sorted token indices")
+            raise UserError(f"masks layer {t} indices are not sorted and unique: give sorted token indices")
         if k[-1] >= N:
-            raise UserError(f"masks layer {l + 1} has token index {int(k[-1])} but the model has {N} tokens: "
+            raise UserError(f"masks layer {t} has token index {int(k[-1])} but the model has {N} tokens: "
                             "use masks made for this model")
-        p = torch.searchsorted(prev, k)  # where each kept token sits among those alive before the layer
+        p = torch.searchsorted(prev, k)  # where each kept token sits among those kept by the layer before
         found = prev[p.clamp(max=prev.numel() - 1)] == k
         if not bool(found.all()):
-            raise UserError(f"masks are not nested: layer {l + 1} keeps tokens {k[~found][:5].tolist()} that "
-                            f"layer {l} dropped (a patch dropped once is never used again)")
+            raise UserError(f"masks are not nested: layer {t} keeps tokens {k[~found][:5].tolist()} that "
+                            f"layer {t - 1} dropped (a patch pruned once is never updated again)")
         out.append(k)
         pos.append(None if k.numel() == prev.numel() else p)
         prev = k
     return out, pos
 
 
-def save_masks(path, keep, cfg, name=None, **extra):
-    """Masks file: JSON with the model's name and config, the token count and the kept indices per layer."""
+def save_masks(path, keep, cfg, tokens, name=None, **extra):
+    """Masks file: JSON with the model's name and config, the token count, the token semantics the masks were
+    searched under, and the kept indices per layer."""
     keep = check_keep(keep, cfg)
-    obj = {"model": name, "config": asdict(cfg), "num_tokens": cfg.num_tokens,
+    obj = {"model": name, "config": asdict(cfg), "num_tokens": cfg.num_tokens, "tokens": check_tokens(tokens),
            "kept_per_layer": [int(k.numel()) for k in keep], "keep": [k.tolist() for k in keep], **extra}
     with open(path, "w") as f:
         json.dump(obj, f)
 
 
 def load_masks(path, cfg):
-    """Read a masks file and check it fits cfg (token count, depth, nesting)."""
+    """Read a masks file and check it fits cfg (token count, depth, nesting). Returns (keep, tokens); a file
+    without a "tokens" entry means "frozen", the paper's semantics (METHOD.md P1)."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -278,12 +318,22 @@ def load_masks(path, cfg):
         raise UserError(f"masks file {path} not found: pass the masks.json written by slim.py")
     except json.JSONDecodeError as e:
         raise UserError(f"masks file {path} is not valid JSON ({e}): pass the masks.json written by slim.py")
-    if "keep" not in obj:
+    if not isinstance(obj, dict) or "keep" not in obj:
         raise UserError(f"masks file {path} has no 'keep' entry: pass the masks.json written by slim.py")
     if obj.get("num_tokens", cfg.num_tokens) != cfg.num_tokens:
         raise UserError(f"masks file {path} is for {obj['num_tokens']} tokens but the model has {cfg.num_tokens}: "
                         "use masks made for this model")
-    return check_keep(obj["keep"], cfg)
+    return check_keep(obj["keep"], cfg), check_tokens(obj.get("tokens", "frozen"))
+
+
+def resolve_tokens(found, asked, source):
+    """The token semantics to run masks from `source` under: the ones they were searched with (`found`), unless the
+    user asked for others (`asked`, from a --tokens flag; None = not asked). Returns (tokens, note), note a
+    sentence for the log when the two differ (then the choice was explicit, never an accident)."""
+    if asked is None or asked == found:
+        return found, None
+    return check_tokens(asked), (f"note: {source} was searched with tokens={found!r}; running it with "
+                                 f"tokens={asked!r} as --tokens asks (a different model from the searched one)")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -320,7 +370,7 @@ def infer_config(sd):
 
 def load_checkpoint(path_or_url, expect=None):
     """A ready model (eval mode) from a release checkpoint ({"model": sd}), a bare state dict, or a slimmed
-    checkpoint written by slim.py (then model.keep holds its masks). The architecture comes from the
+    checkpoint written by slim.py (then model.keep and model.tokens hold its masks and their semantics). The architecture comes from the
     checkpoint's "config" entry when present, else from its shapes. expect: a ViTConfig the checkpoint
     must match (e.g. the preset of --model); any difference is a one-line error naming the fields."""
     ck = _read(path_or_url)
@@ -347,8 +397,8 @@ def load_checkpoint(path_or_url, expect=None):
             raise UserError(f"checkpoint {path_or_url}: {k} has shape {tuple(v.shape)}, model expects "
                             f"{tuple(own[k].shape)}: pass a checkpoint of this architecture")
     model.load_state_dict(sd, strict=True)
-    if ck.get("keep") is not None:
-        model.keep = check_keep(ck["keep"], cfg)
+    if ck.get("keep") is not None:  # a slimmed checkpoint; without a "tokens" entry its masks are "frozen" (P1)
+        model.keep, model.tokens = check_keep(ck["keep"], cfg), check_tokens(ck.get("tokens", "frozen"))
     return model.eval()
 
 
