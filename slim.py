@@ -12,21 +12,23 @@ Token semantics (vit.py): "frozen" (P1, default) or "removed" (the v1 variant, C
 evaluated exactly ("significance", P3/C3a, default), and the comparison scores "head-mean" (v1), "attn" (Fig. 7's
 baseline), "class-attn" (EViT-like) and "random".
 
-Algorithm 1 as run here, and what is cached so that it is affordable (C6):
-- The dense activations entering every block are computed once for a fixed sample of training images
-  (one augmented view each, the "fit" set) and for a held sample (evaluation transform). Layers 1..t stay
-  dense while layer t is searched, so these caches stay exact for the whole search; each step then runs
-  only blocks t..L. The dense model's final features/logits are cached beside them as distillation targets.
-- The error tested is the v1 one (METHOD.md §4, "v1 option"): the relative error of the final class feature,
-  mean over held images of ||f - f_dense|| / ||f_dense||, cumulative over the layers searched so far.
-- The paper fine-tunes block t for every candidate r = 0, r0, 2 r0, ... and stops at the first whose error
-  E <= eps. We first measure E0(r) without fine-tuning (a forward on the held set; E0 falls as r grows, so the
-  first r with E0 below a threshold is found by bisection): the first candidate with E0 <= eps is accepted;
-  one with E0 > ft_reach * eps is rejected without fine-tuning (a few fine-tuning steps never closed a gap
-  that large in our runs: see report.json's per-layer trials); those in between are fine-tuned (at most
-  ft_tries per layer) and accepted if E <= eps, else the block is restored.
-  An accepted candidate is always fine-tuned (as in the paper), keeping the new weights only if they lower E.
-  Keeping every token at layer t is the state already accepted at layer t+1, so the loop always ends.
+Algorithm 1 (Sec. 4.3, METHOD.md §4) as run here. m_L = e_0; for t = L-1 down to 1: score the patches (layers 1..t
+dense, t+1..L pruned), then m_t = m_{t+1} ∪ the r best, r = 0, r0, 2 r0, ..., fine-tuning block t on the error and
+stopping at the first r whose error <= eps. The error (--error):
+- "next" (the paper's, P4, default): E_{t+1}, the relative squared error (C4) of layer t+1's kept rows when the two
+  pruned blocks t, t+1 run on the unpruned Z_{t-1}; block t is fine-tuned on that same objective (C5).
+- "final" (v1): the relative error of the final class feature, cumulative over the layers searched so far.
+What is cached and skipped so that it is affordable (C6), and how that differs from the loop as written:
+- The dense Z_0 .. Z_L are computed once for a fixed sample of training images (one augmented view each, the
+  "fit" set, for fine-tuning and scores) and for a held sample (evaluation transform, for E). Layers 1..t-1 stay
+  dense while layer t is searched, so Z_{t-1} and the target Z_{t+1} stay exact for the whole search.
+- Alg. 1 fine-tunes block t for every candidate r and stops at the first E <= eps. We first measure E0(r) without
+  fine-tuning (E0 falls as r grows, so the first r with E0 below a threshold is found by bisection): the first
+  candidate with E0 <= eps is accepted; one with E0 > ft_reach * eps is rejected without fine-tuning; those in
+  between are fine-tuned (at most ft_tries per layer) and accepted if E <= eps, else the block is restored (so
+  weights carry over only from accepted candidates). An accepted candidate is always fine-tuned, as in the paper,
+  keeping the new weights only if they lower E. Keeping every candidate ends the loop.
+- --literal runs the loop as written instead: a fine-tune at every r, weights carried over, no skipping.
 """
 import argparse
 import copy
@@ -66,7 +68,10 @@ class SearchSettings:
     """Everything that decides the masks: saved in the search state, and a resume with other values is refused."""
     tokens: str = "frozen"        # what a pruned patch becomes: "frozen" (P1, the paper) or "removed" (C1, v1)
     score: str = "significance"   # patch score, a key of SCORES: Eq. 6 exactly (P3) or a comparison score
-    eps: float = 0.2              # tolerated error E (v1 scale: relative error of the final class feature)
+    error: str = "next"           # the error Alg. 1 tests: "next", E_{t+1} (P4), or "final", v1's final-feature error
+    eps: float = 0.02             # tolerated error (P5: 0.01 or 0.02); "next": relative squared error of layer t+1's
+    #                               kept rows (C4); "final" has its own scale: the relative error (not squared) of the
+    #                               final class feature, cumulative, 0.2 in the v1 runs (--eps default 0.2 there)
     r0: int = 0                   # tokens added per search step; 0 = the paper's 10 of 196 patches, scaled (P5)
     score_images: int = 512       # training images the scores average over (Alg. 1, line 3)
     fit_images: int = 4096        # cached augmented training images the block fine-tunes draw from
@@ -75,6 +80,7 @@ class SearchSettings:
     ft_lr: float = 1e-3           # AdamW learning rate of those steps
     ft_reach: float = 1.5         # fine-tune a candidate only if its E before fine-tuning <= ft_reach * eps (C6)
     ft_tries: int = 2             # at most this many fine-tunes of rejected candidates per layer (C6)
+    literal: bool = False         # run Alg. 1's loop as written: fine-tune at every r, no skipping, no bisection
     batch_size: int = 64          # images per step of scoring, caching, error and fine-tuning
     seed: int = 0                 # chooses the fit/held images and seeds the fine-tunes
 
@@ -156,12 +162,19 @@ def spearman(a, b):
 
 # ----------------------------------------------------------------------------- running blocks from the cache
 
-DenseCache = namedtuple("DenseCache", "x_in feat logits")  # x_in[t-1]: (M, N, d), the input Z_{t-1} of block t
-LayerCache = namedtuple("LayerCache", "x_in feat logits")  # one layer's view: x_in (M, N, d) enters block t
+DenseCache = namedtuple("DenseCache", "z feat logits")  # z[t]: (M, N, d), Z_t, the dense output of block t (z[0]: the
+#   embedded tokens, so z[t-1] enters block t); feat, logits: the dense final class feature (after the norm) and logits
+LayerCache = namedtuple("LayerCache", "z_in z_next feat logits")  # block t's view: Z_{t-1}, Z_{t+1}, feat, logits
 
 
 def at_layer(cache, t):
-    return LayerCache(cache.x_in[t - 1], cache.feat, cache.logits)
+    """The part of a DenseCache that searching layer t reads: its input Z_{t-1} and the target Z_{t+1} of P4."""
+    return LayerCache(cache.z[t - 1], cache.z[t + 1], cache.feat, cache.logits)
+
+
+def images(cache, idx):
+    """A LayerCache restricted to images idx (a slice or an index tensor)."""
+    return LayerCache(*(v[idx] for v in cache))
 
 
 def tail_features(model, x, keep, tokens, start):
@@ -177,58 +190,81 @@ def tail_features(model, x, keep, tokens, start):
 
 @torch.no_grad()
 def cache_dense(model, loader, desc):
-    """Inputs of blocks 1..L-1 and the final feature/logits of the dense model, for every image of loader."""
+    """Z_0 .. Z_L and the final feature/logits of the dense model, for every image of loader (a DenseCache)."""
     L, device = model.cfg.depth, device_of(model)
-    xs, fs = [[] for _ in range(L - 1)], []
+    zs, fs = [[] for _ in range(L + 1)], []
     store = torch.bfloat16 if device.type == "cuda" else torch.float32
     for img, _ in progress(loader, desc=desc):
         with autocast(device):
             x = model.embed(img.to(device))
             for t in range(1, L + 1):
-                if t < L:
-                    xs[t - 1].append(x.to(store))
+                zs[t - 1].append(x.to(store))
                 x = model.blocks[t - 1](x)
+            zs[L].append(x.to(store))
             fs.append(model.norm(x[:, 0]).float())
     feat = torch.cat(fs)
-    return DenseCache([torch.cat(x) for x in xs], feat, model.head(feat))
+    return DenseCache([torch.cat(z) for z in zs], feat, model.head(feat))
+
+
+def next_layer_error(model, batch, keep, tokens, t):
+    """P4 with C4's normalisation, per image (B,), differentiable: E_{t+1} = ||diag(m_{t+1})(Ẑ_{t+1} - Z_{t+1})||² /
+    ||diag(m_{t+1}) Z_{t+1}||², where Ẑ_{t+1} = B̂_{t+1}(B̂_t(Z_{t-1})) runs the two pruned blocks t, t+1 on the unpruned
+    network's Z_{t-1} (layers < t are still dense) and Z_{t+1} is the unpruned feature. For t = L-1, m_L = e_0: the
+    class token's output of the last block. batch: a LayerCache of a few images."""
+    device = device_of(model)
+    rows = keep[t].to(device)                                           # m_{t+1}
+    with autocast(device):
+        z_hat = model.run_blocks(batch.z_in.to(device), keep, tokens, start=t, end=t + 1).float()
+    if tokens == "frozen":                                              # all N rows; "removed" returns m_{t+1}'s
+        z_hat = z_hat.index_select(1, rows)
+    z = batch.z_next.to(device).float().index_select(1, rows)
+    return (z_hat - z).pow(2).sum((1, 2)) / z.pow(2).sum((1, 2))
+
+
+def final_feature_error(model, batch, keep, tokens, t):
+    """The v1 error (METHOD.md §4, "v1 option"), per image (B,): ||f - f_dense|| / ||f_dense|| of the final class
+    feature, blocks t..L pruned; cumulative over the layers searched so far."""
+    f, f_dense = tail_features(model, batch.z_in, keep, tokens, t), batch.feat.to(device_of(model))
+    return (f - f_dense).norm(dim=-1) / f_dense.norm(dim=-1)
+
+
+ERRORS = {"next": next_layer_error, "final": final_feature_error}
 
 
 @torch.no_grad()
-def feature_error(model, x_in, feat_dense, keep, tokens, start, batch_size):
-    """The v1 error (METHOD.md §4, C4's v1 option): mean over images of ||f - f_dense|| / ||f_dense|| of the final
-    class feature, from the inputs x_in of block `start`."""
-    errs = []
-    for i in range(0, len(x_in), batch_size):
-        f, fd = tail_features(model, x_in[i:i + batch_size], keep, tokens, start), feat_dense[i:i + batch_size]
-        errs.append((f - fd).norm(dim=-1) / fd.norm(dim=-1))
-    return torch.cat(errs).mean().item()
+def layer_error(model, cache, keep, tokens, error, t, batch_size):
+    """The error Alg. 1 tests at layer t, averaged over the images of cache (a LayerCache): error "next" (P4) or
+    "final" (v1)."""
+    per_image = [ERRORS[error](model, images(cache, slice(i, i + batch_size)), keep, tokens, t)
+                 for i in range(0, len(cache.z_in), batch_size)]
+    return torch.cat(per_image).mean().item()
 
 
 @torch.no_grad()
-def layer_scores(model, x_in, keep, tokens, t, score, batch_size, seed=0):
-    """Scores of every token of layer t (1-based), averaged over the images x_in (inputs of block t; Alg. 1, line 3).
+def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
+    """Scores of every token of layer t (1-based), averaged over the images z_in (Z_{t-1}, inputs of block t; Alg. 1, line 3).
     keep: layers 1..t dense (keep[t-1] = all), t+1..L pruned. score: a key of SCORES. Returns (N,)."""
     N, device = model.cfg.num_tokens, device_of(model)
     if score == "random":
         return torch.rand(N, generator=torch.Generator().manual_seed(seed + t))
     total = 0
-    for i in range(0, len(x_in), batch_size):
+    for i in range(0, len(z_in), batch_size):
         records = []
         with autocast(device):
-            model.run_blocks(x_in[i:i + batch_size].to(device), keep, tokens, t, records=records)
+            model.run_blocks(z_in[i:i + batch_size].to(device), keep, tokens, t, records=records)
         total = total + SCORES[score](records).sum(0)
-    return (total / len(x_in)).cpu()
+    return (total / len(z_in)).cpu()
 
 
 @torch.no_grad()
-def true_impact(model, x_in, keep, tokens, t, candidates, batch_size):
+def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
     """The truth a score should rank: for each candidate token i, prune i alone at layer t and measure ||f - f_full||
-    of the final class feature, averaged over x_in. Block t's other rows do not change when row i is pruned, so
+    of the final class feature, averaged over z_in (inputs of block t). Block t's other rows do not change when row i is pruned, so
     block t runs once; under "frozen" row i then keeps its input Z_{t-1}[i] (P1), under "removed" it leaves."""
     N, device = model.cfg.num_tokens, device_of(model)
     impact = torch.zeros(len(candidates))
-    for s in range(0, len(x_in), batch_size):
-        x = x_in[s:s + batch_size].to(device)
+    for s in range(0, len(z_in), batch_size):
+        x = z_in[s:s + batch_size].to(device)
         with autocast(device):
             y = model.blocks[t - 1](x)
             f = model.norm(model.run_blocks(y, keep, tokens, t + 1)[:, 0]).float()
@@ -242,35 +278,40 @@ def true_impact(model, x_in, keep, tokens, t, candidates, batch_size):
                     y_i = y.index_select(1, rest.to(device))
                 fi = model.norm(model.run_blocks(y_i, k, tokens, t + 1)[:, 0]).float()
                 impact[j] += (fi - f).norm(dim=-1).sum().cpu()
-    return impact / len(x_in)
+    return impact / len(z_in)
 
 
 # ----------------------------------------------------------------------------- fine-tuning (METHOD.md C5)
 
 
 def distill_loss(f, logits, f_dense, logits_dense):
-    """Relative feature MSE (the quantity the v1 error measures) + KL of the logits, both against the dense model."""
+    """v1's block fine-tuning objective: relative feature MSE (what the v1 error measures) + KL of the logits, both
+    against the dense model."""
     rel = ((f - f_dense).pow(2).sum(-1) / f_dense.pow(2).sum(-1)).mean()
     kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(logits_dense, -1), reduction="batchmean", log_target=True)
     return rel + kl
 
 
-def finetune_block(model, t, fit, keep, tokens, steps, lr, batch_size, seed, desc):
-    """Train only block t (1-based) so that the pruned network reproduces the dense one on the cached fit set
-    (a LayerCache of block t's inputs and the dense features/logits): AdamW, cosine learning rate, `steps` batches."""
+def finetune_block(model, t, fit, keep, s, seed, desc):
+    """Train only block t's parameters (C5), s.ft_steps AdamW steps at s.ft_lr with a cosine schedule, batches of
+    s.batch_size drawn from fit (a LayerCache: the input is the ORIGINAL Z_{t-1}). The objective is the error the
+    search tests: E_{t+1} itself (P4, s.error == "next"), or v1's distillation of the final feature ("final")."""
     device = device_of(model)
     params = list(model.blocks[t - 1].parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    opt = torch.optim.AdamW(params, lr=s.ft_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.ft_steps)
     g = torch.Generator().manual_seed(seed)
-    for _ in progress(range(steps), desc=desc):
-        idx = torch.randint(0, len(fit.x_in), (min(batch_size, len(fit.x_in)),), generator=g)
-        f = tail_features(model, fit.x_in[idx], keep, tokens, t)
-        loss = distill_loss(f, model.head(f), fit.feat[idx].to(device), fit.logits[idx].to(device))
+    for _ in progress(range(s.ft_steps), desc=desc):
+        batch = images(fit, torch.randint(0, len(fit.z_in), (min(s.batch_size, len(fit.z_in)),), generator=g))
+        if s.error == "next":
+            loss = next_layer_error(model, batch, keep, s.tokens, t).mean()
+        else:
+            f = tail_features(model, batch.z_in, keep, s.tokens, t)
+            loss = distill_loss(f, model.head(f), batch.feat.to(device), batch.logits.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -296,12 +337,12 @@ def ranked_candidates(scores, forced):
 
 
 def finetune_or_restore(model, t, fit, held, keep, s, seed, bound, desc):
-    """Fine-tune block t (s.ft_steps at s.ft_lr) with masks keep, then measure E on the held set (a LayerCache);
-    if E > bound the block's weights are restored. Returns E after fine-tuning (kept or not)."""
+    """Fine-tune block t (finetune_block) with masks keep, then measure E on the held set (a LayerCache); if E > bound
+    the block's weights are restored. Returns E after fine-tuning (kept or not)."""
     block = model.blocks[t - 1]
     backup = copy.deepcopy(block.state_dict())
-    finetune_block(model, t, fit, keep, s.tokens, s.ft_steps, s.ft_lr, s.batch_size, seed, desc)
-    e = feature_error(model, held.x_in, held.feat, keep, s.tokens, t, s.batch_size)
+    finetune_block(model, t, fit, keep, s, seed, desc)
+    e = layer_error(model, held, keep, s.tokens, s.error, t, s.batch_size)
     if e > bound:
         block.load_state_dict(backup)
     return e
@@ -313,34 +354,50 @@ def default_r0(cfg):
 
 
 def search_layer(model, t, keep, fit, held, s, log, quality_images=0):
-    """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). fit, held: LayerCaches of block t. Returns (m_t, trial log)."""
+    """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). fit, held: LayerCaches of block t. Returns (m_t, trial log).
+    s.literal runs Alg. 1's loop as written; otherwise the affordable path of C6 (the top of this file)."""
     N = model.cfg.num_tokens
     full = with_layer(keep, t, torch.arange(N))                # layers 1..t dense
-    scores = layer_scores(model, fit.x_in[:s.score_images], full, s.tokens, t, s.score, s.batch_size, s.seed)
+    scores = layer_scores(model, fit.z_in[:s.score_images], full, s.tokens, t, s.score, s.batch_size, s.seed)
     forced = keep[t]                                           # m_{t+1} ⊆ m_t: nested by construction
     cand = ranked_candidates(scores, forced)
     info = {"layer": t, "trials": []}
     if quality_images and len(cand) >= 3:  # how well each score ranks the true impact, in the state it is used
-        truth = true_impact(model, held.x_in[:quality_images], full, s.tokens, t, cand, s.batch_size)
+        truth = true_impact(model, held.z_in[:quality_images], full, s.tokens, t, cand, s.batch_size)
         info["spearman"] = {}
         for name in SCORES:
-            sc = scores if name == s.score else layer_scores(model, fit.x_in[:s.score_images], full, s.tokens, t,
+            sc = scores if name == s.score else layer_scores(model, fit.z_in[:s.score_images], full, s.tokens, t,
                                                              name, s.batch_size, s.seed)
             info["spearman"][name] = round(spearman(sc[cand], truth), 4)
-    grid, e0s = list(range(0, len(cand), s.r0)) + [len(cand)], {}
+    grid, e0s = list(range(0, len(cand), s.r0)) + [len(cand)], {}   # r = 0, r0, 2 r0, ..., every candidate
 
     def trial(i):  # m_t = m_{t+1} ∪ the top grid[i] candidates, and its error E0 before fine-tuning (memoised)
         k_t = torch.cat([forced, cand[:grid[i]]]).sort().values
         if i not in e0s:
-            e0s[i] = feature_error(model, held.x_in, held.feat, with_layer(keep, t, k_t), s.tokens, t, s.batch_size)
-            info["trials"].append({"r": grid[i], "kept": int(k_t.numel()), "E0": round(e0s[i], 5)})
+            e0s[i] = layer_error(model, held, with_layer(keep, t, k_t), s.tokens, s.error, t, s.batch_size)
+            info["trials"].append({"r": grid[i], "kept": int(k_t.numel()), "E0": float(f"{e0s[i]:.4g}")})
         return k_t, e0s[i]
 
+    def accept(k_t, e, e0):
+        info["trials"].sort(key=lambda r: r["r"])
+        info.update(kept=int(k_t.numel()), E=float(f"{e:.4g}"))
+        log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e:.4f} (E0 = {e0:.4f}, eps = {s.eps})")
+        return k_t, info
+
+    if s.literal:  # Alg. 1 as written: fine-tune at every r, weights carried over (C5), until E <= eps
+        for i in range(len(grid)):
+            k_t, e0 = trial(i)
+            trial_keep = with_layer(keep, t, k_t)
+            finetune_block(model, t, fit, trial_keep, s, s.seed + 1000 * t + grid[i], f"layer {t} r={grid[i]} fine-tune")
+            e = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)
+            next(r for r in info["trials"] if r["r"] == grid[i])["E"] = float(f"{e:.4g}")
+            if e <= s.eps or i == len(grid) - 1:
+                return accept(k_t, e, e0)
+
     def first(x):
-        """The first grid index whose E0 <= x. Alg. 1 scans r = 0, r0, 2 r0, ... upward; E0 falls as r grows
-        (more tokens kept; it did at every layer of the proxy run, results/cifar10-proxy/report.json), so
-        bisection finds the same index in log2(len(grid)) forward passes instead of len(grid). The last index
-        keeps every token: the state accepted at layer t+1, so E0 <= eps; it is the bisection's upper end."""
+        """The first grid index whose E0 <= x (the last index if none). Alg. 1 scans r = 0, r0, 2 r0, ... upward;
+        E0 falls as r grows (more rows updated), so bisection finds the same index in log2(len(grid)) forward
+        passes instead of len(grid) (C6). test_slim checks it against the literal loop."""
         lo, hi = 0, len(grid) - 1
         while lo < hi:
             mid = (lo + hi) // 2
@@ -353,28 +410,27 @@ def search_layer(model, t, keep, fit, held, s, log, quality_images=0):
         k_t, e0 = trial(i)
         rec = next(r for r in info["trials"] if r["r"] == grid[i])
         e = finetune_or_restore(model, t, fit, held, with_layer(keep, t, k_t), s, s.seed + 1000 * t + grid[i],
-                                bound=min(e0, s.eps), desc=f"layer {t} r={grid[i]} fine-tune")
-        rec["E"] = round(e, 5)
-        if e > min(e0, s.eps):                                  # Alg. 1: a rejected fine-tune restored the block
-            e = e0
-        if e <= s.eps or i == len(grid) - 1:  # keeping every token changes nothing (float noise aside)
-            info["trials"].sort(key=lambda r: r["r"])
-            info.update(kept=int(k_t.numel()), E=round(e, 5))
-            log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e:.4f} (E0 = {e0:.4f}, eps = {s.eps})")
-            return k_t, info
-    raise AssertionError("unreachable: keeping every token reproduces the previous layer's accepted state")
+                                bound=min(e0, s.eps) if i < len(grid) - 1 else e0,
+                                desc=f"layer {t} r={grid[i]} fine-tune")
+        rec["E"] = float(f"{e:.4g}")
+        e = min(e, e0)                         # a fine-tune that did not lower E was undone: the block is as before
+        # Keeping every candidate is always accepted: under "final" it is the state accepted at layer t+1; under
+        # "next" its E_{t+1} is what block t+1's own fine-tune left, which layer t cannot lower by keeping more.
+        if e <= s.eps or i == len(grid) - 1:
+            return accept(k_t, e, e0)
+    raise AssertionError("unreachable: the last candidate keeps every token and is always accepted")
 
 
 @torch.no_grad()
-def masks_for_counts(model, x_in, counts, tokens, score="significance", seed=0, batch_size=64):
+def masks_for_counts(model, z, counts, tokens, score="significance", seed=0, batch_size=64):
     """Baseline masks with given kept-token counts |m_1|..|m_L|: top-down like Alg. 1 (each layer scored with the
     layers above already pruned), but each layer simply keeps its count of best-scoring patches, with no error
-    test and no fine-tuning. score: a key of SCORES. x_in: cached inputs of blocks 1..L-1."""
+    test and no fine-tuning. score: a key of SCORES. z: the dense cache's Z_0 .. (z[t-1] enters block t)."""
     N, L = model.cfg.num_tokens, model.cfg.depth
     keep = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]
     for t in range(L - 1, 0, -1):
         forced = keep[t]
-        scores = layer_scores(model, x_in[t - 1], with_layer(keep, t, torch.arange(N)), tokens, t, score,
+        scores = layer_scores(model, z[t - 1], with_layer(keep, t, torch.arange(N)), tokens, t, score,
                               batch_size, seed)
         cand = ranked_candidates(scores, forced)
         keep[t - 1] = torch.cat([forced, cand[:max(0, counts[t - 1] - len(forced))]]).sort().values
@@ -512,7 +568,12 @@ def get_args_parser():
                    "removed (v1, C1); with --eval-only the masks' own, unless given")
     p.add_argument("--score", default=d.score, choices=list(SCORES), help="patch score: significance (Eq. 6, the "
                    "paper's), head-mean (v1), attn (Fig. 7's baseline), class-attn (EViT-like) or random")
-    p.add_argument("--eps", type=float, default=d.eps, help=f"tolerated error E, v1 scale ({d.eps})")
+    p.add_argument("--error", default=d.error, choices=list(ERRORS), help="the error Alg. 1 tests: next (E_{l+1}, the "
+                   "paper's, METHOD.md P4) or final (v1: cumulative error of the final class feature)")
+    p.add_argument("--eps", type=float, default=None, help="tolerated error: 0.02 for --error next (relative squared "
+                   "error, C4), 0.2 for --error final (its own scale)")
+    p.add_argument("--literal", action="store_true", help="run Alg. 1's loop as written (fine-tune at every r) instead "
+                   "of the affordable path (C6)")
     p.add_argument("--r0", type=int, default=None, help="tokens added per search step (default: 10 of 196 patches, "
                    "scaled by the patch count)")
     p.add_argument("--score-images", type=int, default=d.score_images, help="training images the scores average over")
@@ -541,6 +602,8 @@ def check_args(args):
         raise UserError("--data-path is required: the folder holding train/ and val/ (e.g. /data/imagenet)")
     if args.data == "folder" and not args.weights:
         raise UserError("--data folder needs --weights: a DeiT checkpoint trained on that dataset")
+    if args.eps is None:
+        args.eps = SearchSettings.eps if args.error == "next" else 0.2
     if args.eps <= 0:
         raise UserError(f"--eps must be > 0 (got {args.eps}): it is the tolerated error E")
     if args.r0 is not None and args.r0 < 1:
