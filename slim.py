@@ -42,6 +42,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -499,17 +500,30 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
 
 
 @torch.no_grad()
-def evaluate(model, loader, keep=None, tokens="frozen", desc="eval"):
-    """Top-1 (%) of model with masks keep (under token semantics `tokens`) on loader."""
+def predict(model, loader, keep=None, tokens="frozen", desc="eval"):
+    """Predicted classes and labels of every image of loader, (M,) each, with masks keep under `tokens`."""
     model.eval()
     device = device_of(model)
-    correct = total = 0
+    preds, labels = [], []
     for img, y in progress(loader, desc=desc):
         with autocast(device):
-            out = model(img.to(device), keep=keep, tokens=tokens)
-        correct += (out.argmax(-1).cpu() == y).sum().item()
-        total += len(y)
-    return 100.0 * correct / total
+            preds.append(model(img.to(device), keep=keep, tokens=tokens).argmax(-1).cpu())
+        labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def evaluate(model, loader, keep=None, tokens="frozen", desc="eval"):
+    """Top-1 (%) of model with masks keep (under token semantics `tokens`) on loader."""
+    preds, labels = predict(model, loader, keep, tokens, desc)
+    return 100.0 * (preds == labels).double().mean().item()
+
+
+def save_predictions(path, **preds):
+    """Add per-image predictions (name -> (M,) tensor; "labels" among them) to a compact .npz, keeping what is there:
+    what paired comparisons between models read (bench/stats.py)."""
+    arrays = dict(np.load(path)) if os.path.exists(path) else {}
+    arrays.update({k: v.numpy().astype(np.int16) for k, v in preds.items()})
+    np.savez_compressed(path, **arrays)
 
 
 def final_loader(train_aug, batch_size, workers, seed):
@@ -683,8 +697,11 @@ def main(args):
     state_path = os.path.join(args.out, "state.pt")
     report_path = os.path.join(args.out, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+    preds_path = os.path.join(args.out, "predictions.npz")
     if report.get("val_images") != len(val) or report.get("weights") != run_id["weights"]:
-        report = {"dense_top1": evaluate(model, val_loader, desc="eval dense"), "val_images": len(val),
+        preds, labels = predict(model, val_loader, desc="eval dense")
+        save_predictions(preds_path, dense=preds, labels=labels)
+        report = {"dense_top1": 100.0 * (preds == labels).double().mean().item(), "val_images": len(val),
                   "weights": run_id["weights"]}
         json.dump(report, open(report_path, "w"), indent=1)
     log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
@@ -699,12 +716,16 @@ def main(args):
 
     report.update(searched_top1=None)
     if args.final_epochs > 0:
-        report["searched_top1"] = evaluate(model, val_loader, keep, s.tokens, desc="eval searched")
+        preds, labels = predict(model, val_loader, keep, s.tokens, desc="eval searched")
+        save_predictions(preds_path, searched=preds, labels=labels)
+        report["searched_top1"] = 100.0 * (preds == labels).double().mean().item()
         log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
         teacher = load_model(args).to(device)
         finetune_all(model, teacher, keep, s.tokens, final_loader(train_aug, args.batch_size, args.workers, args.seed),
                      args.final_epochs, args.final_lr, log)
-    top1 = evaluate(model, val_loader, keep, s.tokens, desc="eval slimmed")
+    preds, labels = predict(model, val_loader, keep, s.tokens, desc="eval slimmed")
+    save_predictions(preds_path, slimmed=preds, labels=labels)
+    top1 = 100.0 * (preds == labels).double().mean().item()
     slim_flops = flops.count_flops(cfg, keep, tokens=s.tokens)
     name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
     vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)
@@ -718,7 +739,8 @@ def main(args):
     json.dump(report, open(report_path, "w"), indent=1)
     log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs counted as "
         f"{s.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
-        f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json")
+        f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
+        "predictions.npz")
     return report
 
 

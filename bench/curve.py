@@ -11,20 +11,27 @@ For each eps, slim.search (Algorithm 1) gives masks and per-block fine-tuned wei
                lowers E; the search too keeps exactly one fine-tune per layer)
   class-attn   patches by the class token's attention (EViT's criterion, averaged over the training sample
                into a static mask, slim.class_attention_score), then the same budget
-  significance patches by the paper's score computed on the pretrained weights (top-down, no error test):
-               the search's score without the search, then the same budget
+  significance patches by the search's score (--score) computed on the pretrained weights (top-down, no error
+               test): the search's score without the search, then the same budget. The key keeps its v1 name
+               (results/curve/*.json) whichever score --score names
   random-noft, class-attn-noft, significance-noft   those masks on the pretrained weights
 With --final-steps N every fine-tuned method also gets the same end-to-end distillation fine-tune afterwards.
-The search takes slim.py's flags; the defaults here are cheaper than slim.py's (--ft-steps 50, --held-images
-512) so that bench/run_all.sh stays under 90 minutes on 2 CPU cores.
+The search takes slim.py's flags (slim.SearchSettings); the defaults here are cheaper than slim.py's (--ft-steps
+50, --held-images 512) so that bench/run_all.sh stays under 90 minutes on 2 CPU cores.
+--tokens (METHOD.md P1 / C1) is the token semantics of the search, the baselines' masks and fine-tunes, the
+evaluation and the FLOP count. It defaults to "removed": the committed results were made with the v1 variant, and
+--score then defaults to "head-mean" (the score v1 called "significance"); with --tokens frozen it defaults to
+"significance", Eq. 6 exactly (P3).
 
     python bench/curve.py                                  # eps 0.1 0.2 0.3 0.4 (about 55 min on 2 cores)
     python bench/curve.py --eps 0.2 --ft-steps 100 --held-images 1024   # slim.py's own search settings
+    python bench/curve.py --tokens frozen --out results/curve_frozen      # the paper's semantics and score
 Writes results/curve/eps_<eps>.json as each method finishes (a rerun resumes, skipping finished ones; the
 search resumes from results/curve/eps_<eps>/state.pt), then results/curve.json, curve.md and curve.png.
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -40,7 +47,8 @@ import vit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
-BASELINES = ["random", "class-attn", "significance"]
+BASELINES = ["random", "class-attn", "significance"]  # "significance": the search's score (--score), v1's key
+V1 = {"tokens": "removed", "score": "head-mean"}  # what the committed results/curve/*.json were made with
 METHODS = ["ps"] + BASELINES + ["ps-noft"] + [b + "-noft" for b in BASELINES]
 LABELS = {"ps": "patch slimming (search, per-block FT)", "ps-noft": "patch slimming masks, no FT",
           "random": "random patches + same FT", "class-attn": "class-attention top-k + same FT",
@@ -48,16 +56,17 @@ LABELS = {"ps": "patch slimming (search, per-block FT)", "ps-noft": "patch slimm
           "class-attn-noft": "class-attention top-k, no FT", "significance-noft": "significance top-k, no FT"}
 
 
-def refit_blocks(ctx, keep, fit_cache, held_cache, args, log):
+def refit_blocks(model, keep, fit, held, s, log):
     """The search's per-block fine-tuning budget, spent on fixed masks: for t = L-1..1 (top-down, layers below t
-    dense as in the search), fine-tune block t once for args.ft_steps and keep the result only if E drops."""
-    L, N = ctx.model.cfg.depth, ctx.model.cfg.num_tokens
+    dense as in the search), fine-tune block t once for s.ft_steps and keep the result only if E drops.
+    fit, held: DenseCaches; s: the search's slim.SearchSettings (its tokens, steps, learning rate, batch size)."""
+    L, N = model.cfg.depth, model.cfg.num_tokens
     for t in range(L - 1, 0, -1):
         trial = [torch.arange(N)] * (t - 1) + keep[t - 1:]
-        held = (held_cache[0][t - 1], held_cache[1])
-        e0 = slim.feature_error(ctx, *held, trial, t - 1)
-        e = slim.finetune_or_restore(ctx, t, (fit_cache[0][t - 1], fit_cache[1], fit_cache[2]), held, trial, args,
-                                     args.seed + 1000 * t, bound=e0, desc=f"layer {t} fine-tune")
+        held_t = slim.at_layer(held, t)
+        e0 = slim.layer_error(model, held_t, trial, s.tokens, s.error, t, s.batch_size)
+        e = slim.finetune_or_restore(model, t, slim.at_layer(fit, t), held_t, trial, s, s.seed + 1000 * t, bound=e0,
+                                     desc=f"layer {t} fine-tune")
         log(f"  layer {t:2d}: E {e0:.4f} -> {min(e, e0):.4f}")
 
 
@@ -94,7 +103,7 @@ def plot(points, dense_top1, dense_gflops, path, headline=None):
     ax.plot([dense_gflops], [dense_top1], "k*", ms=14, label="dense DeiT-Ti/4 (proxy)")
     if headline:  # the slim.py run of the README (its own settings, plus a 2-epoch final fine-tune)
         ax.plot([headline["slimmed_gflops"]], [headline["slimmed_top1"]], "P", color="C4", ms=10,
-                label="slim.py headline run + final FT (results/cifar10-proxy)")
+                label="slim.py v1 run + final FT (results/cifar10-proxy-v1)")
     for p in pts:
         ax.annotate(f"ε={p['eps']}", (p["gflops"], p["top1"]["ps"] if "ps" in p["top1"] else dense_top1),
                     textcoords="offset points", xytext=(4, 6), fontsize=8, color="C0")
@@ -115,18 +124,27 @@ def main():
     p.add_argument("--final-lr", type=float, default=3e-4)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "curve"))
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on k val images per class (quick runs)")
-    p.add_argument("--headline", default=os.path.join(ROOT, "results", "cifar10-proxy", "report.json"),
+    p.add_argument("--headline", default=os.path.join(ROOT, "results", "cifar10-proxy-v1", "report.json"),
                    help="a slim.py report.json to mark on the plot (skipped when absent)")
+    p.add_argument("--tokens", default="removed", choices=list(vit.TOKENS),
+                   help="what a pruned patch becomes: removed (v1, C1; the committed results) or frozen (the "
+                   "paper's, P1)")
+    p.add_argument("--score", default=None, choices=list(slim.SCORES),
+                   help="the search's score and the 'significance' baseline's (default: head-mean, v1's "
+                   "'significance', with --tokens removed; significance, Eq. 6, with --tokens frozen)")
     args, rest = p.parse_known_args()
-    sargs = slim.resolve(slim.get_args_parser().parse_args(
+    score = args.score or ("head-mean" if args.tokens == "removed" else "significance")
+    sargs = slim.check_args(slim.get_args_parser().parse_args(
         ["--data", "folder", "--data-path", os.path.join(SHARED, "data", "cifar10"),
          "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "--ft-steps", "50",
-         "--held-images", "512", "--out", args.out] + rest))
+         "--held-images", "512", "--error", "final", "--out", args.out] + rest + ["--tokens", args.tokens, "--score", score]))
     torch.manual_seed(sargs.seed)
     device = torch.device(sargs.device)
     pretrained = slim.load_model(sargs).to(device)
     cfg = pretrained.cfg
-    sargs.r0 = sargs.r0 or slim.default_r0(cfg)
+    s = slim.SearchSettings(**{f.name: getattr(sargs, f.name) for f in dataclasses.fields(slim.SearchSettings)})
+    s.r0 = sargs.r0 or slim.default_r0(cfg)
+    run_id = {"weights": sargs.weights, "data_path": os.path.abspath(sargs.data_path)}  # as slim.main's
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "log.txt"), "a")
 
@@ -136,27 +154,33 @@ def main():
         logf.flush()
 
     t_start = time.time()
-    log(f"bench/curve.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(vars(sargs))}")
+    log(f"bench/curve.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(dataclasses.asdict(s))}")
     val = data.build_dataset(sargs.data_path, "val", cfg.img_size)
     if args.val_per_class:
         val = data.subset(val, per_class=args.val_per_class)
     val_loader = data.loader(val, 250, workers=sargs.workers)
     train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
-    final_loader = slim.final_loader(train_aug, sargs)
+    final_loader = slim.final_loader(train_aug, sargs.batch_size, sargs.workers, sargs.seed)
     final_epochs = (args.final_steps + 0.5) / len(final_loader)  # finetune_all runs int(epochs * len) steps
     dense_path = os.path.join(args.out, "dense.json")
-    if not os.path.exists(dense_path):
-        json.dump({"top1": slim.evaluate(pretrained, val_loader, device, desc="eval dense")}, open(dense_path, "w"))
+    if not os.path.exists(dense_path):  # the dense model has no pruned patches: its top-1 is the same under both
+        json.dump({"tokens": s.tokens, "top1": slim.evaluate(pretrained, val_loader, desc="eval dense")},
+                  open(dense_path, "w"))
     dense_top1, dense_gflops = json.load(open(dense_path))["top1"], flops.count_flops(cfg) / 1e9
     log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
 
-    ctx = slim.Ctx(copy.deepcopy(pretrained), device, sargs.batch_size)
-    fit_cache, held_cache = slim.cache_search_sets(ctx, train_aug, sargs, log)
-    score_xs = [x[:sargs.score_images] for x in fit_cache[0]]
+    model = copy.deepcopy(pretrained)
+    fit, held = slim.cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
+    score_xs = [z[:s.score_images] for z in fit.z]
+    scores = {"random": "random", "class-attn": "class-attn", "significance": s.score}  # baseline -> slim.SCORES key
     points = []
     for eps in args.eps:
         path = os.path.join(args.out, f"eps_{eps}.json")
-        pt = json.load(open(path)) if os.path.exists(path) else {"eps": eps, "top1": {}, "seconds": {}}
+        made_with = {"tokens": s.tokens, "score": s.score}
+        pt = json.load(open(path)) if os.path.exists(path) else {**made_with, "eps": eps, "top1": {}, "seconds": {}}
+        found = {k: pt.get(k, v) for k, v in V1.items()}  # a file without these entries is v1's
+        if found != made_with:  # a resume must not mix methods run under other semantics or scores
+            raise vit.UserError(f"{path} holds results made with {found}, not {made_with}: pass another --out")
 
         def done(name, top1, t0, pt=pt, path=path):
             pt["top1"][name], pt["seconds"][name] = top1, round(time.time() - t0, 1)
@@ -164,18 +188,19 @@ def main():
             log(f"eps {eps}: {name:16s} top-1 {top1:.2f}%  ({pt['seconds'][name]:.0f}s)")
 
         t0 = time.time()
-        ctx.model.load_state_dict(pretrained.state_dict())
-        sargs.eps = eps
-        state = slim.search(ctx, fit_cache, held_cache, sargs, log, os.path.join(args.out, f"eps_{eps}_state.pt"))
-        keep, searched = state["keep"], copy.deepcopy(ctx.model.state_dict())
+        model.load_state_dict(pretrained.state_dict())
+        s_eps = dataclasses.replace(s, eps=eps)
+        state = slim.search(model, fit, held, s_eps, log, os.path.join(args.out, f"eps_{eps}_state.pt"), run_id=run_id)
+        keep, searched = state["keep"], copy.deepcopy(model.state_dict())
         counts = flops.kept_counts(cfg, keep)
-        pt.update(kept_per_layer=counts, gflops=flops.count_flops(cfg, keep) / 1e9, final_steps=args.final_steps,
+        pt.update(tokens=s.tokens, score=s.score, kept_per_layer=counts,
+                  gflops=flops.count_flops(cfg, keep, tokens=s.tokens) / 1e9, final_steps=args.final_steps,
                   final_lr=args.final_lr, search_layers=state["layers"])
         pt["seconds"].setdefault("search", round(time.time() - t0, 1))
         masks = {"ps": keep}
         for b in BASELINES:  # the baselines' masks: same counts, pretrained weights
-            ctx.model.load_state_dict(pretrained.state_dict())
-            masks[b] = slim.masks_for_counts(ctx, score_xs, counts, b, sargs.seed)
+            model.load_state_dict(pretrained.state_dict())
+            masks[b] = slim.masks_for_counts(model, score_xs, counts, s.tokens, scores[b], s.seed, s.batch_size)
             assert flops.kept_counts(cfg, masks[b]) == counts
         pt["keep"] = {k: [v.tolist() for v in ks] for k, ks in masks.items()}
         json.dump(pt, open(path, "w"), indent=1)
@@ -184,18 +209,19 @@ def main():
                 continue
             t0 = time.time()
             base = name.removesuffix("-noft")
-            ctx.model.load_state_dict(searched if name == "ps" else pretrained.state_dict())
+            model.load_state_dict(searched if name == "ps" else pretrained.state_dict())
             if name in BASELINES:
                 log(f"eps {eps}: {name}: per-block fine-tune (the search's budget)")
-                refit_blocks(ctx, masks[base], fit_cache, held_cache, sargs, log)
+                refit_blocks(model, masks[base], fit, held, s_eps, log)
             if name in ["ps"] + BASELINES and args.final_steps:
-                slim.finetune_all(ctx.model, pretrained, masks[base], final_loader, device, final_epochs,
-                                  args.final_lr, log)
-            done(name, slim.evaluate(ctx.model, val_loader, device, masks[base], desc=f"eval {name}"), t0)
+                slim.finetune_all(model, pretrained, masks[base], s.tokens, final_loader, final_epochs, args.final_lr,
+                                  log)
+            done(name, slim.evaluate(model, val_loader, masks[base], s.tokens, desc=f"eval {name}"), t0)
         points.append(pt)
 
-    summary = {"command": " ".join(["python bench/curve.py"] + sys.argv[1:]), "dense_top1": dense_top1,
-               "dense_gflops": dense_gflops, "val_images": len(val), "search_settings": vars(sargs),
+    summary = {"tokens": s.tokens, "command": " ".join(["python bench/curve.py"] + sys.argv[1:]),
+               "dense_top1": dense_top1, "dense_gflops": dense_gflops, "val_images": len(val),
+               "search_settings": {**dataclasses.asdict(s), "eps": args.eps},
                "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
                "seconds_all_points": round(sum(sum(p["seconds"].values()) for p in points), 1),
                "points": [{k: v for k, v in p.items() if k not in ("keep", "search_layers")} for p in points]}

@@ -11,8 +11,14 @@ Where batch-1 latency goes (bench/speed.py measures the totals). Batch 1, float3
    batch-1 speedup of slimming is larger on 1 thread than on 2 (results/speed_*_1thread.json), and this says which
    operators lose parallel efficiency as the token count falls.
 
-    python bench/gemm.py     # -> results/gemm_cpu.json
+Part 2 uses --tokens (METHOD.md P1 / C1) for the pyramid's FLOP count and the slimmed blocks' forward. It
+defaults to "removed": the committed results were made with the v1 variant (pruned rows leave the sequence, so keys
+and values shrink with the kept count); "frozen" times the paper's blocks (keys/values from all N rows).
+
+    python bench/gemm.py                        # -> results/gemm_cpu.json
+    python bench/gemm.py --tokens frozen --out /tmp/gemm_frozen.json
 """
+import argparse
 import json
 import os
 import statistics
@@ -58,23 +64,25 @@ def gemm_rates(repeats=50):
     return out
 
 
-def block_times(model, keep, repeats=30):
-    """ms per block, dense and slimmed, in a full forward (cold weights) and alone (hot weights)."""
-    cfg, pos = model.cfg, vit.keep_positions(keep, model.cfg)
+def block_times(model, keep, tokens="removed", repeats=30):
+    """ms per block, dense and slimmed (masks keep under `tokens`), in a full forward (cold weights) and alone (hot
+    weights). Block t gets the input the slimmed forward gives it and the index vit.masks_plan gives it."""
+    cfg = model.cfg
+    _, gather = vit.masks_plan(keep, cfg, tokens)  # gather[t-1]: the rows block t updates (None: all of them)
     x = model.embed(torch.randn(1, 3, cfg.img_size, cfg.img_size))
     ins = {"dense": [x] * cfg.depth, "slimmed": [x]}
-    for l in range(cfg.depth - 1):
-        ins["slimmed"].append(model.blocks[l](ins["slimmed"][-1], pos[l]))
-    idx = {"dense": [None] * cfg.depth, "slimmed": pos}
+    for t in range(1, cfg.depth):
+        ins["slimmed"].append(model.blocks[t - 1](ins["slimmed"][-1], gather[t - 1], tokens))
+    idx = {"dense": [None] * cfg.depth, "slimmed": gather}
     res = {}
     for kind in ("dense", "slimmed"):
         cold = [[] for _ in range(cfg.depth)]
         for _ in range(repeats):  # the whole stack in order, as the forward runs it
             for l, blk in enumerate(model.blocks):
                 t0 = time.perf_counter()
-                blk(ins[kind][l], idx[kind][l])
+                blk(ins[kind][l], idx[kind][l], tokens)
                 cold[l].append(time.perf_counter() - t0)
-        hot = [median_s(lambda: blk(ins[kind][l], idx[kind][l]), repeats)
+        hot = [median_s(lambda: blk(ins[kind][l], idx[kind][l], tokens), repeats)
                for l, blk in enumerate(model.blocks)]
         res[kind] = {"cold_ms": [1000 * statistics.median(c) for c in cold], "hot_ms": [1000 * h for h in hot]}
     return res
@@ -99,6 +107,11 @@ def thread_scaling(repeats=100):
 
 
 def main():
+    p = argparse.ArgumentParser("Where batch-1 latency goes: GEMM rates, per-block time against FLOPs, thread scaling")
+    p.add_argument("--tokens", default="removed", choices=list(vit.TOKENS),
+                   help="token semantics of the slimmed blocks: removed (v1, C1; the committed results) or frozen (P1)")
+    p.add_argument("--out", default="results/gemm_cpu.json")
+    args = p.parse_args()
     torch.manual_seed(0)
     median_s(lambda: F.linear(torch.randn(197, 384), torch.randn(1536, 384)), 200)  # warm threads and clock
     rates = gemm_rates()
@@ -110,20 +123,21 @@ def main():
            for lib in rates}
 
     cfg = vit.PRESETS["deit_small"]
-    counts = flops.linear_pyramid(cfg, 2.6e9)
+    counts = flops.linear_pyramid(cfg, 2.6e9, args.tokens)
     keep = random_nested(counts, cfg.num_tokens)
-    share = [a / b for a, b in zip(flops.layer_flops(cfg, counts), flops.layer_flops(cfg, [cfg.num_tokens] * cfg.depth))]
+    dense_layer = flops.layer_flops(cfg, [cfg.num_tokens] * cfg.depth)
+    share = [a / b for a, b in zip(flops.layer_flops(cfg, counts, args.tokens), dense_layer)]
     blocks = {}
     base = vit.deit("deit_small").eval()
     for label, model in (("mkl", base), ("onednn", vit.pack_for_cpu(base))):
-        t = block_times(model, keep)
+        t = block_times(model, keep, args.tokens)
         rows = []
         for where in ("cold_ms", "hot_ms"):
             d, s = t["dense"][where], t["slimmed"][where]
             rows.append({"where": where[:-3], "dense_ms": d, "slimmed_ms": s,
                          "excess_ms": [si - fi * statistics.mean(d) for si, fi in zip(s, share)]})
         blocks[label] = rows
-        print(f"\n{label}: per block (kept {counts}), ms")
+        print(f"\n{label}: per block (kept {counts}, tokens {args.tokens}), ms")
         for r in rows:
             for key in ("dense_ms", "slimmed_ms", "excess_ms"):
                 print(f"  {r['where']:4s} {key[:-3]:8s}" + " ".join(f"{v:5.2f}" for v in r[key]) + f"  sum {sum(r[key]):5.1f}")
@@ -132,11 +146,11 @@ def main():
     print(f"\nspeedup from 1 to {torch.get_num_threads()} threads, batch 1 (tokens: {list(scaling)})")
     for name in scaling[197]:
         print(f"  {name:18s}" + "".join(f"{scaling[n][name]:7.2f}" for n in scaling))
-    os.makedirs("results", exist_ok=True)
-    json.dump({"command": "python bench/gemm.py", "gflops_per_s": rates, "relative_to_197": rel,
-               "kept_per_layer": counts, "flops_share_per_layer": share, "blocks_b1": blocks, "thread_scaling": scaling,
-               "machine": slim.machine()}, open("results/gemm_cpu.json", "w"), indent=1)
-    print("wrote results/gemm_cpu.json")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    json.dump({"tokens": args.tokens, "command": " ".join(["python bench/gemm.py"] + sys.argv[1:]),
+               "gflops_per_s": rates, "relative_to_197": rel, "kept_per_layer": counts, "flops_share_per_layer": share,
+               "blocks_b1": blocks, "thread_scaling": scaling, "machine": slim.machine()}, open(args.out, "w"), indent=1)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 The kept-patch pyramid drawn over images (arXiv 2106.02852, the paper's visualisation of the patches each layer
 keeps): for each layer, the patches whose tokens survive it are shown, the dropped ones greyed out; below, the
 kept-token counts per layer against a linear pyramid of the same FLOPs. Masks are static (PS-ViT), so every
-image shows the same pattern; several images show what the kept patches cover.
+image shows the same pattern; several images show what the kept patches cover. FLOPs (of the masks and of the
+linear pyramid) are counted under the masks' own token semantics (vit.load_masks; METHOD.md P1 "frozen": a grey
+patch keeps its last feature and stays a key/value; C1 "removed", v1: it leaves the sequence). The committed
+picture was made from the proxy run's masks, searched with the v1 variant ("removed").
 
     python bench/picture.py                                   # the proxy run's masks, 4 CIFAR-10 val images
     python bench/picture.py --masks OUT/masks.json --data-path /data/imagenet --images 3
-Writes results/pyramid_picture.png and results/pyramid_picture.json (the masks, counts and images drawn).
+Writes results/pyramid_picture.png and results/pyramid_picture.json (the masks, their tokens, counts and images
+drawn).
 """
 import argparse
 import json
@@ -46,9 +50,10 @@ def main():
 
     obj = json.load(open(args.masks))
     cfg = vit.ViTConfig(**obj["config"])
-    keep = vit.load_masks(args.masks, cfg)
+    keep, tokens = vit.load_masks(args.masks, cfg)
     counts, dense = flops.kept_counts(cfg, keep), flops.count_flops(cfg)
-    pyramid = flops.linear_pyramid(cfg, flops.count_flops(cfg, keep))
+    gf = flops.count_flops(cfg, keep, tokens=tokens)  # under the masks' own tokens (P1 FLOPs)
+    pyramid = flops.linear_pyramid(cfg, gf, tokens)
     ds = data.build_dataset(args.data_path, "val", cfg.img_size)
     ds.transform.transforms = ds.transform.transforms[:-1]  # the val transform without Normalize: draw the image itself
     idx = data.subset(ds, per_class=1).indices[:args.images]
@@ -63,7 +68,7 @@ def main():
             shown = img.copy()
             if c > 0:
                 m = patch_mask(keep[c - 1], cfg).repeat(cfg.patch_size, 0).repeat(cfg.patch_size, 1)
-                shown[~m] = 0.8 + 0.2 * shown[~m]  # dropped: faded to light grey
+                shown[~m] = 0.8 + 0.2 * shown[~m]  # pruned (frozen or removed): faded to light grey
             ax.imshow(np.clip(shown, 0, 1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -73,24 +78,30 @@ def main():
                 ax.set_ylabel(ds.classes[ds.targets[i]], fontsize=7)
     ax = fig.add_subplot(gs[len(idx), :])
     x = np.arange(1, L + 1)
-    ax.bar(x, counts, color="C0", label=f"searched masks: {flops.count_flops(cfg, keep) / 1e9:.3f} GFLOPs "
-           f"({100 * (1 - flops.count_flops(cfg, keep) / dense):.0f}% fewer)")
+    ax.bar(x, counts, color="C0", label=f"searched masks: {gf / 1e9:.3f} GFLOPs counted as {tokens} "
+           f"({100 * (1 - gf / dense):.0f}% fewer)")
     ax.plot(x, pyramid, "k.--", label="linear pyramid, same FLOPs")
     ax.axhline(cfg.num_tokens, color="grey", lw=0.8, ls=":", label=f"dense: {cfg.num_tokens} tokens")
     for xi, n in zip(x, counts):
         ax.text(xi, n + 1, str(n), ha="center", fontsize=7)
     ax.set_xticks(x)
     ax.set_xlabel("layer")
-    ax.set_ylabel("kept tokens (incl. class)")
+    ax.set_ylabel("updated tokens (incl. class)" if tokens == "frozen" else "kept tokens (incl. class)")
     ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Patches kept by each layer ({os.path.relpath(args.masks, ROOT)}); grey: dropped", fontsize=9)
+    grey = "grey: frozen (still keys/values)" if tokens == "frozen" else "grey: removed"
+    fig.suptitle(f"Patches kept by each layer ({os.path.relpath(args.masks, ROOT)}, tokens {tokens}); {grey}",
+                 fontsize=9)
     fig.savefig(args.out + ".png", dpi=120, bbox_inches="tight")
-    json.dump({"command": " ".join(["python bench/picture.py"] + sys.argv[1:]), "masks": os.path.relpath(args.masks, ROOT),
-               "kept_per_layer": counts, "linear_pyramid_same_flops": pyramid,
+    json.dump({"tokens": tokens, "command": " ".join(["python bench/picture.py"] + sys.argv[1:]),
+               "masks": os.path.relpath(args.masks, ROOT), "kept_per_layer": counts, "gflops": gf / 1e9,
+               "linear_pyramid_same_flops": pyramid,
                "images": [os.path.relpath(ds.samples[i][0], args.data_path) for i in idx]},
               open(args.out + ".json", "w"), indent=1)
     print(f"wrote {args.out}.png and {args.out}.json")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")

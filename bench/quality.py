@@ -4,9 +4,14 @@ For layer t, the layers above keep the given masks (default: the proxy run's), l
 every candidate patch (alive after layer t+1's mask is forced in) is dropped alone at layer t; its true impact
 is the mean change ||f - f_full|| of the final class feature over held training images. Each score is
 averaged over other training images, as the search uses it, and rank-correlated (Spearman) with that truth.
-Pretrained weights, no fine-tuning, so the numbers describe the scores, not the search's weights.
+Pretrained weights, no fine-tuning, so the numbers describe the scores, not the search's weights. Every score of
+slim.SCORES is measured: Eq. 6 exactly ("significance", P3/C3a), v1's "head-mean", "attn", "class-attn", "random".
+Tokens (METHOD.md P1 / C1): by default the masks' own semantics (vit.load_masks), under which the truth, the scores
+and the masks above are all run; --tokens overrides them. The committed results were made with the v1 variant
+("removed", the proxy run's masks' own).
 
     python bench/quality.py                                   # proxy masks, 512 score + 128 held images
+    python bench/quality.py --tokens frozen                   # the same masks run under the paper's semantics
 Writes results/score_quality.json and prints a table.
 """
 import argparse
@@ -29,23 +34,28 @@ def main():
     p = argparse.ArgumentParser("Rank correlation of patch scores with the true impact, per layer")
     p.add_argument("--weights", default=os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"))
     p.add_argument("--data-path", default=os.path.join(SHARED, "data", "cifar10"))
-    p.add_argument("--masks", default=os.path.join(ROOT, "results", "cifar10-proxy", "masks.json"))
+    p.add_argument("--masks", default=os.path.join(ROOT, "results", "cifar10-proxy-v1", "masks.json"))
     p.add_argument("--score-images", type=int, default=512)
     p.add_argument("--held-images", type=int, default=128)
+    p.add_argument("--tokens", default=None, choices=list(vit.TOKENS),
+                   help="token semantics to run under (default: the masks' own; the committed results: removed, v1)")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "score_quality.json"))
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count()))
     model = vit.load_checkpoint(args.weights)
     cfg, N, L = model.cfg, model.cfg.num_tokens, model.cfg.depth
-    keep = vit.load_masks(args.masks, cfg)
-    ctx = slim.Ctx(model, torch.device("cpu"), 64)
+    keep, masks_tokens = vit.load_masks(args.masks, cfg)
+    tokens, note = vit.resolve_tokens(masks_tokens, args.tokens, args.masks)
+    if note:
+        print(note)
     train = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_s, n_h = args.score_images, args.held_images
 
     def cache(idx, desc):
-        return slim.cache_dense(ctx, data.loader(torch.utils.data.Subset(train, idx), 64), desc)[0]
+        return slim.cache_dense(model, data.loader(torch.utils.data.Subset(train, idx), args.batch_size), desc).z
 
     xs_score, xs_held = cache(perm[:n_s], "cache score"), cache(perm[n_s:n_s + n_h], "cache held")
     rows = []
@@ -54,15 +64,16 @@ def main():
         cand = slim.ranked_candidates(torch.zeros(N), keep[t])  # every patch layer t may drop
         if len(cand) < 3:
             continue
-        truth = slim.true_impact(ctx, xs_held[t - 1], full, t, cand)
+        truth = slim.true_impact(model, xs_held[t - 1], full, tokens, t, cand, args.batch_size)
         row = {"layer": t, "candidates": len(cand)}
-        for name, fn in slim.SCORES.items():
-            s = slim.layer_scores(ctx, xs_score[t - 1], full, t, fn)
+        for name in slim.SCORES:  # "random" too: continuous draws, no ties, so its Spearman is defined (near 0)
+            s = slim.layer_scores(model, xs_score[t - 1], full, tokens, t, name, args.batch_size, args.seed)
             row[name] = round(slim.spearman(s[cand], truth), 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"command": " ".join(["python bench/quality.py"] + sys.argv[1:]), "masks": os.path.relpath(args.masks, ROOT),
-           "score_images": n_s, "held_images": n_h, "layers": rows, "machine": slim.machine(),
+    res = {"tokens": tokens, "command": " ".join(["python bench/quality.py"] + sys.argv[1:]),
+           "masks": os.path.relpath(args.masks, ROOT), "masks_tokens": masks_tokens, "score_images": n_s,
+           "held_images": n_h, "layers": rows, "machine": slim.machine(),
            "mean": {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in slim.SCORES}}
     print(f"{'layer':>5} {'candidates':>10} " + " ".join(f"{k:>13}" for k in slim.SCORES))
     for r in rows:
@@ -73,4 +84,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,142 @@
+"""
+The paper's Fig. 4 on the CIFAR-10 proxy (arXiv 2106.02852): sweep eps, and for each value run Algorithm 1 in the
+paper's configuration (frozen patches, Eq. 6, E_{l+1}; slim.py's defaults, any slim.py search flag passes through),
+then the same end-to-end fine-tune for every point; report FLOPs saved (counted as the paper does, P1) and top-1.
+
+    python bench/eps_sweep.py --eps 0.001 0.002 0.005 0.01 0.02 --final-epochs 0.5
+Writes results/fig4/eps_<eps>.json as each point finishes (a rerun skips finished points; a search resumes from
+results/fig4/eps_<eps>_state.pt), results/fig4.json, fig4.md, fig4.png and results/fig4_predictions.npz
+(per-image predicted classes of every evaluated model, "labels").
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+from dataclasses import asdict, fields
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flops  # noqa: E402
+import slim  # noqa: E402
+import vit  # noqa: E402
+from stats import compare, describe  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+PAPER_FIG4 = {0.005: (79.8, 21), 0.01: (79.7, 32), 0.02: (79.4, 44), 0.03: (78.9, 49), 0.04: (78.4, 53), 0.05: (78.0, 54)}
+
+
+def main():
+    p = argparse.ArgumentParser("Fig. 4: eps against FLOPs saved and top-1 (CIFAR-10 proxy)")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.001, 0.002, 0.005, 0.01, 0.02])
+    p.add_argument("--final-epochs", type=float, default=0.5, help="the same end-to-end fine-tune for every point")
+    p.add_argument("--final-lr", type=float, default=3e-4)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "fig4"))
+    args, rest = p.parse_known_args()
+    sargs = slim.check_args(slim.get_args_parser().parse_args(
+        ["--data", "folder", "--data-path", os.path.join(SHARED, "data", "cifar10"),
+         "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "--out", args.out] + rest))
+    pretrained = slim.load_model(sargs).to(torch.device(sargs.device))
+    cfg = pretrained.cfg
+    s = slim.SearchSettings(**{f.name: getattr(sargs, f.name) for f in fields(slim.SearchSettings)})
+    s.tokens, s.r0 = sargs.tokens or "frozen", sargs.r0 or slim.default_r0(cfg)
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    t_start = time.time()
+    log(f"bench/eps_sweep.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(asdict(s))}")
+    val_loader = data.loader(data.build_dataset(sargs.data_path, "val", cfg.img_size), 250, workers=sargs.workers)
+    train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
+    loader = slim.final_loader(train_aug, sargs.batch_size, sargs.workers, sargs.seed)
+    preds_path = args.out + "_predictions.npz"
+    dense_preds, labels = slim.predict(pretrained, val_loader, desc="eval dense")
+    slim.save_predictions(preds_path, dense=dense_preds, labels=labels)
+    dense_top1, dense_gflops = 100 * (dense_preds == labels).double().mean().item(), flops.count_flops(cfg) / 1e9
+    log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
+    model = copy.deepcopy(pretrained)
+    fit, held = slim.cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
+    points = []
+    for eps in args.eps:
+        path = os.path.join(args.out, f"eps_{eps}.json")
+        if os.path.exists(path):
+            points.append(json.load(open(path)))
+            continue
+        t0 = time.time()
+        model.load_state_dict(pretrained.state_dict())
+        s.eps = eps
+        state = slim.search(model, fit, held, s, log, os.path.join(args.out, f"eps_{eps}_state.pt"))
+        keep, t_search = state["keep"], time.time() - t0
+        searched, _ = slim.predict(model, val_loader, keep, s.tokens, desc="eval searched")
+        slim.finetune_all(model, pretrained, keep, s.tokens, loader, args.final_epochs, args.final_lr, log)
+        final, _ = slim.predict(model, val_loader, keep, s.tokens, desc="eval fine-tuned")
+        slim.save_predictions(preds_path, **{f"eps_{eps}_searched": searched, f"eps_{eps}_final": final})
+        gf = flops.count_flops(cfg, keep, tokens=s.tokens) / 1e9
+        pt = {"eps": eps, "tokens": s.tokens, "kept_per_layer": flops.kept_counts(cfg, keep), "gflops": gf,
+              "flops_saved": 1 - gf / dense_gflops, "top1_searched": 100 * (searched == labels).double().mean().item(),
+              "top1": 100 * (final == labels).double().mean().item(),
+              "dense_minus_this": compare(dense_preds == labels, final == labels),
+              "layers": state["layers"], "search_seconds": round(t_search, 1), "seconds": round(time.time() - t0, 1)}
+        json.dump(pt, open(path, "w"), indent=1)
+        log(f"eps {eps}: {100 * pt['flops_saved']:.1f}% fewer FLOPs, top-1 {pt['top1_searched']:.2f} after the search, "
+            f"{pt['top1']:.2f} after the final fine-tune; dense minus this: {describe(pt['dense_minus_this'])}")
+        points.append(pt)
+    summary = {"command": " ".join(["python bench/eps_sweep.py"] + sys.argv[1:]), "dense_top1": dense_top1,
+               "dense_gflops": dense_gflops, "final_epochs": args.final_epochs, "final_lr": args.final_lr,
+               "settings": asdict(s), "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
+               "points": [{k: v for k, v in p.items() if k != "layers"} for p in points]}
+    json.dump(summary, open(args.out + ".json", "w"), indent=1)
+    rows = ["| ε | kept tokens per layer 1..12 | GFLOPs | FLOPs saved | top-1 after search | top-1 after final FT | "
+            "dense − this (95% CI) | paper (DeiT-S): top-1 / saved |", "|---|---|---|---|---|---|---|---|"]
+    for pt in sorted(points, key=lambda p: p["eps"]):
+        paper = PAPER_FIG4.get(pt["eps"])
+        c = pt["dense_minus_this"]
+        rows.append(f"| {pt['eps']} | {' '.join(map(str, pt['kept_per_layer']))} | {pt['gflops']:.3f} | "
+                    f"{100 * pt['flops_saved']:.1f}% | {pt['top1_searched']:.2f} | {pt['top1']:.2f} | "
+                    f"{c['diff']:+.2f} ({c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}) | "
+                    + (f"{paper[0]} / {paper[1]}% |" if paper else "– |"))
+    open(args.out + ".md", "w").write(f"`{summary['command']}`; dense {dense_top1:.2f}%\n\n" + "\n".join(rows) + "\n")
+    log("\n".join(rows))
+    plot(summary, args.out + ".png")
+
+
+def plot(summary, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
+        return
+    pts = sorted(summary["points"], key=lambda p: p["eps"])
+    fig, ax1 = plt.subplots(figsize=(6, 3.8))
+    ax2 = ax1.twinx()
+    x = [p["eps"] for p in pts]
+    ax1.plot(x, [p["top1"] for p in pts], "o-", color="C0", label="top-1 after final fine-tune")
+    ax1.plot(x, [p["top1_searched"] for p in pts], "o--", color="C0", alpha=0.5, label="top-1 after the search")
+    ax1.axhline(summary["dense_top1"], color="k", lw=0.8, ls=":", label="dense")
+    ax2.plot(x, [100 * p["flops_saved"] for p in pts], "s-", color="C1", label="FLOPs saved (paper counting)")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("ε")
+    ax1.set_ylabel("CIFAR-10 val top-1 (%)", color="C0")
+    ax2.set_ylabel("FLOPs saved (%)", color="C1")
+    ax1.legend(fontsize=7, loc="lower left")
+    ax2.legend(fontsize=7, loc="lower right")
+    ax1.set_title("Fig. 4 on the proxy: ε against accuracy and FLOPs saved", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,102 @@
+"""
+The paper's Table 3 on the CIFAR-10 proxy (arXiv 2106.02852): the pyramid Algorithm 1 learned against uniform
+pruning (the same number of patches at every layer 1..L-1) and a linear pyramid, at the same FLOPs counted as the
+paper does (P1), each followed by the same end-to-end fine-tune as the learned one (its report's --final-epochs,
+--final-lr and seed). Uniform and linear masks pick their patches by Eq. 6, top-down (slim.masks_for_counts), on
+the pretrained weights; they get no per-block fine-tuning (that is part of Alg. 1).
+
+    python bench/table3.py --reference results/cifar10-proxy --seeds 0 1
+--reference: slim.py output folders (one per seed of the learned pyramid: the first is used for the FLOPs
+budget); each row is run once per --seeds value (the seed of the fine-tune's loader and of the score images).
+Writes results/table3.json (with paired intervals against the learned pyramid of the same seed) and adds the
+per-image predictions to results/table3_predictions.npz.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flops  # noqa: E402
+import slim  # noqa: E402
+import vit  # noqa: E402
+from stats import compare, describe  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+
+
+def uniform_counts(cfg, target, tokens):
+    """The same kept count n at layers 1..L-1 (and m_L = e_0) whose FLOPs come closest to target."""
+    return min(([n] * (cfg.depth - 1) + [1] for n in range(1, cfg.num_tokens + 1)),
+               key=lambda c: abs(flops.count_flops(cfg, counts=c, tokens=tokens) - target))
+
+
+def main():
+    p = argparse.ArgumentParser("Table 3: learned pyramid vs uniform and linear pruning at the same FLOPs")
+    p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy")])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--rows", nargs="+", default=["uniform", "linear"], choices=["uniform", "linear"])
+    p.add_argument("--score-images", type=int, default=512)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "table3"))
+    args = p.parse_args()
+    refs = [json.load(open(os.path.join(r, "report.json"))) for r in args.reference]
+    ra = refs[0]["args"]
+    tokens = refs[0]["tokens"]
+    model = vit.load_checkpoint(ra["weights"])
+    cfg, N = model.cfg, model.cfg.num_tokens
+    target = refs[0]["slimmed_gflops"] * 1e9
+    counts = {"uniform": uniform_counts(cfg, target, tokens), "linear": flops.linear_pyramid(cfg, target, tokens)}
+    val_loader = data.loader(data.build_dataset(ra["data_path"], "val", cfg.img_size), 250, workers=ra["workers"])
+    train_aug = data.build_dataset(ra["data_path"], "train", cfg.img_size)
+    train_eval = data.build_dataset(ra["data_path"], "train", cfg.img_size, train_transform=False)
+    res = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else {"rows": {}}
+    res.update(command=" ".join(["python bench/table3.py"] + sys.argv[1:]), tokens=tokens, target_gflops=target / 1e9,
+               final_epochs=ra["final_epochs"], final_lr=ra["final_lr"], machine=slim.machine())
+    for r, ref in zip(args.reference, refs):  # the learned pyramid: from its own run
+        res["rows"][f"learned seed {ref['args']['seed']}"] = {
+            "folder": os.path.relpath(r, ROOT), "kept_per_layer": ref["kept_per_layer"], "gflops": ref["slimmed_gflops"],
+            "top1": ref["slimmed_top1"], "top1_before_final_ft": ref["searched_top1"]}
+    preds_path = args.out + "_predictions.npz"
+    for row in args.rows:
+        for seed in args.seeds:
+            name = f"{row} seed {seed}"
+            if name in res["rows"]:
+                continue
+            t0 = time.time()
+            model = vit.load_checkpoint(ra["weights"])
+            perm = torch.randperm(len(train_eval), generator=torch.Generator().manual_seed(seed)).tolist()
+            score_cache = slim.cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:args.score_images]),
+                                                              64), "cache score images")
+            keep = slim.masks_for_counts(model, score_cache.z, counts[row], tokens, "significance", seed)
+            before, labels = slim.predict(model, val_loader, keep, tokens, desc=f"eval {name}")
+            teacher = vit.load_checkpoint(ra["weights"])
+            slim.finetune_all(model, teacher, keep, tokens, slim.final_loader(train_aug, ra["batch_size"], ra["workers"], seed),
+                              ra["final_epochs"], ra["final_lr"], print)
+            after, _ = slim.predict(model, val_loader, keep, tokens, desc=f"eval {name} fine-tuned")
+            slim.save_predictions(preds_path, labels=labels, **{name.replace(" ", "_"): after})
+            entry = {"kept_per_layer": counts[row], "gflops": flops.count_flops(cfg, keep, tokens=tokens) / 1e9,
+                     "top1_before_final_ft": 100 * (before == labels).double().mean().item(),
+                     "top1": 100 * (after == labels).double().mean().item(), "seconds": round(time.time() - t0)}
+            learned = [r for r, ref in zip(args.reference, refs) if ref["args"]["seed"] == seed]
+            if learned:  # paired against the learned pyramid of the same seed, on the same val images
+                lp = np.load(os.path.join(learned[0], "predictions.npz"))
+                entry["learned_minus_this"] = compare(lp["slimmed"] == lp["labels"], after.numpy() == labels.numpy())
+                print(f"{name}: learned minus this {describe(entry['learned_minus_this'])}", flush=True)
+            res["rows"][name] = entry
+            json.dump(res, open(args.out + ".json", "w"), indent=1)
+            print(name, json.dumps({k: v for k, v in entry.items()}), flush=True)
+    json.dump(res, open(args.out + ".json", "w"), indent=1)
+    print(f"wrote {args.out}.json")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")
