@@ -6,8 +6,11 @@ paper does (P1), each followed by the same end-to-end fine-tune as the learned o
 the pretrained weights; they get no per-block fine-tuning (that is part of Alg. 1).
 
     python bench/table3.py --reference results/cifar10-proxy --seeds 0 1
+    python bench/table3.py --fig4-eps 0.003      # the learned pyramid of a Fig. 4 point, with that sweep's fine-tune
 --reference: slim.py output folders (one per seed of the learned pyramid: the first is used for the FLOPs
-budget); each row is run once per --seeds value (the seed of the fine-tune's loader and of the score images).
+budget); --fig4-eps instead takes the learned pyramid, its top-1 and predictions, and the fine-tune settings from
+bench/eps_sweep.py's results (seed 0). Each row is run once per --seeds value (the seed of the fine-tune's loader
+and of the score images).
 Writes results/table3.json (with paired intervals against the learned pyramid of the same seed) and adds the
 per-image predictions to results/table3_predictions.npz.
 """
@@ -40,12 +43,23 @@ def uniform_counts(cfg, target, tokens):
 def main():
     p = argparse.ArgumentParser("Table 3: learned pyramid vs uniform and linear pruning at the same FLOPs")
     p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy")])
+    p.add_argument("--fig4-eps", type=float, default=None, help="take the learned pyramid from this Fig. 4 point")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--rows", nargs="+", default=["uniform", "linear"], choices=["uniform", "linear"])
     p.add_argument("--score-images", type=int, default=512)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "table3"))
     args = p.parse_args()
-    refs = [json.load(open(os.path.join(r, "report.json"))) for r in args.reference]
+    if args.fig4_eps is not None:  # a Fig. 4 point as the learned pyramid, in slim.py's report layout
+        sweep = json.load(open(os.path.join(ROOT, "results", "fig4.json")))
+        pt = json.load(open(os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}.json")))
+        ra = {"weights": os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "seed": sweep["settings"]["seed"],
+              "data_path": os.path.join(SHARED, "data", "cifar10"), "workers": 2, "batch_size": sweep["settings"]["batch_size"],
+              "final_epochs": sweep["final_epochs"], "final_lr": sweep["final_lr"]}
+        refs = [{"args": ra, "tokens": pt["tokens"], "slimmed_gflops": pt["gflops"], "kept_per_layer": pt["kept_per_layer"],
+                 "slimmed_top1": pt["top1"], "searched_top1": pt["top1_searched"]}]
+        args.reference = [os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}")]
+    else:
+        refs = [json.load(open(os.path.join(r, "report.json"))) for r in args.reference]
     ra = refs[0]["args"]
     tokens = refs[0]["tokens"]
     model = vit.load_checkpoint(ra["weights"])
@@ -85,8 +99,13 @@ def main():
                      "top1": 100 * (after == labels).double().mean().item(), "seconds": round(time.time() - t0)}
             learned = [r for r, ref in zip(args.reference, refs) if ref["args"]["seed"] == seed]
             if learned:  # paired against the learned pyramid of the same seed, on the same val images
-                lp = np.load(os.path.join(learned[0], "predictions.npz"))
-                entry["learned_minus_this"] = compare(lp["slimmed"] == lp["labels"], after.numpy() == labels.numpy())
+                if args.fig4_eps is not None:
+                    lp = np.load(os.path.join(ROOT, "results", "fig4_predictions.npz"))
+                    learned_pred = lp[f"eps_{args.fig4_eps}_final"]
+                else:
+                    lp = np.load(os.path.join(learned[0], "predictions.npz"))
+                    learned_pred = lp["slimmed"]
+                entry["learned_minus_this"] = compare(learned_pred == lp["labels"], after.numpy() == labels.numpy())
                 print(f"{name}: learned minus this {describe(entry['learned_minus_this'])}", flush=True)
             res["rows"][name] = entry
             json.dump(res, open(args.out + ".json", "w"), indent=1)
