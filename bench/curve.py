@@ -44,6 +44,7 @@ import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
 import vit  # noqa: E402
+from common import folder_log, pyplot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -82,12 +83,8 @@ def table(points, dense_top1, dense_gflops, N):
 
 
 def plot(points, dense_top1, dense_gflops, path, headline=None):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     style = {"ps": ("C0", "o", "-"), "ps-noft": ("C0", "o", "--"),
              "random": ("C3", "s", "-"), "random-noft": ("C3", "s", "--"),
@@ -145,13 +142,7 @@ def main():
     s = slim.SearchSettings(**{f.name: getattr(sargs, f.name) for f in dataclasses.fields(slim.SearchSettings)})
     s.r0 = sargs.r0 or slim.default_r0(cfg)
     run_id = {"weights": sargs.weights, "data_path": os.path.abspath(sargs.data_path)}  # as slim.main's
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "log.txt"), "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = folder_log(args.out)
 
     t_start = time.time()
     log(f"bench/curve.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(dataclasses.asdict(s))}")

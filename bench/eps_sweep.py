@@ -23,6 +23,7 @@ import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
 import vit  # noqa: E402
+from common import folder_log, pyplot  # noqa: E402
 from stats import compare, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,13 +45,7 @@ def main():
     cfg = pretrained.cfg
     s = slim.SearchSettings(**{f.name: getattr(sargs, f.name) for f in fields(slim.SearchSettings)})
     s.tokens, s.r0 = sargs.tokens or "frozen", sargs.r0 or slim.default_r0(cfg)
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "log.txt"), "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = folder_log(args.out)
 
     t_start = time.time()
     log(f"bench/eps_sweep.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(asdict(s))}")
@@ -109,12 +104,8 @@ def main():
 
 
 def plot(summary, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     pts = sorted(summary["points"], key=lambda p: p["eps"])
     fig, ax1 = plt.subplots(figsize=(6, 3.8))

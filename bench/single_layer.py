@@ -26,6 +26,7 @@ import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
 import vit  # noqa: E402
+from common import pyplot  # noqa: E402
 from stats import compare  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,12 +102,8 @@ def main():
 
 
 def plot(res, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     pts = res["points"]
     if res["figure"] == 6:
