@@ -37,15 +37,18 @@ def kept_counts(cfg, keep=None):
     return [int(k.numel()) for k in check_keep(keep, cfg)]
 
 
+def key_counts(cfg, counts, tokens="frozen"):
+    """Rows each layer's queries attend over: N everywhere under "frozen" (P1); under "removed" (C1) the rows kept
+    by the layer before, |m_{t-1}| (|m_0| = N)."""
+    if check_tokens(tokens) == "frozen":
+        return [cfg.num_tokens] * len(counts)
+    return [cfg.num_tokens] + list(counts[:-1])
+
+
 def layer_flops(cfg, counts, tokens="frozen"):
     """Per-layer MACs for kept-token counts |m_1|..|m_L| under the token semantics `tokens`."""
-    check_tokens(tokens)
-    n_prev, out = cfg.num_tokens, []
-    for n in counts:
-        n_keys = cfg.num_tokens if tokens == "frozen" else n_prev
-        out.append(sum(block_flops(n_keys, n, cfg.embed_dim, cfg.mlp_ratio).values()))
-        n_prev = n
-    return out
+    return [sum(block_flops(n_keys, n, cfg.embed_dim, cfg.mlp_ratio).values())
+            for n_keys, n in zip(key_counts(cfg, counts, tokens), counts)]
 
 
 def count_flops(cfg, keep=None, counts=None, tokens="frozen"):
@@ -100,10 +103,8 @@ def main(args):
     dense = count_flops(cfg)
     print(f"tokens: {tokens} ({'pruned patches stay keys/values, METHOD.md P1' if tokens == 'frozen' else 'pruned patches leave the sequence, METHOD.md C1'})")
     print(f"{'layer':>5} {'keys':>5} {'updated':>7} {'GFLOPs':>8}")
-    n_prev = cfg.num_tokens
-    for t, (n, f) in enumerate(zip(counts, per_layer), 1):
-        print(f"{t:>5} {cfg.num_tokens if tokens == 'frozen' else n_prev:>5} {n:>7} {f / 1e9:>8.4f}")
-        n_prev = n
+    for t, (n_keys, n, f) in enumerate(zip(key_counts(cfg, counts, tokens), counts, per_layer), 1):
+        print(f"{t:>5} {n_keys:>5} {n:>7} {f / 1e9:>8.4f}")
     total = count_flops(cfg, counts=counts, tokens=tokens)
     print(f"total {total / 1e9:.3g} GFLOPs (dense {dense / 1e9:.3g} G, {100 * (1 - total / dense):.1f}% fewer)")
     print(NOT_COUNTED)

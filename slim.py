@@ -512,10 +512,14 @@ def predict(model, loader, keep=None, tokens="frozen", desc="eval"):
     return torch.cat(preds), torch.cat(labels)
 
 
+def accuracy(preds, labels):
+    """Top-1 (%) of predicted classes against labels (tensors of the same shape)."""
+    return 100.0 * (preds == labels).double().mean().item()
+
+
 def evaluate(model, loader, keep=None, tokens="frozen", desc="eval"):
     """Top-1 (%) of model with masks keep (under token semantics `tokens`) on loader."""
-    preds, labels = predict(model, loader, keep, tokens, desc)
-    return 100.0 * (preds == labels).double().mean().item()
+    return accuracy(*predict(model, loader, keep, tokens, desc))
 
 
 def save_predictions(path, **preds):
@@ -632,6 +636,19 @@ def check_args(args):
     return args
 
 
+def settings_from_args(args, cfg):
+    """The SearchSettings of parsed CLI args, with the defaults that depend on the model filled in (tokens: the
+    paper's "frozen"; r0: default_r0)."""
+    s = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
+    s.tokens, s.r0 = args.tokens or "frozen", args.r0 or default_r0(cfg)
+    return s
+
+
+def run_identity(args):
+    """What besides the settings identifies a search (saved in its state, compared on resume): weights and data."""
+    return {"weights": args.weights or f"release {args.model or 'deit_small'}", "data_path": os.path.abspath(args.data_path)}
+
+
 def load_model(args):
     if args.weights:
         return vit.load_checkpoint(args.weights, expect=vit.PRESETS[args.model] if args.model else None)
@@ -666,8 +683,7 @@ def main(args):
     else:  # the training split feeds scores, fine-tuning and the error E
         train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
         data.check_classes(train_aug, cfg.num_classes)
-        s = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
-        s.tokens, s.r0, note = args.tokens or "frozen", args.r0 or default_r0(cfg), None
+        s, note = settings_from_args(args, cfg), None
     os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be good
     logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a")
 
@@ -693,7 +709,7 @@ def main(args):
         return result
 
     log(f"search settings: {json.dumps(asdict(s))}")
-    run_id = {"weights": args.weights or f"release {args.model or 'deit_small'}", "data_path": os.path.abspath(args.data_path)}
+    run_id = run_identity(args)
     state_path = os.path.join(args.out, "state.pt")
     report_path = os.path.join(args.out, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
@@ -701,7 +717,7 @@ def main(args):
     if report.get("val_images") != len(val) or report.get("weights") != run_id["weights"]:
         preds, labels = predict(model, val_loader, desc="eval dense")
         save_predictions(preds_path, dense=preds, labels=labels)
-        report = {"dense_top1": 100.0 * (preds == labels).double().mean().item(), "val_images": len(val),
+        report = {"dense_top1": accuracy(preds, labels), "val_images": len(val),
                   "weights": run_id["weights"]}
         json.dump(report, open(report_path, "w"), indent=1)
     log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
@@ -718,14 +734,14 @@ def main(args):
     if args.final_epochs > 0:
         preds, labels = predict(model, val_loader, keep, s.tokens, desc="eval searched")
         save_predictions(preds_path, searched=preds, labels=labels)
-        report["searched_top1"] = 100.0 * (preds == labels).double().mean().item()
+        report["searched_top1"] = accuracy(preds, labels)
         log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
         teacher = load_model(args).to(device)
         finetune_all(model, teacher, keep, s.tokens, final_loader(train_aug, args.batch_size, args.workers, args.seed),
                      args.final_epochs, args.final_lr, log)
     preds, labels = predict(model, val_loader, keep, s.tokens, desc="eval slimmed")
     save_predictions(preds_path, slimmed=preds, labels=labels)
-    top1 = 100.0 * (preds == labels).double().mean().item()
+    top1 = accuracy(preds, labels)
     slim_flops = flops.count_flops(cfg, keep, tokens=s.tokens)
     name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
     vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)

@@ -139,9 +139,8 @@ def main():
     device = torch.device(sargs.device)
     pretrained = slim.load_model(sargs).to(device)
     cfg = pretrained.cfg
-    s = slim.SearchSettings(**{f.name: getattr(sargs, f.name) for f in dataclasses.fields(slim.SearchSettings)})
-    s.r0 = sargs.r0 or slim.default_r0(cfg)
-    run_id = {"weights": sargs.weights, "data_path": os.path.abspath(sargs.data_path)}  # as slim.main's
+    s = slim.settings_from_args(sargs, cfg)  # tokens: --tokens, passed on to slim's parser above
+    run_id = slim.run_identity(sargs)
     log = folder_log(args.out)
 
     t_start = time.time()

@@ -16,7 +16,7 @@ import sys
 import time
 
 import torch
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -43,8 +43,7 @@ def main():
          "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "--out", args.out] + rest))
     pretrained = slim.load_model(sargs).to(torch.device(sargs.device))
     cfg = pretrained.cfg
-    s = slim.SearchSettings(**{f.name: getattr(sargs, f.name) for f in fields(slim.SearchSettings)})
-    s.tokens, s.r0 = sargs.tokens or "frozen", sargs.r0 or slim.default_r0(cfg)
+    s = slim.settings_from_args(sargs, cfg)
     log = folder_log(args.out)
 
     t_start = time.time()
@@ -55,7 +54,7 @@ def main():
     preds_path = args.out + "_predictions.npz"
     dense_preds, labels = slim.predict(pretrained, val_loader, desc="eval dense")
     slim.save_predictions(preds_path, dense=dense_preds, labels=labels)
-    dense_top1, dense_gflops = 100 * (dense_preds == labels).double().mean().item(), flops.count_flops(cfg) / 1e9
+    dense_top1, dense_gflops = slim.accuracy(dense_preds, labels), flops.count_flops(cfg) / 1e9
     log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
     model = copy.deepcopy(pretrained)
     fit, held = slim.cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
@@ -76,8 +75,8 @@ def main():
         slim.save_predictions(preds_path, **{f"eps_{eps}_searched": searched, f"eps_{eps}_final": final})
         gf = flops.count_flops(cfg, keep, tokens=s.tokens) / 1e9
         pt = {"eps": eps, "tokens": s.tokens, "kept_per_layer": flops.kept_counts(cfg, keep), "gflops": gf,
-              "flops_saved": 1 - gf / dense_gflops, "top1_searched": 100 * (searched == labels).double().mean().item(),
-              "top1": 100 * (final == labels).double().mean().item(),
+              "flops_saved": 1 - gf / dense_gflops, "top1_searched": slim.accuracy(searched, labels),
+              "top1": slim.accuracy(final, labels),
               "dense_minus_this": compare(dense_preds == labels, final == labels),
               "layers": state["layers"], "search_seconds": round(t_search, 1), "seconds": round(time.time() - t0, 1)}
         json.dump(pt, open(path, "w"), indent=1)

@@ -95,8 +95,8 @@ def main():
             after, _ = slim.predict(model, val_loader, keep, tokens, desc=f"eval {name} fine-tuned")
             slim.save_predictions(preds_path, labels=labels, **{name.replace(" ", "_"): after})
             entry = {"kept_per_layer": counts[row], "gflops": flops.count_flops(cfg, keep, tokens=tokens) / 1e9,
-                     "top1_before_final_ft": 100 * (before == labels).double().mean().item(),
-                     "top1": 100 * (after == labels).double().mean().item(), "seconds": round(time.time() - t0)}
+                     "top1_before_final_ft": slim.accuracy(before, labels),
+                     "top1": slim.accuracy(after, labels), "seconds": round(time.time() - t0)}
             learned = [r for r, ref in zip(args.reference, refs) if ref["args"]["seed"] == seed]
             if learned:  # paired against the learned pyramid of the same seed, on the same val images
                 if args.fig4_eps is not None:
