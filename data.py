@@ -1,43 +1,91 @@
 """
 Data for patch slimming (Tang et al., CVPR 2022, arXiv 2106.02852): ImageNet or any ImageFolder tree
-(DIR/train/<class>/*, DIR/val/<class>/*), with transforms derived from the model's image size.
+(DIR/train/<class>/*, DIR/val/<class>/*), with torchvision transforms v2 derived from the model's image size.
 
 - 224 px (ImageNet): DeiT's recipe (facebookresearch/deit datasets.py). Eval: Resize(int(224/0.875),
-  bicubic) -> CenterCrop(224) -> Normalize(ImageNet mean/std). Train (for the short fine-tunes of
-  METHOD.md C5): RandomResizedCrop(224, bicubic) + horizontal flip.
+  bicubic) -> CenterCrop(224) -> Normalize(ImageNet mean/std). Train: RandomResizedCrop(224, bicubic) +
+  horizontal flip (the short block fine-tunes of METHOD.md C5), plus, for the final fine-tune (C7), optional
+  RandAugment (DeiT's rand-m9-mstd0.5: 2 ops at magnitude 9) and random erasing (DeiT's reprob, random pixels);
+  MixUp/CutMix act on whole batches (mixup_cutmix).
 - small images (<= 64 px, e.g. the CIFAR-10 proxy at 32 px): eval is the image as it is (a CenterCrop
   to the model size is the identity there); train is a random crop of the 4-px reflect-padded image +
   flip, the recipe the proxy checkpoint was trained with (../shared/README.md).
-Grayscale, CMYK and palette images become RGB through torchvision's default loader (PIL convert("RGB")).
+Grayscale, CMYK and palette images become RGB (PIL convert("RGB")). A file that cannot be read as an image
+(truncated, not an image) never ends a run with a DataLoader traceback: it is a one-line UserError naming it,
+or, with a BadFiles(skip=True) registry (slim.py --skip-bad-images), dropped from its batch and counted.
+
+Every random augmentation of image i is drawn from a generator seeded by (seed, epoch, i) (SeededView): the
+views do not depend on the number of DataLoader workers or processes, so a run under torchrun sees the images
+a one-process run sees, and a resumed run sees those of an uninterrupted one.
 """
 import os
 
 import numpy as np
 import torch
-from torchvision import datasets, transforms
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision import datasets
+from torchvision.transforms import v2
 
 from vit import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL = 64  # image sizes up to this use the small-image recipe
+BICUBIC = v2.InterpolationMode.BICUBIC
 
 
-def build_transform(img_size, train):
-    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def build_transform(img_size, train, randaugment=False, erase=0.0):
+    """The per-image transform. train: the training augmentation (C5); randaugment and erase (a probability)
+    add DeiT's RandAugment and random erasing on top (the final fine-tune's recipe, C7)."""
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not train:
+        resize = [] if img_size <= SMALL else [v2.Resize(int(img_size / 0.875), interpolation=BICUBIC)]
+        return v2.Compose([*resize, v2.CenterCrop(img_size), *to_tensor])
     if img_size <= SMALL:
-        if train:
-            return transforms.Compose([transforms.RandomCrop(img_size, padding=4, padding_mode="reflect"),
-                                       transforms.RandomHorizontalFlip(), *norm])
-        return transforms.Compose([transforms.CenterCrop(img_size), *norm])
-    bicubic = transforms.InterpolationMode.BICUBIC
-    if train:
-        return transforms.Compose([transforms.RandomResizedCrop(img_size, interpolation=bicubic),
-                                   transforms.RandomHorizontalFlip(), *norm])
-    return transforms.Compose([transforms.Resize(int(img_size / 0.875), interpolation=bicubic),
-                               transforms.CenterCrop(img_size), *norm])
+        crop = v2.RandomCrop(img_size, padding=4, padding_mode="reflect")
+    else:
+        crop = v2.RandomResizedCrop(img_size, interpolation=BICUBIC)
+    extra = [v2.RandAugment(num_ops=2, magnitude=9, interpolation=BICUBIC)] if randaugment else []
+    erasing = [v2.RandomErasing(p=erase, value="random")] if erase > 0 else []
+    return v2.Compose([crop, v2.RandomHorizontalFlip(), *extra, *to_tensor, *erasing])
 
 
-def build_dataset(root, split, img_size, train_transform=None):
+class BadFile:
+    """What a dataset returns for a file that is not a readable image (the loaders raise or skip it)."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = path, reason
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable files come back as BadFile items instead of exceptions inside a worker."""
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")  # convert decodes the whole file: truncation shows here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return BadFile(path, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__)
+        return self.transform(img), target
+
+
+class BadFiles:
+    """What the loaders do with unreadable files: skip=False, a one-line UserError naming the first one;
+    skip=True, drop it from its batch and remember it here (paths, for the log and report.json)."""
+
+    def __init__(self, skip=False):
+        self.skip, self.paths = skip, {}
+
+    def handle(self, bad):
+        for b in bad:
+            if not self.skip:
+                raise UserError(f"{b.path} is not a readable image ({b.reason}): remove or replace it, or pass "
+                                "--skip-bad-images to skip such files")
+            self.paths[b.path] = b.reason
+
+
+def build_dataset(root, split, img_size, train_transform=None, randaugment=False, erase=0.0):
     """ImageFolder over root/split. train_transform: None -> the training augmentation for the train split
     and the eval transform otherwise; False -> always the eval transform (deterministic scoring)."""
     path = os.path.join(root, split)
@@ -47,7 +95,7 @@ def build_dataset(root, split, img_size, train_transform=None):
         raise UserError(f"dataset folder {root} has no {split}/ subfolder: expected {path}/<class>/<images>")
     train = split == "train" if train_transform is None else bool(train_transform)
     try:
-        ds = datasets.ImageFolder(path, transform=build_transform(img_size, train))
+        ds = CheckedImageFolder(path, transform=build_transform(img_size, train, randaugment, erase))
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise UserError(f"{path} holds no images in class subfolders ({str(e).splitlines()[0][:100]}): "
                         f"expected {path}/<class>/<images>")
@@ -59,6 +107,22 @@ def check_classes(ds, num_classes):
     if len(ds.classes) != num_classes:
         raise UserError(f"{ds.root} has {len(ds.classes)} classes but the model's head has {num_classes}: "
                         "use a checkpoint trained on this dataset")
+
+
+class SeededView(torch.utils.data.Dataset):
+    """ds with the random augmentations of item i drawn from torch's generator seeded by (seed, epoch, i), restored
+    afterwards. Set .epoch for a new draw of every image (the final fine-tune does so each epoch)."""
+
+    def __init__(self, ds, seed, epoch=0):
+        self.ds, self.seed, self.epoch = ds, seed, epoch
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.ds[i]
 
 
 def subset(ds, per_class=None, total=None, seed=None):
@@ -80,7 +144,48 @@ def subset(ds, per_class=None, total=None, seed=None):
     return torch.utils.data.Subset(ds, sorted(order.tolist()) if seed is None else order.tolist())
 
 
-def loader(ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       generator=g, drop_last=drop_last, persistent_workers=False)
+def default_workers(processes=1):
+    """DataLoader workers per process: the CPUs this process may use, shared among the processes of this machine
+    (torchrun's LOCAL_WORLD_SIZE), at most 8 each."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, processes)))
+
+
+class Loader:
+    """A DataLoader of (images, labels) batches that hands unreadable files (BadFile items) to a BadFiles registry:
+    an error naming the file, or a batch without it. bad=None: the error."""
+
+    def __init__(self, ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None):
+        self.bad = bad or BadFiles(skip=False)
+        g = torch.Generator().manual_seed(seed)
+        self.dataloader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+            num_workers=workers, generator=g, drop_last=drop_last, collate_fn=collate_checked,
+            persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def __len__(self):
+        return len(self.dataloader)
+
+    def __iter__(self):
+        for batch, bad in self.dataloader:
+            self.bad.handle(bad)
+            if batch is not None:
+                yield batch
+
+
+def collate_checked(items):
+    """default_collate over the readable items; the BadFile items travel beside them."""
+    good = [it for it in items if not isinstance(it, BadFile)]
+    return (default_collate(good) if good else None), [it for it in items if isinstance(it, BadFile)]
+
+
+def loader(ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None):
+    return Loader(ds, batch_size, shuffle, workers, seed, drop_last, sampler, bad)
+
+
+def mixup_cutmix(num_classes, mixup, cutmix):
+    """DeiT's batch mixing (mixup alpha 0.8, cutmix alpha 1.0, one of the two per batch) from transforms v2, or None
+    when both alphas are 0. Called on (images, labels); returns mixed images and soft labels (B, classes)."""
+    ops = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
+          ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    return None if not ops else ops[0] if len(ops) == 1 else v2.RandomChoice(ops)

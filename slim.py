@@ -38,26 +38,21 @@ import platform
 import sys
 import time
 from collections import namedtuple
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import flops
 import vit
+from pipeline import distributed, finetune
+from pipeline.caches import cache_plan, cache_search_sets, progress, search_set_sizes
+from pipeline.evaluate import accuracy, autocast, predict, save_predictions
+from pipeline.finetune import distill_loss
 from vit import UserError
 
-progress = partial(tqdm, leave=False, disable=None)  # bars on a terminal; none in log files or CI
 
-
-def autocast(device):
-    """bfloat16 autocast on CUDA, float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def device_of(model):
@@ -163,14 +158,12 @@ def spearman(a, b):
 
 # ----------------------------------------------------------------------------- running blocks from the cache
 
-DenseCache = namedtuple("DenseCache", "z feat logits")  # z[t]: (M, N, d), Z_t, the dense output of block t (z[0]: the
-#   embedded tokens, so z[t-1] enters block t); feat, logits: the dense final class feature (after the norm) and logits
-LayerCache = namedtuple("LayerCache", "z_in z_next feat logits")  # block t's view: Z_{t-1}, Z_{t+1}, feat, logits
+LayerCache = namedtuple("LayerCache", "z_in z_next feat logits positions")  # block t's view: Z_{t-1}, Z_{t+1}, ...
 
 
 def at_layer(cache, t):
     """The part of a DenseCache that searching layer t reads: its input Z_{t-1} and the target Z_{t+1} of P4."""
-    return LayerCache(cache.z[t - 1], cache.z[t + 1], cache.feat, cache.logits)
+    return LayerCache(cache.z[t - 1], cache.z[t + 1], cache.feat, cache.logits, cache.positions)
 
 
 def images(cache, idx):
@@ -187,24 +180,6 @@ def tail_features(model, x, keep, tokens, start):
     device = device_of(model)
     with autocast(device):
         return model.norm(model.run_blocks(x.to(device), keep, tokens, start)[:, 0]).float()
-
-
-@torch.no_grad()
-def cache_dense(model, loader, desc):
-    """Z_0 .. Z_L and the final feature/logits of the dense model, for every image of loader (a DenseCache)."""
-    L, device = model.cfg.depth, device_of(model)
-    zs, fs = [[] for _ in range(L + 1)], []
-    store = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for img, _ in progress(loader, desc=desc):
-        with autocast(device):
-            x = model.embed(img.to(device))
-            for t in range(1, L + 1):
-                zs[t - 1].append(x.to(store))
-                x = model.blocks[t - 1](x)
-            zs[L].append(x.to(store))
-            fs.append(model.norm(x[:, 0]).float())
-    feat = torch.cat(fs)
-    return DenseCache([torch.cat(z) for z in zs], feat, model.head(feat))
 
 
 def next_layer_error(model, batch, keep, tokens, t):
@@ -234,11 +209,14 @@ ERRORS = {"next": next_layer_error, "final": final_feature_error}
 
 @torch.no_grad()
 def layer_error(model, cache, keep, tokens, error, t, batch_size):
-    """The error Alg. 1 tests at layer t, averaged over the images of cache (a LayerCache): error "next" (P4) or
-    "final" (v1)."""
-    per_image = [ERRORS[error](model, images(cache, slice(i, i + batch_size)), keep, tokens, t)
-                 for i in range(0, len(cache.z_in), batch_size)]
-    return torch.cat(per_image).mean().item()
+    """The error Alg. 1 tests at layer t, averaged over the images of cache (a LayerCache; under torchrun over every
+    rank's share, so that each rank gets the same number): error "next" (P4) or "final" (v1)."""
+    total = torch.zeros(2, dtype=torch.float64)  # sum of per-image errors, images
+    for i in range(0, len(cache.z_in), batch_size):
+        e = ERRORS[error](model, images(cache, slice(i, i + batch_size)), keep, tokens, t)
+        total += torch.tensor([e.double().sum().item(), len(e)], dtype=torch.float64)
+    total = distributed.all_reduce_sum(total)
+    return (total[0] / total[1]).item()
 
 
 @torch.no_grad()
@@ -248,13 +226,15 @@ def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
     N, device = model.cfg.num_tokens, device_of(model)
     if score == "random":
         return torch.rand(N, generator=torch.Generator().manual_seed(seed + t))
-    total = 0
+    total = torch.zeros(N + 1, dtype=torch.float64)  # score sums, then the image count (all-reduced under torchrun)
     for i in range(0, len(z_in), batch_size):
         records = []
         with autocast(device):
             model.run_blocks(z_in[i:i + batch_size].to(device), keep, tokens, t, records=records)
-        total = total + SCORES[score](records).sum(0)
-    return (total / len(z_in)).cpu()
+        total[:N] += SCORES[score](records).sum(0).double().cpu()
+        total[N] += len(records[0]["P"])
+    total = distributed.all_reduce_sum(total)
+    return (total[:N] / total[N]).float()
 
 
 @torch.no_grad()
@@ -263,7 +243,7 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
     of the final class feature, averaged over z_in (inputs of block t). Block t's other rows do not change when row i is pruned, so
     block t runs once; under "frozen" row i then keeps its input Z_{t-1}[i] (P1), under "removed" it leaves."""
     N, device = model.cfg.num_tokens, device_of(model)
-    impact = torch.zeros(len(candidates))
+    impact = torch.zeros(len(candidates), dtype=torch.float64)
     for s in range(0, len(z_in), batch_size):
         x = z_in[s:s + batch_size].to(device)
         with autocast(device):
@@ -278,25 +258,20 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
                 else:
                     y_i = y.index_select(1, rest.to(device))
                 fi = model.norm(model.run_blocks(y_i, k, tokens, t + 1)[:, 0]).float()
-                impact[j] += (fi - f).norm(dim=-1).sum().cpu()
-    return impact / len(z_in)
+                impact[j] += (fi - f).norm(dim=-1).sum().double().cpu()
+    count = distributed.all_reduce_sum(torch.tensor([float(len(z_in))], dtype=torch.float64))
+    return (distributed.all_reduce_sum(impact) / count).float()
 
 
 # ----------------------------------------------------------------------------- fine-tuning (METHOD.md C5)
 
 
-def distill_loss(f, logits, f_dense, logits_dense):
-    """v1's block fine-tuning objective: relative feature MSE (what the v1 error measures) + KL of the logits, both
-    against the dense model."""
-    rel = ((f - f_dense).pow(2).sum(-1) / f_dense.pow(2).sum(-1)).mean()
-    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(logits_dense, -1), reduction="batchmean", log_target=True)
-    return rel + kl
-
-
 def finetune_block(model, t, fit, keep, s, seed, desc):
     """Train only block t's parameters (C5), s.ft_steps AdamW steps at s.ft_lr with a cosine schedule, batches of
     s.batch_size drawn from fit (a LayerCache: the input is the ORIGINAL Z_{t-1}). The objective is the error the
-    search tests: E_{t+1} itself (P4, s.error == "next"), or v1's distillation of the final feature ("final")."""
+    search tests: E_{t+1} itself (P4, s.error == "next"), or v1's distillation of the final feature ("final").
+    Under torchrun every rank draws the same image numbers, computes the loss of those it holds, and the gradients
+    are summed (pipeline/distributed.py): the step of one process, up to float rounding."""
     device = device_of(model)
     params = list(model.blocks[t - 1].parameters())
     for p in model.parameters():
@@ -306,19 +281,33 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
     opt = torch.optim.AdamW(params, lr=s.ft_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.ft_steps)
     g = torch.Generator().manual_seed(seed)
+    everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values  # the whole sample's image numbers
     for _ in progress(range(s.ft_steps), desc=desc):
-        batch = images(fit, torch.randint(0, len(fit.z_in), (min(s.batch_size, len(fit.z_in)),), generator=g))
-        if s.error == "next":
-            loss = next_layer_error(model, batch, keep, s.tokens, t).mean()
-        else:
-            f = tail_features(model, batch.z_in, keep, s.tokens, t)
-            loss = distill_loss(f, model.head(f), batch.feat.to(device), batch.logits.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batch_size = min(s.batch_size, len(everyone))
+        chosen = everyone[torch.randint(0, len(everyone), (batch_size,), generator=g)]
+        where = torch.searchsorted(fit.positions, chosen).clamp_max(len(fit.positions) - 1)
+        mine = where[fit.positions[where] == chosen]               # the drawn images this rank holds (all of them
+        opt.zero_grad(set_to_none=False)                          # with one process), repeats included
+        if len(mine):
+            batch = images(fit, mine)
+            if s.error == "next":
+                per_image = next_layer_error(model, batch, keep, s.tokens, t)
+            else:
+                f = tail_features(model, batch.z_in, keep, s.tokens, t)
+                per_image = distill_loss(f, model.head(f), batch.feat.to(device), batch.logits.to(device), True)
+            loss = per_image.sum() / batch_size                   # the global batch mean, this rank's part
+            if not torch.isfinite(loss):
+                raise UserError(f"the fine-tune of block {t} produced a non-finite loss: lower --ft-lr")
+            loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum(p.grad)
         opt.step()
         sched.step()
     for p in params:
         p.requires_grad_(False)
+        p.grad = None
 
 
 # ----------------------------------------------------------------------------- the search (Alg. 1, METHOD.md §4)
@@ -359,16 +348,17 @@ def search_layer(model, t, keep, fit, held, s, log, quality_images=0):
     s.literal runs Alg. 1's loop as written; otherwise the affordable path of C6 (the top of this file)."""
     N = model.cfg.num_tokens
     full = with_layer(keep, t, torch.arange(N))                # layers 1..t dense
-    scores = layer_scores(model, fit.z_in[:s.score_images], full, s.tokens, t, s.score, s.batch_size, s.seed)
+    scoring = fit.z_in[fit.positions < s.score_images]      # the first score_images of the sample (this rank's)
+    scores = layer_scores(model, scoring, full, s.tokens, t, s.score, s.batch_size, s.seed)
     forced = keep[t]                                           # m_{t+1} ⊆ m_t: nested by construction
     cand = ranked_candidates(scores, forced)
     info = {"layer": t, "trials": []}
     if quality_images and len(cand) >= 3:  # how well each score ranks the true impact, in the state it is used
-        truth = true_impact(model, held.z_in[:quality_images], full, s.tokens, t, cand, s.batch_size)
+        truth = true_impact(model, held.z_in[held.positions < quality_images], full, s.tokens, t, cand, s.batch_size)
         info["spearman"] = {}
         for name in SCORES:
-            sc = scores if name == s.score else layer_scores(model, fit.z_in[:s.score_images], full, s.tokens, t,
-                                                             name, s.batch_size, s.seed)
+            sc = scores if name == s.score else layer_scores(model, scoring, full, s.tokens, t, name, s.batch_size,
+                                                             s.seed)
             info["spearman"][name] = round(spearman(sc[cand], truth), 4)
     grid, e0s = list(range(0, len(cand), s.r0)) + [len(cand)], {}   # r = 0, r0, 2 r0, ..., every candidate
 
@@ -438,21 +428,6 @@ def masks_for_counts(model, z, counts, tokens, score="significance", seed=0, bat
     return keep
 
 
-def cache_search_sets(model, train_aug, data_path, s, workers, log):
-    """The fit set (one augmented view of each image) and the held set (evaluation transform): disjoint random
-    training images chosen by s.seed; returns their dense caches (fit, held), each a DenseCache."""
-    cfg, t0 = model.cfg, time.time()
-    train_eval = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False)
-    perm = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(s.seed)).tolist()
-    n_fit, n_held = min(s.fit_images, len(perm) // 2), min(s.held_images, len(perm) // 2)
-    fit_ds = torch.utils.data.Subset(train_aug, perm[:n_fit])
-    held_ds = torch.utils.data.Subset(train_eval, perm[n_fit:n_fit + n_held])
-    fit = cache_dense(model, data.loader(fit_ds, s.batch_size, workers=workers, seed=s.seed), "cache fit")
-    held = cache_dense(model, data.loader(held_ds, s.batch_size, workers=workers), "cache held")
-    log(f"cached dense activations of {n_fit} fit + {n_held} held images in {time.time() - t0:.0f}s")
-    return fit, held
-
-
 def load_state(state_path, made_with):
     """A saved search state, if it was made with the same settings and run identity (made_with); else a one-line
     error: resuming it would return masks searched for other settings under the new ones' name."""
@@ -488,83 +463,13 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
         state["keep"][t - 1] = k_t
         state["layers"].append(info)
         state["next"] = t - 1
+        distributed.broadcast_state(model)  # a guard: every rank took the same steps, so this changes nothing
         state["model"] = model.state_dict()
-        if state_path:
+        if state_path and distributed.is_main():
             torch.save(state, state_path + ".tmp")
             os.replace(state_path + ".tmp", state_path)       # atomic: an interruption never corrupts it
         done += 1
     return state
-
-
-# ----------------------------------------------------------------------------- evaluation and final fine-tune
-
-
-@torch.no_grad()
-def predict(model, loader, keep=None, tokens="frozen", desc="eval"):
-    """Predicted classes and labels of every image of loader, (M,) each, with masks keep under `tokens`."""
-    model.eval()
-    device = device_of(model)
-    preds, labels = [], []
-    for img, y in progress(loader, desc=desc):
-        with autocast(device):
-            preds.append(model(img.to(device), keep=keep, tokens=tokens).argmax(-1).cpu())
-        labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
-
-
-def accuracy(preds, labels):
-    """Top-1 (%) of predicted classes against labels (tensors of the same shape)."""
-    return 100.0 * (preds == labels).double().mean().item()
-
-
-def evaluate(model, loader, keep=None, tokens="frozen", desc="eval"):
-    """Top-1 (%) of model with masks keep (under token semantics `tokens`) on loader."""
-    return accuracy(*predict(model, loader, keep, tokens, desc))
-
-
-def save_predictions(path, **preds):
-    """Add per-image predictions (name -> (M,) tensor; "labels" among them) to a compact .npz, keeping what is there:
-    what paired comparisons between models read (bench/stats.py)."""
-    arrays = dict(np.load(path)) if os.path.exists(path) else {}
-    arrays.update({k: v.numpy().astype(np.int16) for k, v in preds.items()})
-    np.savez_compressed(path, **arrays)
-
-
-def final_loader(train_aug, batch_size, workers, seed):
-    """The shuffled training loader of the end-to-end fine-tune."""
-    return data.loader(train_aug, batch_size, shuffle=True, workers=workers, seed=seed, drop_last=True)
-
-
-def finetune_all(student, teacher, keep, tokens, loader, epochs, lr, log):
-    """Optional end-to-end fine-tune of the slimmed network with distillation from the dense one (METHOD.md C7)."""
-    device = device_of(student)
-    steps = max(1, int(epochs * len(loader)))
-    for p in student.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    bar, step = progress(total=steps, desc="final fine-tune"), 0
-    while step < steps:
-        for img, _ in loader:
-            img = img.to(device)
-            with torch.no_grad(), autocast(device):
-                f_dense = teacher.forward_features(img).float()
-            with autocast(device):
-                f = student.forward_features(img, keep, tokens).float()
-            loss = distill_loss(f, student.head(f), f_dense, teacher.head(f_dense))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update()
-            if step % max(1, steps // 10) == 0:  # progress in the log too, where no bar is drawn
-                log(f"final fine-tune: step {step}/{steps}, loss {loss.item():.4f}")
-            if step == steps:
-                break
-    bar.close()
-    for p in student.parameters():
-        p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -602,12 +507,17 @@ def get_args_parser():
     p.add_argument("--ft-reach", type=float, default=d.ft_reach, help="fine-tune a candidate only if E0 <= ft_reach*eps")
     p.add_argument("--ft-tries", type=int, default=d.ft_tries, help="at most this many fine-tunes of rejected "
                    "candidates per layer")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step of the search (global, "
+                   "split over the processes) and of evaluation")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quality-images", type=int, default=0, help="held images for the score-quality measure per layer (0: off)")
-    p.add_argument("--final-epochs", type=float, default=0.0, help="end-to-end distillation fine-tune after the search (0: off)")
-    p.add_argument("--final-lr", type=float, default=2e-5, help="its AdamW learning rate")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--cache-device", default="auto", choices=["auto", "cpu", "cuda"], help="where the dense caches "
+                   "go: auto follows the memory plan printed at start (GPU if they fit, else pinned CPU memory)")
+    finetune.add_arguments(p)
+    p.add_argument("--workers", type=int, default=None, help="data loading processes per process (default: the CPUs "
+                   "shared among this machine's processes, at most 8)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (counted in the log "
+                   "and report.json) instead of stopping with an error naming the first")
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on the first k val images per class (quick runs)")
     p.add_argument("--eval-only", action="store_true", help="only measure top-1 and FLOPs (dense, or with --masks)")
     p.add_argument("--masks", default=None, help="masks.json for --eval-only (a slimmed checkpoint carries its own)")
@@ -631,6 +541,14 @@ def check_args(args):
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file: pass a folder (it is created if missing)")
+    if args.batch_size % distributed.world_size():
+        raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {distributed.world_size()} "
+                        "processes: pass a multiple")
+    for k in ("final_epochs", "final_lr", "warmup_epochs", "smoothing", "mixup", "cutmix", "reprob"):
+        if getattr(args, k) is not None and getattr(args, k) < 0:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})")
+    if args.cache_device == "cuda" and not args.device.startswith("cuda"):
+        raise UserError("--cache-device cuda needs --device cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available here: use --device cpu")
     return args
@@ -664,17 +582,21 @@ def machine():
 
 
 def main(args):
+    device = distributed.setup(args.device)  # joins the process group under torchrun (pipeline/distributed.py)
     args = check_args(args)
-    t_start = time.time()
+    t_start, world, is_main = time.time(), distributed.world_size(), distributed.is_main()
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.workers is None:
+        args.workers = data.default_workers(distributed.local_world_size())
+    bad = data.BadFiles(skip=args.skip_bad_images)
     model = load_model(args).to(device)
     cfg = model.cfg
     val = data.build_dataset(args.data_path, "val", cfg.img_size)
     data.check_classes(val, cfg.num_classes)
     if args.val_per_class:
         val = data.subset(val, per_class=args.val_per_class)
-    val_loader = data.loader(val, args.batch_size, workers=args.workers)
     if args.eval_only:
         keep, found, source = model.keep, model.tokens or "frozen", args.weights
         if args.masks:
@@ -683,76 +605,91 @@ def main(args):
     else:  # the training split feeds scores, fine-tuning and the error E
         train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
         data.check_classes(train_aug, cfg.num_classes)
-        s, note = settings_from_args(args, cfg), None
-    os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be good
-    logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a")
+        s, ft, note = settings_from_args(args, cfg), finetune.settings_from_args(args), None
+    if is_main:
+        os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be good
+    logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a") if is_main else None
 
-    def log(msg):
-        tqdm.write(msg)
-        logf.write(msg + "\n")
-        logf.flush()
+    def log(msg):  # rank 0 only, to the terminal and the log file
+        if is_main:
+            tqdm.write(msg)
+            logf.write(msg + "\n")
+            logf.flush()
 
-    log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {cfg}")
+    log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {cfg}\n"
+        f"processes: {world} (world size; {'torchrun, ' + ('nccl' if device.type == 'cuda' else 'gloo') if world > 1 else 'no process group'}), "
+        f"device {device}, {args.workers} data workers each")
     if note:
         log(note)
     dense_flops = flops.count_flops(cfg)
 
+    def evaluated(name, keep=None, tokens="frozen"):  # top-1 on val; the per-image predictions go to predictions.npz
+        preds, labels = predict(model, val, keep, tokens, args.batch_size, args.workers, bad, desc=f"eval {name}")
+        if is_main and not args.eval_only:
+            save_predictions(os.path.join(args.out, "predictions.npz"), labels=labels, **{name: preds})
+        return accuracy(preds, labels), len(labels)
+
     if args.eval_only:
-        top1 = evaluate(model, val_loader, keep, tokens)
+        top1, n_val = evaluated("eval", keep, tokens)
         gf = flops.count_flops(cfg, keep, tokens=tokens) / 1e9
         result = {"top1": top1, "gflops": gf, "dense_gflops": dense_flops / 1e9, "tokens": tokens,
-                  "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": len(val), "weights": args.weights,
-                  "masks": args.masks, "machine": machine()}
-        json.dump(result, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
-        log(f"top-1 {top1:.2f}% on {len(val)} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
+                  "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": n_val, "weights": args.weights,
+                  "masks": args.masks, **skipped(bad, log), "processes": world, "machine": machine()}
+        if is_main:
+            json.dump(result, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+        log(f"top-1 {top1:.2f}% on {n_val} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
             f"(dense {dense_flops / 1e9:.3f}), tokens kept per layer {result['kept_per_layer']}; wrote {args.out}/eval.json")
         return result
 
-    log(f"search settings: {json.dumps(asdict(s))}")
+    log(f"search settings: {json.dumps(asdict(s))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
     run_id = run_identity(args)
-    state_path = os.path.join(args.out, "state.pt")
+    state_path, ft_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "finetune.pt")
     report_path = os.path.join(args.out, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
-    preds_path = os.path.join(args.out, "predictions.npz")
     if report.get("val_images") != len(val) or report.get("weights") != run_id["weights"]:
-        preds, labels = predict(model, val_loader, desc="eval dense")
-        save_predictions(preds_path, dense=preds, labels=labels)
-        report = {"dense_top1": accuracy(preds, labels), "val_images": len(val),
-                  "weights": run_id["weights"]}
-        json.dump(report, open(report_path, "w"), indent=1)
+        top1, n_val = evaluated("dense")
+        report = {"dense_top1": top1, "val_images": len(val), "weights": run_id["weights"]}
+        if is_main:
+            json.dump(report, open(report_path, "w"), indent=1)
     log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
 
-    if os.path.exists(state_path):  # refuse a resume with other settings before the costly caching
-        load_state(state_path, {**asdict(s), **run_id})
-    fit, held = cache_search_sets(model, train_aug, args.data_path, s, args.workers, log)
-    resumed = os.path.exists(state_path)
+    saved = load_state(state_path, {**asdict(s), **run_id}) if os.path.exists(state_path) else None  # refuse a
+    resumed = saved is not None                                    # resume with other settings before the caching
+    if resumed and ft.epochs > 0 and saved["next"] == 0:
+        finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], s.tokens, run_id)})
+    fit = held = None
+    if not resumed or saved["next"] > 0:  # a finished search needs no caches
+        n_fit, n_held = search_set_sizes(s, len(train_aug))
+        cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // world), device, args.cache_device)
+        log(plan)
+        fit, held = cache_search_sets(model, train_aug, args.data_path, s, args.workers, log, cache_device, bad)
     state = search(model, fit, held, s, log, state_path, run_id=run_id, quality_images=args.quality_images)
     keep = state["keep"]
     del fit, held
 
     report.update(searched_top1=None)
-    if args.final_epochs > 0:
-        preds, labels = predict(model, val_loader, keep, s.tokens, desc="eval searched")
-        save_predictions(preds_path, searched=preds, labels=labels)
-        report["searched_top1"] = accuracy(preds, labels)
+    if ft.epochs > 0:
+        report["searched_top1"], _ = evaluated("searched", keep, s.tokens)
         log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
-        teacher = load_model(args).to(device)
-        finetune_all(model, teacher, keep, s.tokens, final_loader(train_aug, args.batch_size, args.workers, args.seed),
-                     args.final_epochs, args.final_lr, log)
-    preds, labels = predict(model, val_loader, keep, s.tokens, desc="eval slimmed")
-    save_predictions(preds_path, slimmed=preds, labels=labels)
-    top1 = accuracy(preds, labels)
+        teacher = load_model(args).to(device) if ft.distill != "none" else None
+        train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase)
+        finetune.finetune(model, teacher, keep, s.tokens, train_ft, ft, ft_path,
+                          finetune_identity(keep, s.tokens, run_id), log, args.workers, bad)
+    top1, n_val = evaluated("slimmed", keep, s.tokens)
     slim_flops = flops.count_flops(cfg, keep, tokens=s.tokens)
     name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
-    vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)
-    torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
-                "tokens": s.tokens}, os.path.join(args.out, "slimmed.pth"))
     report.update({
-        "slimmed_top1": top1, "tokens": s.tokens, "dense_gflops": dense_flops / 1e9, "slimmed_gflops": slim_flops / 1e9,
-        "flops_reduction": 1 - slim_flops / dense_flops, "kept_per_layer": flops.kept_counts(cfg, keep),
-        "settings": asdict(s), "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1),
-        "resumed": resumed, "args": vars(args), "machine": machine(), "flops_note": flops.NOT_COUNTED})
-    json.dump(report, open(report_path, "w"), indent=1)
+        "slimmed_top1": top1, "val_images": n_val, "tokens": s.tokens, "dense_gflops": dense_flops / 1e9,
+        "slimmed_gflops": slim_flops / 1e9, "flops_reduction": 1 - slim_flops / dense_flops,
+        "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(s), "final_finetune": asdict(ft),
+        "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed,
+        **skipped(bad, log), "processes": world, "args": vars(args), "machine": machine(),
+        "flops_note": flops.NOT_COUNTED})
+    if is_main:
+        vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)
+        torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
+                    "tokens": s.tokens}, os.path.join(args.out, "slimmed.pth"))
+        json.dump(report, open(report_path, "w"), indent=1)
     log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs counted as "
         f"{s.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
         f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
@@ -760,11 +697,38 @@ def main(args):
     return report
 
 
+def finetune_identity(keep, tokens, run_id):
+    """What besides its settings identifies a final fine-tune (compared on resume): the masks, weights and data."""
+    return {"keep": [k.tolist() for k in keep], "tokens": tokens, **run_id}
+
+
+def skipped(bad, log):
+    """The unreadable files skipped by every rank (--skip-bad-images), logged and returned for the JSON files."""
+    paths = sorted(set().union(*distributed.all_gather(set(bad.paths))))
+    if paths:
+        log(f"skipped {len(paths)} unreadable image files (--skip-bad-images), e.g. {paths[0]}")
+    return {"skipped_images": len(paths), "skipped_files": paths[:20]}
+
+
+OUT_OF_MEMORY = "out of memory on {}: pass a smaller --batch-size (or --final-batch-size), or --cache-device cpu"
+
+
 def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
-        return main(get_args_parser().parse_args(argv))
+        return main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except torch.OutOfMemoryError:
+        sys.exit("error: " + OUT_OF_MEMORY.format(args.device))
+    except RuntimeError as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
+        if "can't allocate memory" in str(e) or "out of memory" in str(e):
+            sys.exit("error: " + OUT_OF_MEMORY.format(args.device))
+        raise
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: rerun the same command to continue from what {args.out} holds")
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
+from pipeline.caches import cache_search_sets  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 from common import folder_log, pyplot  # noqa: E402
 
@@ -148,19 +151,17 @@ def main():
     val = data.build_dataset(sargs.data_path, "val", cfg.img_size)
     if args.val_per_class:
         val = data.subset(val, per_class=args.val_per_class)
-    val_loader = data.loader(val, 250, workers=sargs.workers)
     train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
-    final_loader = slim.final_loader(train_aug, sargs.batch_size, sargs.workers, sargs.seed)
-    final_epochs = (args.final_steps + 0.5) / len(final_loader)  # finetune_all runs int(epochs * len) steps
+    final_epochs = args.final_steps / (len(train_aug) // sargs.batch_size)  # the fine-tune runs round(epochs * steps)
     dense_path = os.path.join(args.out, "dense.json")
     if not os.path.exists(dense_path):  # the dense model has no pruned patches: its top-1 is the same under both
-        json.dump({"tokens": s.tokens, "top1": slim.evaluate(pretrained, val_loader, desc="eval dense")},
+        json.dump({"tokens": s.tokens, "top1": evaluate(pretrained, val, workers=sargs.workers, desc="eval dense")},
                   open(dense_path, "w"))
     dense_top1, dense_gflops = json.load(open(dense_path))["top1"], flops.count_flops(cfg) / 1e9
     log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
 
     model = copy.deepcopy(pretrained)
-    fit, held = slim.cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
+    fit, held = cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
     score_xs = [z[:s.score_images] for z in fit.z]
     scores = {"random": "random", "class-attn": "class-attn", "significance": s.score}  # baseline -> slim.SCORES key
     points = []
@@ -204,9 +205,9 @@ def main():
                 log(f"eps {eps}: {name}: per-block fine-tune (the search's budget)")
                 refit_blocks(model, masks[base], fit, held, s_eps, log)
             if name in ["ps"] + BASELINES and args.final_steps:
-                slim.finetune_all(model, pretrained, masks[base], s.tokens, final_loader, final_epochs, args.final_lr,
-                                  log)
-            done(name, slim.evaluate(model, val_loader, masks[base], s.tokens, desc=f"eval {name}"), t0)
+                light_finetune(model, pretrained, masks[base], s.tokens, train_aug, final_epochs, args.final_lr,
+                               sargs.batch_size, sargs.seed, log, sargs.workers)
+            done(name, evaluate(model, val, masks[base], s.tokens, workers=sargs.workers, desc=f"eval {name}"), t0)
         points.append(pt)
 
     summary = {"tokens": s.tokens, "command": " ".join(["python bench/curve.py"] + sys.argv[1:]),

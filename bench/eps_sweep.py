@@ -22,6 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
+from pipeline.caches import cache_search_sets  # noqa: E402
+from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
+from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 from common import folder_log, pyplot  # noqa: E402
 from stats import compare, describe  # noqa: E402
@@ -48,16 +51,15 @@ def main():
 
     t_start = time.time()
     log(f"bench/eps_sweep.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(asdict(s))}")
-    val_loader = data.loader(data.build_dataset(sargs.data_path, "val", cfg.img_size), 250, workers=sargs.workers)
+    val = data.build_dataset(sargs.data_path, "val", cfg.img_size)
     train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
-    loader = slim.final_loader(train_aug, sargs.batch_size, sargs.workers, sargs.seed)
     preds_path = args.out + "_predictions.npz"
-    dense_preds, labels = slim.predict(pretrained, val_loader, desc="eval dense")
-    slim.save_predictions(preds_path, dense=dense_preds, labels=labels)
-    dense_top1, dense_gflops = slim.accuracy(dense_preds, labels), flops.count_flops(cfg) / 1e9
+    dense_preds, labels = predict(pretrained, val, workers=sargs.workers, desc="eval dense")
+    save_predictions(preds_path, dense=dense_preds, labels=labels)
+    dense_top1, dense_gflops = accuracy(dense_preds, labels), flops.count_flops(cfg) / 1e9
     log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
     model = copy.deepcopy(pretrained)
-    fit, held = slim.cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
+    fit, held = cache_search_sets(model, train_aug, sargs.data_path, s, sargs.workers, log)
     points = []
     for eps in args.eps:
         path = os.path.join(args.out, f"eps_{eps}.json")
@@ -69,14 +71,15 @@ def main():
         s.eps = eps
         state = slim.search(model, fit, held, s, log, os.path.join(args.out, f"eps_{eps}_state.pt"))
         keep, t_search = state["keep"], time.time() - t0
-        searched, _ = slim.predict(model, val_loader, keep, s.tokens, desc="eval searched")
-        slim.finetune_all(model, pretrained, keep, s.tokens, loader, args.final_epochs, args.final_lr, log)
-        final, _ = slim.predict(model, val_loader, keep, s.tokens, desc="eval fine-tuned")
-        slim.save_predictions(preds_path, **{f"eps_{eps}_searched": searched, f"eps_{eps}_final": final})
+        searched, _ = predict(model, val, keep, s.tokens, workers=sargs.workers, desc="eval searched")
+        light_finetune(model, pretrained, keep, s.tokens, train_aug, args.final_epochs, args.final_lr, sargs.batch_size,
+                       sargs.seed, log, sargs.workers)
+        final, _ = predict(model, val, keep, s.tokens, workers=sargs.workers, desc="eval fine-tuned")
+        save_predictions(preds_path, **{f"eps_{eps}_searched": searched, f"eps_{eps}_final": final})
         gf = flops.count_flops(cfg, keep, tokens=s.tokens) / 1e9
         pt = {"eps": eps, "tokens": s.tokens, "kept_per_layer": flops.kept_counts(cfg, keep), "gflops": gf,
-              "flops_saved": 1 - gf / dense_gflops, "top1_searched": slim.accuracy(searched, labels),
-              "top1": slim.accuracy(final, labels),
+              "flops_saved": 1 - gf / dense_gflops, "top1_searched": accuracy(searched, labels),
+              "top1": accuracy(final, labels),
               "dense_minus_this": compare(dense_preds == labels, final == labels),
               "layers": state["layers"], "search_seconds": round(t_search, 1), "seconds": round(time.time() - t0, 1)}
         json.dump(pt, open(path, "w"), indent=1)

@@ -1,7 +1,7 @@
 """
 The reference point of the slim.py issue (arXiv 2106.02852 reproduction): a plain linear pyramid of kept tokens,
 the patches of each layer chosen top-down by a score, with no fine-tuning at all, evaluated on val. With
---final-epochs, the same end-to-end distillation fine-tune slim.py gives a searched network (slim.finetune_all,
+--final-epochs, the same end-to-end distillation fine-tune slim.py gives a searched network (pipeline/finetune.py,
 same loader, seed and learning rate) follows, so the pyramid can be compared with the headline run at equal FLOPs
 and equal final training.
 
@@ -28,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
+from pipeline.caches import cache_dense  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
@@ -65,9 +68,9 @@ def main():
     train = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     subset = torch.utils.data.Subset(train, perm[:args.score_images])
-    xs = slim.cache_dense(model, data.loader(subset, args.batch_size), "cache").z
-    val = data.loader(data.build_dataset(args.data_path, "val", cfg.img_size), 250)
-    dense_top1 = slim.evaluate(model, val)
+    xs = cache_dense(model, data.loader(subset, args.batch_size), "cache").z
+    val = data.build_dataset(args.data_path, "val", cfg.img_size)
+    dense_top1 = evaluate(model, val)
     train_aug = data.build_dataset(args.data_path, "train", cfg.img_size) if args.final_epochs > 0 else None
     # the committed file names for the v1 defaults (v1 called head-mean "significance"); any other run is named in full
     label = "significance" if (score, tokens) == ("head-mean", "removed") else f"{score}_{tokens}"
@@ -77,13 +80,13 @@ def main():
         gf = flops.count_flops(cfg, keep, tokens=tokens) / 1e9
         res = {"tokens": tokens, "command": "python " + " ".join(sys.argv), "score": score, "kept_per_layer": counts,
                "gflops": gf, "dense_gflops": dense / 1e9, "flops_reduction": 1 - gf * 1e9 / dense,
-               "top1": slim.evaluate(model, val, keep, tokens), "dense_top1": dense_top1, "torch": torch.__version__}
+               "top1": evaluate(model, val, keep, tokens), "dense_top1": dense_top1, "torch": torch.__version__}
         name = os.path.join(args.out_dir, f"pyramid_{label}_{gf:.3f}G")
         if args.final_epochs > 0:  # as slim.main does after its search
             t0, student = time.time(), vit.load_checkpoint(args.weights)
-            slim.finetune_all(student, model, keep, tokens, slim.final_loader(train_aug, args.batch_size, args.workers,
-                              args.seed), args.final_epochs, args.final_lr, print)
-            res.update(top1_no_ft=res["top1"], top1=slim.evaluate(student, val, keep, tokens),
+            light_finetune(student, model, keep, tokens, train_aug, args.final_epochs, args.final_lr, args.batch_size,
+                           args.seed, print, args.workers)
+            res.update(top1_no_ft=res["top1"], top1=evaluate(student, val, keep, tokens),
                        final_epochs=args.final_epochs, final_lr=args.final_lr, ft_seconds=round(time.time() - t0))
             name += f"_ft{args.final_epochs:g}"
         print(json.dumps(res), flush=True)

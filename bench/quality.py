@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import slim  # noqa: E402
+from pipeline.caches import cache_dense  # noqa: E402
 import vit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def main():
     n_s, n_h = args.score_images, args.held_images
 
     def cache(idx, desc):
-        return slim.cache_dense(model, data.loader(torch.utils.data.Subset(train, idx), args.batch_size), desc).z
+        return cache_dense(model, data.loader(torch.utils.data.Subset(train, idx), args.batch_size), desc).z
 
     xs_score, xs_held = cache(perm[:n_s], "cache score"), cache(perm[n_s:n_s + n_h], "cache held")
     rows = []

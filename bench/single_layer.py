@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
+from pipeline.caches import cache_dense  # noqa: E402
 import vit  # noqa: E402
 from common import pyplot  # noqa: E402
 from stats import compare  # noqa: E402
@@ -64,11 +65,11 @@ def main():
     cfg, N, L = model.cfg, model.cfg.num_tokens, model.cfg.depth
     train = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    score_cache = slim.cache_dense(model, data.loader(torch.utils.data.Subset(train, perm[:args.score_images]), 64),
+    score_cache = cache_dense(model, data.loader(torch.utils.data.Subset(train, perm[:args.score_images]), 64),
                                    "cache score images")
     val = data.build_dataset(args.data_path, "val", cfg.img_size)
     labels = np.asarray(val.targets, dtype=np.int16)
-    val_cache = slim.cache_dense(model, data.loader(val, 250), "cache val")
+    val_cache = cache_dense(model, data.loader(val, 250), "cache val")
     preds = {"labels": labels, "dense": val_cache.logits.argmax(-1).numpy().astype(np.int16)}
     dense_top1 = float(100 * (preds["dense"] == labels).mean())
     print(f"dense: top-1 {dense_top1:.2f}% on {len(labels)} val images", flush=True)

@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
 import slim  # noqa: E402
+from pipeline.caches import cache_dense  # noqa: E402
+from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
+from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 from stats import compare, describe  # noqa: E402
 
@@ -63,10 +66,10 @@ def main():
     ra = refs[0]["args"]
     tokens = refs[0]["tokens"]
     model = vit.load_checkpoint(ra["weights"])
-    cfg, N = model.cfg, model.cfg.num_tokens
+    cfg = model.cfg
     target = refs[0]["slimmed_gflops"] * 1e9
     counts = {"uniform": uniform_counts(cfg, target, tokens), "linear": flops.linear_pyramid(cfg, target, tokens)}
-    val_loader = data.loader(data.build_dataset(ra["data_path"], "val", cfg.img_size), 250, workers=ra["workers"])
+    val = data.build_dataset(ra["data_path"], "val", cfg.img_size)
     train_aug = data.build_dataset(ra["data_path"], "train", cfg.img_size)
     train_eval = data.build_dataset(ra["data_path"], "train", cfg.img_size, train_transform=False)
     res = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else {"rows": {}}
@@ -85,18 +88,18 @@ def main():
             t0 = time.time()
             model = vit.load_checkpoint(ra["weights"])
             perm = torch.randperm(len(train_eval), generator=torch.Generator().manual_seed(seed)).tolist()
-            score_cache = slim.cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:args.score_images]),
+            score_cache = cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:args.score_images]),
                                                               64), "cache score images")
             keep = slim.masks_for_counts(model, score_cache.z, counts[row], tokens, "significance", seed)
-            before, labels = slim.predict(model, val_loader, keep, tokens, desc=f"eval {name}")
+            before, labels = predict(model, val, keep, tokens, workers=ra["workers"], desc=f"eval {name}")
             teacher = vit.load_checkpoint(ra["weights"])
-            slim.finetune_all(model, teacher, keep, tokens, slim.final_loader(train_aug, ra["batch_size"], ra["workers"], seed),
-                              ra["final_epochs"], ra["final_lr"], print)
-            after, _ = slim.predict(model, val_loader, keep, tokens, desc=f"eval {name} fine-tuned")
-            slim.save_predictions(preds_path, labels=labels, **{name.replace(" ", "_"): after})
+            light_finetune(model, teacher, keep, tokens, train_aug, ra["final_epochs"], ra["final_lr"], ra["batch_size"], seed,
+                           print, ra["workers"])
+            after, _ = predict(model, val, keep, tokens, workers=ra["workers"], desc=f"eval {name} fine-tuned")
+            save_predictions(preds_path, labels=labels, **{name.replace(" ", "_"): after})
             entry = {"kept_per_layer": counts[row], "gflops": flops.count_flops(cfg, keep, tokens=tokens) / 1e9,
-                     "top1_before_final_ft": slim.accuracy(before, labels),
-                     "top1": slim.accuracy(after, labels), "seconds": round(time.time() - t0)}
+                     "top1_before_final_ft": accuracy(before, labels),
+                     "top1": accuracy(after, labels), "seconds": round(time.time() - t0)}
             learned = [r for r, ref in zip(args.reference, refs) if ref["args"]["seed"] == seed]
             if learned:  # paired against the learned pyramid of the same seed, on the same val images
                 if args.fig4_eps is not None:

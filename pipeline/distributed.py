@@ -1,0 +1,94 @@
+"""
+Data parallelism for slim.py (patch slimming, arXiv 2106.02852) with torch.distributed, launched by torchrun:
+
+    torchrun --nproc_per_node 8 slim.py --data imagenet --data-path DIR      # K = 8 processes, one GPU each
+    python slim.py ...                                                        # K = 1: no process group at all
+
+gloo on the CPU, NCCL on CUDA. How each stage splits its work over the K processes (ranks):
+- caching, scores and the error E (slim.py): image i of the fit or held sample belongs to rank i mod K. Each rank
+  caches only its own images (the cache memory per rank falls K-fold, which is what makes DeiT-S/B caches fit),
+  and score and error sums are all-reduced. Every rank then holds the same numbers and takes the same decision.
+- the block fine-tunes of the search: every rank draws the same global batch of image numbers (one generator,
+  seeded alike), computes the loss of the images it owns (summed and divided by the global batch size) and the
+  gradients are all-reduced (summed). The step is the one-process step up to float rounding, so K processes
+  choose the masks one process chooses. Splitting rather than "rank 0 decides and broadcasts": rank 0 alone would
+  need the whole cache (8.5 GB for DeiT-S in bfloat16) and do all the work while the others wait.
+- the final fine-tune: DistributedDataParallel with a DistributedSampler (finetune.py).
+- evaluation: rank r predicts val images r, r+K, ...; the predictions are gathered back into val order, so every
+  image counts exactly once (no padding) (evaluate.py).
+Only rank 0 writes files and logs.
+"""
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device_arg):
+    """Join the process group when torchrun started this process (WORLD_SIZE > 1). Returns the device of this rank:
+    cuda:LOCAL_RANK for a CUDA run, else the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = device_arg.startswith("cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else
+                              torch.device(device_arg).index or 0)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(device_arg)
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_world_size():
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def is_main():
+    return rank() == 0
+
+
+def all_reduce_sum(t):
+    """t summed over ranks (in place; t itself when there is one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather(obj):
+    """The list of obj of every rank, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_state(module):
+    """Every rank takes rank 0's parameters and buffers (a guard: they are equal already when all went well)."""
+    if dist.is_initialized():
+        for t in module.state_dict().values():
+            dist.broadcast(t, 0)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(n):
+    """The positions 0..n-1 this rank owns: r, r+K, r+2K, ..."""
+    return list(range(rank(), n, world_size()))
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()

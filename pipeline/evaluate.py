@@ -1,0 +1,73 @@
+"""
+Evaluation for slim.py (patch slimming, arXiv 2106.02852): top-1 and per-image predictions, sharded over the
+processes of a torchrun launch with every val image counted exactly once, and the compact predictions file the
+paired comparisons of bench/stats.py read.
+"""
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+import data
+from pipeline import distributed
+
+
+def autocast(device):
+    """bfloat16 autocast on CUDA, float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def predict(model, ds, keep=None, tokens="frozen", batch_size=250, workers=2, bad=None, desc="eval"):
+    """Predicted classes and labels of every readable image of dataset ds, (M,) each, in ds order, with masks keep
+    under `tokens`. Under torchrun rank r predicts images r, r+K, ... and all ranks get the gathered result."""
+    model.eval()
+    device = next(model.parameters()).device
+    positions = distributed.shard(len(ds))
+    loader = data.loader(PositionTagged(Subset(ds, positions), positions), batch_size, workers=workers, bad=bad)
+    preds, labels, where = [], [], []
+    for img, (y, pos) in tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True):
+        with autocast(device):
+            preds.append(model(img.to(device), keep=keep, tokens=tokens).argmax(-1).cpu())
+        labels.append(y)
+        where.append(pos)
+    mine = [torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for v in (preds, labels, where)]
+    gathered = distributed.all_gather(mine)
+    preds, labels, where = (torch.cat([g[i] for g in gathered]) for i in range(3))
+    order = where.argsort()
+    return preds[order], labels[order]
+
+
+class PositionTagged(torch.utils.data.Dataset):
+    """Items (image, (label, position in the full dataset)), so that sharded predictions go back in order."""
+
+    def __init__(self, ds, positions):
+        self.ds, self.positions = ds, positions
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        return item if isinstance(item, data.BadFile) else (item[0], (item[1], self.positions[i]))
+
+
+def accuracy(preds, labels):
+    """Top-1 (%) of predicted classes against labels (tensors of the same shape)."""
+    return 100.0 * (preds == labels).double().mean().item()
+
+
+def evaluate(model, ds, keep=None, tokens="frozen", batch_size=250, workers=2, desc="eval"):
+    """Top-1 (%) of model with masks keep (under token semantics `tokens`) on dataset ds."""
+    return accuracy(*predict(model, ds, keep, tokens, batch_size, workers, desc=desc))
+
+
+def save_predictions(path, **preds):
+    """Add per-image predictions (name -> (M,) tensor; "labels" among them) to a compact .npz, keeping what is there:
+    what paired comparisons between models read (bench/stats.py)."""
+    arrays = dict(np.load(path)) if os.path.exists(path) else {}
+    arrays.update({k: v.numpy().astype(np.int16) for k, v in preds.items()})
+    np.savez_compressed(path, **arrays)

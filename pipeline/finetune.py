@@ -1,0 +1,296 @@
+"""
+The final end-to-end fine-tune of a slimmed DeiT (patch slimming, arXiv 2106.02852; METHOD.md C7: "following
+DeiT's training strategy", epochs and learning rate not given by the paper), data parallel under torchrun and
+resumable.
+
+DeiT's recipe (facebookresearch/deit main.py), from torch and torchvision only: AdamW (weight decay 0.05), linear
+warm-up then cosine decay, the learning rate scaled linearly with the global batch (lr x batch / lr_batch),
+label smoothing, RandAugment, MixUp/CutMix and random erasing from transforms v2 (data.py). The loss (--distill):
+- "soft": distillation from the dense model, the v1 objective: the relative squared error of the final class
+  feature plus the KL divergence of the logits (no labels, so label smoothing plays no part);
+- "hard": DeiT's hard distillation, 1/2 CE(labels) + 1/2 CE(the dense model's predicted class);
+- "none": CE on the (mixed, smoothed) labels.
+Two recipes: "deit" (ImageNet's default; epochs and lr are our choice, as the paper gives neither) and "light" (the
+32-px proxy's: plain augmentation, soft distillation, off unless --final-epochs is given). Flags override each field.
+
+Resumable: a checkpoint (OUT/finetune.pt) at the end of every epoch and when the run is interrupted (SIGINT,
+SIGTERM: the step in flight finishes first). The same command continues from it. Each image's augmentation is
+seeded by (seed, epoch, image) and each batch's MixUp/CutMix by (seed, step, rank), and a resumed epoch skips the
+batches already seen, so on a deterministic device a resumed run ends with the weights of an uninterrupted one.
+A loss that is not finite stops the run with a one-line error, before any step or checkpoint.
+"""
+import argparse
+import itertools
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+import data
+from pipeline import distributed
+from pipeline.evaluate import autocast
+from vit import UserError
+
+
+@dataclass
+class FinetuneSettings:
+    """The final fine-tune (METHOD.md C7): saved in its checkpoint, and a resume with other values is refused."""
+    epochs: float = 0.0           # passes over the training set (0: no final fine-tune); may be fractional
+    lr: float = 3e-4              # AdamW peak learning rate at a global batch of lr_batch images ...
+    lr_batch: int = 64            # ... scaled linearly to the actual batch: lr * batch_size / lr_batch (DeiT's rule)
+    batch_size: int = 64          # global images per step, split evenly over the processes
+    warmup_epochs: float = 0.0    # linear warm-up from 0, then cosine decay to 0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0  # on the (mixed) labels of "hard" and "none"
+    randaugment: bool = False     # DeiT's rand-m9-mstd0.5: 2 ops at magnitude 9
+    mixup: float = 0.0            # MixUp alpha (0: off); with cutmix, one of the two per batch
+    cutmix: float = 0.0           # CutMix alpha (0: off)
+    erase: float = 0.0            # random erasing probability (DeiT's reprob)
+    distill: str = "soft"         # "soft" (dense features + logits), "hard" (DeiT's hard distillation) or "none"
+    seed: int = 0                 # shuffling, augmentation and mixing
+
+
+RECIPES = {
+    # DeiT's recipe for a pretrained network (our choice of epochs, lr and warm-up: the paper gives none)
+    "deit": FinetuneSettings(epochs=30, lr=5e-5, lr_batch=512, batch_size=512, warmup_epochs=1, label_smoothing=0.1,
+                             randaugment=True, mixup=0.8, cutmix=1.0, erase=0.25, distill="soft"),
+    # the 32-px proxy's: what its committed results used (--final-epochs 1 --final-lr 3e-4 at batch 64)
+    "light": FinetuneSettings(),
+}
+DISTILL = ("soft", "hard", "none")
+
+
+def distill_loss(f, logits, f_dense, logits_dense, per_image=False):
+    """v1's objective: relative feature MSE (what the v1 error measures) + KL of the logits, both against the dense
+    model; the batch mean, or per image (B,)."""
+    rel = (f - f_dense).pow(2).sum(-1) / f_dense.pow(2).sum(-1)
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(logits_dense, -1), reduction="none", log_target=True).sum(-1)
+    return rel + kl if per_image else (rel + kl).mean()
+
+
+class WithFeatures(nn.Module):
+    """The slimmed student as DistributedDataParallel wraps it: forward returns (final class feature, logits)."""
+
+    def __init__(self, model, keep, tokens):
+        super().__init__()
+        self.model, self.keep, self.tokens = model, keep, tokens
+
+    def forward(self, img):
+        f = self.model.forward_features(img, self.keep, self.tokens)
+        return f, self.model.head(f)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled per epoch, each rank a disjoint share) that starts an epoch at sample `start` of
+    this rank's share, so that a resumed epoch skips the batches already seen without loading them."""
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def check_resume(ckpt_path, settings):
+    """The saved fine-tune at ckpt_path if there is one (None otherwise), provided it was made with the same settings
+    (FinetuneSettings and identity); else a one-line error: resuming it would mix two fine-tunes."""
+    if not ckpt_path or not os.path.exists(ckpt_path):
+        return None
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    diff = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if saved["settings"].get(k) != v]
+    if diff:
+        raise UserError(f"{ckpt_path} holds a final fine-tune made with other settings ({', '.join(diff[:3])[:300]}): "
+                        "pass another --out, or delete that file to start the fine-tune over")
+    return saved
+
+
+def learning_rate(s, step, total, warmup):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`, of the batch-scaled peak lr."""
+    peak = s.lr * s.batch_size / s.lr_batch
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def loss_of(s, f, logits, target, teacher, img):
+    """The fine-tuning loss of one batch (s.distill). target: class indices (B,) or mixed soft labels (B, C)."""
+    if s.distill == "none":
+        return F.cross_entropy(logits, target, label_smoothing=s.label_smoothing)
+    with torch.no_grad(), autocast(img.device):
+        f_dense = teacher.forward_features(img).float()
+        logits_dense = teacher.head(f_dense).float()
+    if s.distill == "soft":
+        return distill_loss(f, logits, f_dense, logits_dense)
+    return 0.5 * F.cross_entropy(logits, target, label_smoothing=s.label_smoothing) + \
+        0.5 * F.cross_entropy(logits, logits_dense.argmax(-1))
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.flag, self.old = False, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.old[sig] = signal.signal(sig, self.set)
+        return self
+
+    def set(self, *_):
+        self.flag = True
+
+    def __exit__(self, *_):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def save_checkpoint(path, student, opt, step, settings):
+    """Rank 0 writes the fine-tune's state after `step` whole steps (atomically: a kill never leaves half a file)."""
+    if path and distributed.is_main():
+        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": settings},
+                   path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
+             interrupt_at=None):
+    """Fine-tune `student` (with masks keep under `tokens`) end to end on train_ds with recipe s (FinetuneSettings).
+    ckpt_path: the checkpoint it resumes from and writes (None: none); made_with: what else identifies the run
+    (masks, weights), compared on resume. interrupt_at (tests): behave as if interrupted after that many steps.
+    Returns the number of steps run in this call."""
+    device, world, rank = next(student.parameters()).device, distributed.world_size(), distributed.rank()
+    if s.batch_size % world:
+        raise UserError(f"--final-batch-size {s.batch_size} is not a multiple of the {world} processes: "
+                        "pass a multiple")
+    per_rank = s.batch_size // world
+    if len(train_ds) < s.batch_size:
+        raise UserError(f"the training set has {len(train_ds)} images, fewer than --final-batch-size {s.batch_size}")
+    view = data.SeededView(train_ds, s.seed)
+    sampler = ResumableSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // per_rank
+    total = max(1, round(s.epochs * steps_per_epoch))
+    warmup = round(s.warmup_epochs * steps_per_epoch)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    step, settings = 0, {**asdict(s), **made_with}
+    saved = check_resume(ckpt_path, settings)
+    if saved:
+        student.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step = saved["step"]
+        log(f"resuming the final fine-tune from {ckpt_path}: epoch {step // steps_per_epoch + 1}, step "
+            f"{step % steps_per_epoch} of {steps_per_epoch} ({step}/{total} done)" if step < total else
+            f"the final fine-tune in {ckpt_path} is complete ({total} steps)")
+    model = WithFeatures(student, keep, tokens)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    mix = data.mixup_cutmix(student.cfg.num_classes, s.mixup, s.cutmix)
+    loader = data.loader(view, per_rank, workers=workers, sampler=sampler, drop_last=True, bad=bad)
+    bar = tqdm(total=total, initial=step, desc="final fine-tune", leave=False,
+               disable=None if distributed.is_main() else True)
+    first, t0, every = step, time.time(), max(1, min(steps_per_epoch // 10, 200))
+    student.train()
+    with StopRequest() as stop:
+        try:
+            while step < total and not (stop.flag or step == interrupt_at):
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                view.epoch = epoch
+                sampler.set_epoch(epoch)
+                sampler.start = in_epoch * per_rank
+                for img, y in loader:
+                    img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if mix is not None:
+                        with torch.random.fork_rng(devices=[]):
+                            torch.manual_seed((s.seed * 1_000_003 + step) * 1_009 + rank)
+                            img, y = mix(img, y)
+                    with autocast(device):
+                        f, logits = model(img)
+                    loss = loss_of(s, f.float(), logits.float(), y, teacher, img)
+                    # one all-reduce per step tells every rank whether any saw a non-finite loss or a stop signal
+                    flags = distributed.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)),
+                                                                     float(stop.flag or step == interrupt_at)]))
+                    if flags[0] > 0:
+                        raise UserError(f"the final fine-tune's loss is not finite at epoch {epoch + 1}, step {step}:"
+                                        " nothing was saved for this step; lower --final-lr or check the data")
+                    if flags[1] > 0:
+                        stop.flag = True
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for group in opt.param_groups:
+                        group["lr"] = learning_rate(s, step, total, warmup)
+                    opt.step()
+                    step += 1
+                    bar.update()
+                    if step % every == 0 or step == total:  # every rank gets here: the mean loss of all ranks
+                        mean_loss = distributed.all_reduce_sum(loss.detach().float().cpu()).item() / world
+                        rate = (step - first) * s.batch_size / (time.time() - t0)
+                        log(f"final fine-tune: epoch {epoch + 1}/{math.ceil(total / steps_per_epoch)}, step "
+                            f"{step}/{total}, loss {mean_loss:.4f}, {rate:.0f} img/s, "
+                            f"ETA {(total - step) * s.batch_size / rate / 60:.1f} min")
+                    if step % steps_per_epoch == 0 or step == total:  # the end of an epoch
+                        save_checkpoint(ckpt_path, student, opt, step, settings)
+                        break
+        except (RuntimeError, OSError):
+            if not stop.flag:  # a DataLoader worker killed by the same Ctrl-C ends here; the last step is whole
+                raise
+    bar.close()
+    if stop.flag or (step == interrupt_at and step < total):
+        save_checkpoint(ckpt_path, student, opt, step, settings)
+        log(f"final fine-tune interrupted after step {step}/{total} (epoch {step // steps_per_epoch + 1}): saved "
+            f"{ckpt_path}; rerun the same command to continue")
+        raise KeyboardInterrupt
+    distributed.barrier()
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return step - first
+
+
+def add_arguments(parser):
+    """slim.py's flags of the final fine-tune: each overrides a field of the recipe (None: the recipe's value)."""
+    f = parser.add_argument_group("final fine-tune (METHOD.md C7; pipeline/finetune.py): each flag overrides the recipe's value")
+    f.add_argument("--recipe", default=None, choices=list(RECIPES), help="deit (the default with --data "
+                   "imagenet: 30 epochs, lr 5e-5 per 512 images, batch 512, 1 warm-up epoch, smoothing 0.1, RandAugment, "
+                   "MixUp 0.8, CutMix 1.0, erasing 0.25, soft distillation) or light (the default otherwise: off unless "
+                   "--final-epochs; lr 3e-4 per 64 images, batch 64, plain augmentation, soft distillation)")
+    f.add_argument("--final-epochs", type=float, default=None, help="epochs (0: no final fine-tune)")
+    f.add_argument("--final-lr", type=float, default=None, help="peak AdamW lr, per the recipe's lr batch (scaled "
+                   "linearly with --final-batch-size)")
+    f.add_argument("--final-batch-size", type=int, default=None, help="global images per step, split over processes")
+    f.add_argument("--warmup-epochs", type=float, default=None)
+    f.add_argument("--smoothing", type=float, default=None, help="label smoothing (with --distill hard or none)")
+    f.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=None)
+    f.add_argument("--mixup", type=float, default=None, help="MixUp alpha (0: off)")
+    f.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
+    f.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    f.add_argument("--distill", default=None, choices=list(DISTILL), help="soft: the dense model's features "
+                   "and logits; hard: DeiT's hard distillation; none: labels only")
+
+
+def settings_from_args(args):
+    """FinetuneSettings of the CLI: the recipe (--recipe, default "deit" on ImageNet, "light" elsewhere), each
+    field overridden by its flag when given."""
+    recipe = RECIPES[args.recipe or ("deit" if args.data == "imagenet" else "light")]
+    flags = {"epochs": args.final_epochs, "lr": args.final_lr, "batch_size": args.final_batch_size,
+             "warmup_epochs": args.warmup_epochs, "label_smoothing": args.smoothing, "randaugment": args.randaugment,
+             "mixup": args.mixup, "cutmix": args.cutmix, "erase": args.reprob, "distill": args.distill,
+             "seed": args.seed}
+    return replace(recipe, **{k: v for k, v in flags.items() if v is not None})
+
+
+def light_finetune(student, teacher, keep, tokens, train_ds, epochs, lr, batch_size, seed, log, workers=2):
+    """The "light" recipe with the given epochs, lr (at batch_size) and seed, without a checkpoint: the same final
+    fine-tune the bench scripts give every network they compare."""
+    s = replace(RECIPES["light"], epochs=epochs, lr=lr, lr_batch=batch_size, batch_size=batch_size, seed=seed)
+    return finetune(student, teacher, keep, tokens, train_ds, s, None, {}, log, workers)
