@@ -8,7 +8,14 @@ in ../shared (skipped with a reason when ../shared is absent). Run: python -m py
 """
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +26,7 @@ import flops
 import slim
 import vit
 from pipeline import caches, evaluate
+from pipeline import finetune as pipeline_finetune
 from vit import UserError
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
@@ -629,3 +637,180 @@ def test_search_layer_takes_the_first_acceptable_candidate(tokens, error):
             checked += 1
         keep[t - 1] = k_t
     assert checked  # the case that matters happened at least once
+
+
+# ----------------------------------------------------------------------------- ImageNet at scale: processes, resume, bad input
+
+def image_folder(root, classes, train_per_class, val_per_class, size=(40, 48), seed=0):
+    """A tiny ImageNet-layout folder (root/{train,val}/<wnid>/*.JPEG) of random images."""
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (size[0] + 4 * i, size[1], 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(d / f"img_{i}.JPEG")
+    return root
+
+
+def test_unreadable_files_are_one_line_or_skipped(tmp_path):
+    root = image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=3)
+    good = (root / "val" / "n00000000" / "img_0.JPEG").read_bytes()
+    (root / "val" / "n00000000" / "truncated.JPEG").write_bytes(good[:len(good) // 2])
+    (root / "val" / "n00000001" / "notes.JPEG").write_bytes(b"this is not an image")
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": vit.VisionTransformer(vit.ViTConfig(**{**vit.asdict(SMALL_CFG), "num_classes": 2})).state_dict()},
+               ckpt)
+    argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--workers", "1"]
+    with pytest.raises(SystemExit) as e:
+        slim.cli(argv + ["--out", str(tmp_path / "a")])
+    msg = str(e.value.code)
+    assert "\n" not in msg and "is not a readable image" in msg and "--skip-bad-images" in msg
+    assert "truncated.JPEG" in msg or "notes.JPEG" in msg
+    result = slim.cli(argv + ["--out", str(tmp_path / "b"), "--skip-bad-images"])
+    on_disk = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert result["val_images"] == on_disk["val_images"] == 6 and on_disk["skipped_images"] == 2
+    assert sorted(os.path.basename(p) for p in on_disk["skipped_files"]) == ["notes.JPEG", "truncated.JPEG"]
+    assert "skipped 2 unreadable image files" in (tmp_path / "b" / "eval.log").read_text()
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.50 GiB")
+    monkeypatch.setattr(slim, "cache_search_sets", no_memory)  # where a too-large cache would run out
+    root = image_folder(tmp_path / "data", classes=10, train_per_class=2, val_per_class=1, size=(32, 32))
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        slim.cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(tmp_path / "o"),
+                  "--workers", "0"])
+    assert str(e.value.code).startswith("error: out of memory on cpu: pass a smaller --batch-size")
+    assert "--cache-device cpu" in str(e.value.code)
+
+
+def test_memory_plan():
+    cfg = vit.PRESETS["deit_small"]
+    place, line = caches.cache_plan(cfg, 512, torch.device("cpu"))
+    assert place.type == "cpu" and "512 images x 13 layers x 197 tokens x 384 in float32 = 1.88 GiB" in line
+    with pytest.raises(UserError, match="do not fit.*--fit-images"):
+        caches.cache_plan(cfg, 10**7, torch.device("cpu"))
+
+
+def small_finetune_setup(seed=0, **settings):
+    torch.manual_seed(seed)
+    student = vit.VisionTransformer(SMALL_CFG).eval()
+    teacher = vit.VisionTransformer(SMALL_CFG).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
+    keep = random_nested_keep(SMALL_CFG, seed=1)
+    s = pipeline_finetune.FinetuneSettings(**{**dict(epochs=2, lr=1e-3, lr_batch=8, batch_size=8, warmup_epochs=0.5,
+                                                     mixup=0.8, cutmix=1.0, distill="hard", label_smoothing=0.1),
+                                              **settings})
+    return student, teacher, keep, ds, s
+
+
+def test_final_finetune_resumes_mid_epoch_to_the_uninterrupted_weights(tmp_path):
+    student, teacher, keep, ds, s = small_finetune_setup()
+    whole = pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, None, {}, print, workers=0)
+    assert whole == 10  # 5 steps per epoch (40 images, batch 8, drop last), 2 epochs
+    lines, ckpt = [], str(tmp_path / "finetune.pt")
+    resumed, _, _, _, _ = small_finetune_setup()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline_finetune.finetune(resumed, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
+                                   workers=0, interrupt_at=7)
+    assert torch.load(ckpt, weights_only=False)["step"] == 7 and "interrupted after step 7/10" in lines[-1]
+    again, _, _, _, _ = small_finetune_setup()  # a new process: fresh weights, then the checkpoint
+    assert pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
+                                      workers=0) == 3
+    assert any("resuming the final fine-tune from" in m and "epoch 2, step 2 of 5 (7/10 done)" in m for m in lines)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
+    with pytest.raises(UserError, match=r"other settings \(lr 0.001 -> 0.002"):
+        pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, replace(s, lr=2e-3), ckpt, {"masks": "m"},
+                                   print, workers=0)
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(tmp_path):
+    student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0)
+    with torch.no_grad():
+        student.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="loss is not finite at epoch 1, step 0"):
+        pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, str(tmp_path / "ft.pt"), {}, print, workers=0)
+    assert not (tmp_path / "ft.pt").exists()
+
+
+def test_seeded_view_draws_per_image_and_epoch():
+    ds = data.SeededView(torch.utils.data.TensorDataset(torch.arange(4)), seed=3)
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3)
+    view = data.SeededView(Noisy(), seed=3)
+    a = [view[i] for i in range(4)]
+    torch.manual_seed(123)
+    assert all(torch.equal(x, view[i]) for i, x in enumerate(reversed(a[::-1])))  # independent of order and state
+    view.epoch = 1
+    assert not torch.equal(a[0], view[0]) and len(ds) == 4
+
+
+@needs_shared
+def test_torchrun_two_processes_reach_the_one_process_result(tmp_path):
+    """A real 2-process run (torchrun, gloo) on a proxy subset: the same masks as one process, and the same top-1 within
+    one image, on the same (exactly counted) val images."""
+    argv = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--fit-images", "128", "--held-images",
+            "64", "--score-images", "32", "--ft-steps", "3", "--val-per-class", "20", "--eps", "0.02", "--workers", "1",
+            "--final-epochs", "0.003"]
+    one = slim.cli(argv + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "slim.py", *argv, "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2 and "processes: 2 (world size; torchrun, gloo)" in (tmp_path / "two" / "log.txt").read_text()
+    cfg = vit.load_checkpoint(PROXY_CKPT).cfg
+    masks = [vit.load_masks(tmp_path / name / "masks.json", cfg)[0] for name in ("one", "two")]
+    assert [k.tolist() for k in masks[0]] == [k.tolist() for k in masks[1]]
+    assert one["val_images"] == two["val_images"] == 200
+    assert abs(one["slimmed_top1"] - two["slimmed_top1"]) <= 100 / 200 + 1e-9
+    p1, p2 = (np.load(tmp_path / name / "predictions.npz") for name in ("one", "two"))
+    assert np.array_equal(p1["labels"], p2["labels"]) and np.array_equal(p1["dense"], p2["dense"])  # val order kept
+
+
+def test_dress_rehearsal_at_deit_small_shapes_with_a_killed_finetune(tmp_path):
+    """The whole pipeline at DeiT-S shapes (224 px, 197 tokens, random weights) on a tiny ImageNet-layout folder with
+    DeiT's recipe: search, final fine-tune, eval. The fine-tune is killed (SIGTERM, as a cluster would) mid-epoch; the
+    same command resumes from where it stopped, and a rerun with other arguments is refused."""
+    root = image_folder(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2, size=(232, 256))
+    cfg = vit.ViTConfig(**{**vit.asdict(vit.PRESETS["deit_small"]), "num_classes": 4})
+    torch.manual_seed(0)
+    torch.save({"model": vit.VisionTransformer(cfg).state_dict()}, tmp_path / "deit_small_random.pth")
+    out = tmp_path / "out"
+    argv = [sys.executable, "slim.py", "--data", "folder", "--data-path", str(root), "--weights",
+            str(tmp_path / "deit_small_random.pth"), "--out", str(out), "--fit-images", "16", "--held-images", "8",
+            "--score-images", "8", "--ft-steps", "2", "--batch-size", "8", "--eps", "0.01", "--recipe", "deit",
+            "--final-epochs", "3", "--final-batch-size", "8", "--warmup-epochs", "0", "--workers", "1"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen(argv, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, t0 = out / "log.txt", time.time()
+    while proc.poll() is None and "step 6/12" not in (log.read_text() if log.exists() else ""):
+        assert time.time() - t0 < 240, "the rehearsal did not reach step 6 of its fine-tune"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted: rerun the same command" in err, err[-1500:]
+    stopped = int(re.search(r"interrupted after step (\d+)/12", log.read_text()).group(1))
+    assert 6 <= stopped < 12  # mid-epoch 2 or 3, so epoch 1's checkpoint and more were kept
+    done = subprocess.run(argv, cwd=here, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-1500:]
+    text = log.read_text()
+    assert f"({stopped}/12 done)" in text and f"epoch {stopped // 4 + 1}, step {stopped % 4} of 4" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed"] and report["val_images"] == 8 and 0 < report["slimmed_gflops"] < report["dense_gflops"]
+    assert report["final_finetune"]["randaugment"] and report["final_finetune"]["mixup"] == 0.8
+    refused = subprocess.run(argv[:-1] + ["1", "--final-lr", "1e-4"], cwd=here, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0
+    assert "holds a final fine-tune made with other settings (lr 5e-05 -> 0.0001)" in refused.stderr

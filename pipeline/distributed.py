@@ -57,9 +57,15 @@ def is_main():
 
 
 def all_reduce_sum(t):
-    """t summed over ranks (in place; t itself when there is one process)."""
+    """t summed over ranks, in place (t itself when there is one process). NCCL reduces only CUDA tensors: a CPU
+    tensor (the error and score sums) travels through the GPU."""
     if dist.is_initialized():
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            on_gpu = t.cuda()
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t)
     return t
 
 
