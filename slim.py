@@ -5,6 +5,10 @@ significance scores, the top-down mask search of the paper's Algorithm 1 with pe
     python slim.py --data imagenet --data-path /path/to/imagenet               # slim the released DeiT-S
     python slim.py --data folder --data-path DIR --weights ckpt.pth --out OUT  # any ImageFolder + DeiT ckpt
     python slim.py --eval-only --data ... [--masks OUT/masks.json]             # top-1 and FLOPs -> OUT/eval.json
+    torchrun --nproc_per_node 8 slim.py --data imagenet --data-path DIR        # the same run on 8 GPUs
+
+Under torchrun every stage splits its images over the processes and every process reaches the one-process
+decisions (pipeline/distributed.py says how); the final fine-tune is DeiT's recipe (pipeline/finetune.py, C7).
 
 The method is fixed by ../shared/METHOD.md (version 2): [P] labels are the paper's, [C] our choices where it is
 silent; both are cited beside the code. Layers are numbered as in the paper, t = 1..L; keep[t-1] is m_t (vit.py).
@@ -646,6 +650,7 @@ def main(args):
     state_path, ft_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "finetune.pt")
     report_path = os.path.join(args.out, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
+    report = distributed.all_gather(report)[0]  # rank 0's reading: every rank takes the same branches below
     if report.get("val_images") != len(val) or report.get("weights") != run_id["weights"]:
         top1, n_val = evaluated("dense")
         report = {"dense_top1": top1, "val_images": len(val), "weights": run_id["weights"]}
