@@ -27,17 +27,17 @@ from torch.utils.data import default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from vit import UserError
+from vit import IMAGENET_MEAN, IMAGENET_STD, UserError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL = 64  # image sizes up to this use the small-image recipe
 BICUBIC = v2.InterpolationMode.BICUBIC
 
 
-def build_transform(img_size, train, randaugment=False, erase=0.0):
+def build_transform(img_size, train, randaugment=False, erase=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The per-image transform. train: the training augmentation (C5); randaugment and erase (a probability)
-    add DeiT's RandAugment and random erasing on top (the final fine-tune's recipe, C7)."""
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    add DeiT's RandAugment and random erasing on top (the final fine-tune's recipe, C7). mean, std: the
+    normalisation the model was trained with (its ViTConfig's)."""
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if not train:
         resize = [] if img_size <= SMALL else [v2.Resize(int(img_size / 0.875), interpolation=BICUBIC)]
         return v2.Compose([*resize, v2.CenterCrop(img_size), *to_tensor])
@@ -85,9 +85,11 @@ class BadFiles:
             self.paths[b.path] = b.reason
 
 
-def build_dataset(root, split, img_size, train_transform=None, randaugment=False, erase=0.0):
+def build_dataset(root, split, img_size, train_transform=None, randaugment=False, erase=0.0, mean=IMAGENET_MEAN,
+                  std=IMAGENET_STD):
     """ImageFolder over root/split. train_transform: None -> the training augmentation for the train split
-    and the eval transform otherwise; False -> always the eval transform (deterministic scoring)."""
+    and the eval transform otherwise; False -> always the eval transform (deterministic scoring). mean, std: the
+    model's normalisation (ViTConfig.mean/std)."""
     path = os.path.join(root, split)
     if not os.path.isdir(root):
         raise UserError(f"dataset folder {root} does not exist: pass --data-path DIR with DIR/train and DIR/val")
@@ -95,7 +97,7 @@ def build_dataset(root, split, img_size, train_transform=None, randaugment=False
         raise UserError(f"dataset folder {root} has no {split}/ subfolder: expected {path}/<class>/<images>")
     train = split == "train" if train_transform is None else bool(train_transform)
     try:
-        ds = CheckedImageFolder(path, transform=build_transform(img_size, train, randaugment, erase))
+        ds = CheckedImageFolder(path, transform=build_transform(img_size, train, randaugment, erase, mean, std))
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise UserError(f"{path} holds no images in class subfolders ({str(e).splitlines()[0][:100]}): "
                         f"expected {path}/<class>/<images>")

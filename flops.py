@@ -60,12 +60,13 @@ def count_flops(cfg, keep=None, counts=None, tokens="frozen"):
 
 
 def linear_pyramid(cfg, target, tokens="frozen"):
-    """Kept-token counts falling linearly with depth, |m_t| = 1 + (N-1) * max(0, 1 - a*t/L), with |m_L| = 1
-    (m_L = e_0, METHOD.md P1); the slope a is bisected so that the total MACs come closest to target."""
-    N, L = cfg.num_tokens, cfg.depth
+    """Kept-token counts falling linearly with depth, |m_t| = P + (N-P) * max(0, 1 - a*t/L), with |m_L| = P, the
+    prefix tokens (m_L = e_0 for one class token, METHOD.md P1); the slope a is bisected so that the total MACs come
+    closest to target."""
+    N, L, P = cfg.num_tokens, cfg.depth, cfg.prefix_tokens
 
     def counts(a):
-        return [max(1, round(1 + (N - 1) * max(0.0, 1 - a * t / L))) for t in range(1, L)] + [1]
+        return [max(P, round(P + (N - P) * max(0.0, 1 - a * t / L))) for t in range(1, L)] + [P]
 
     def cost(a):
         return count_flops(cfg, counts=counts(a), tokens=tokens)

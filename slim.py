@@ -42,7 +42,7 @@ import platform
 import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -176,21 +176,23 @@ def images(cache, idx):
 
 
 def tail_features(model, x, keep, tokens, start):
-    """Final class feature (B, d), float32, from x entering block `start` (1-based) under masks keep."""
+    """Final features the heads read (B, prefix tokens, d), float32, from x entering block `start` (1-based) under
+    masks keep."""
     cfg = model.cfg
     alive = cfg.num_tokens if start == 1 or tokens == "frozen" else len(keep[start - 2])
     if x.shape[1] != alive:
         raise ValueError(f"tokens entering block {start}: {x.shape[1]}, but keep leaves {alive} rows")
     device = device_of(model)
     with autocast(device):
-        return model.norm(model.run_blocks(x.to(device), keep, tokens, start)[:, 0]).float()
+        return model.features(model.run_blocks(x.to(device), keep, tokens, start)).float()
 
 
 def next_layer_error(model, batch, keep, tokens, t):
     """P4 with C4's normalisation, per image (B,), differentiable: E_{t+1} = ||diag(m_{t+1})(Ẑ_{t+1} - Z_{t+1})||² /
     ||diag(m_{t+1}) Z_{t+1}||², where Ẑ_{t+1} = B̂_{t+1}(B̂_t(Z_{t-1})) runs the two pruned blocks t, t+1 on the unpruned
-    network's Z_{t-1} (layers < t are still dense) and Z_{t+1} is the unpruned feature. For t = L-1, m_L = e_0: the
-    class token's output of the last block. batch: a LayerCache of a few images."""
+    network's Z_{t-1} (layers < t are still dense) and Z_{t+1} is the unpruned feature. For t = L-1, m_L = the prefix
+    tokens: their output of the last block (the class token; with a distillation token both, every token the heads
+    read). batch: a LayerCache of a few images."""
     device = device_of(model)
     rows = keep[t].to(device)                                           # m_{t+1}
     with autocast(device):
@@ -202,10 +204,11 @@ def next_layer_error(model, batch, keep, tokens, t):
 
 
 def final_feature_error(model, batch, keep, tokens, t):
-    """The v1 error (METHOD.md §4, "v1 option"), per image (B,): ||f - f_dense|| / ||f_dense|| of the final class
-    feature, blocks t..L pruned; cumulative over the layers searched so far."""
+    """The v1 error (METHOD.md §4, "v1 option"), per image (B,): ||f - f_dense|| / ||f_dense|| of the final features
+    the heads read (the class token, and the distillation token when there is one), blocks t..L pruned; cumulative
+    over the layers searched so far."""
     f, f_dense = tail_features(model, batch.z_in, keep, tokens, t), batch.feat.to(device_of(model))
-    return (f - f_dense).norm(dim=-1) / f_dense.norm(dim=-1)
+    return (f - f_dense).flatten(1).norm(dim=-1) / f_dense.flatten(1).norm(dim=-1)
 
 
 ERRORS = {"next": next_layer_error, "final": final_feature_error}
@@ -244,7 +247,7 @@ def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
 @torch.no_grad()
 def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
     """The truth a score should rank: for each candidate token i, prune i alone at layer t and measure ||f - f_full||
-    of the final class feature, averaged over z_in (inputs of block t). Block t's other rows do not change when row i is pruned, so
+    of the final features the heads read, averaged over z_in (inputs of block t). Block t's other rows do not change when row i is pruned, so
     block t runs once; under "frozen" row i then keeps its input Z_{t-1}[i] (P1), under "removed" it leaves."""
     N, device = model.cfg.num_tokens, device_of(model)
     impact = torch.zeros(len(candidates), dtype=torch.float64)
@@ -252,7 +255,7 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
         x = z_in[s:s + batch_size].to(device)
         with autocast(device):
             y = model.blocks[t - 1](x)
-            f = model.norm(model.run_blocks(y, keep, tokens, t + 1)[:, 0]).float()
+            f = model.features(model.run_blocks(y, keep, tokens, t + 1)).float()
             for j, i in enumerate(candidates.tolist()):
                 rest = torch.cat([torch.arange(i), torch.arange(i + 1, N)])
                 k = with_layer(keep, t, rest)
@@ -261,8 +264,8 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
                     y_i[:, i] = x[:, i]
                 else:
                     y_i = y.index_select(1, rest.to(device))
-                fi = model.norm(model.run_blocks(y_i, k, tokens, t + 1)[:, 0]).float()
-                impact[j] += (fi - f).norm(dim=-1).sum().double().cpu()
+                fi = model.features(model.run_blocks(y_i, k, tokens, t + 1)).float()
+                impact[j] += (fi - f).flatten(1).norm(dim=-1).sum().double().cpu()
     count = distributed.all_reduce_sum(torch.tensor([float(len(z_in))], dtype=torch.float64))
     return (distributed.all_reduce_sum(impact) / count).float()
 
@@ -298,7 +301,7 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
                 per_image = next_layer_error(model, batch, keep, s.tokens, t)
             else:
                 f = tail_features(model, batch.z_in, keep, s.tokens, t)
-                per_image = distill_loss(f, model.head(f), batch.feat.to(device), batch.logits.to(device), True)
+                per_image = distill_loss(f, model.classify(f), batch.feat.to(device), batch.logits.to(device), True)
             loss = per_image.sum() / batch_size                   # the global batch mean, this rank's part
             if not torch.isfinite(loss):
                 raise UserError(f"the fine-tune of block {t} produced a non-finite loss: lower --ft-lr")
@@ -422,7 +425,7 @@ def masks_for_counts(model, z, counts, tokens, score="significance", seed=0, bat
     layers above already pruned), but each layer simply keeps its count of best-scoring patches, with no error
     test and no fine-tuning. score: a key of SCORES. z: the dense cache's Z_0 .. (z[t-1] enters block t)."""
     N, L = model.cfg.num_tokens, model.cfg.depth
-    keep = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]
+    keep = [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)]
     for t in range(L - 1, 0, -1):
         forced = keep[t]
         scores = layer_scores(model, z[t - 1], with_layer(keep, t, torch.arange(N)), tokens, t, score,
@@ -451,7 +454,7 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
     interruption would."""
     L, N = model.cfg.depth, model.cfg.num_tokens
     made_with = {**asdict(s), **(run_id or {})}
-    state = {"keep": [torch.arange(N)] * (L - 1) + [torch.tensor([0])], "layers": [], "next": L - 1,
+    state = {"keep": [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)], "layers": [], "next": L - 1,
              "settings": made_with}
     if state_path and os.path.exists(state_path):
         state = load_state(state_path, made_with)
@@ -488,6 +491,9 @@ def get_args_parser():
     p.add_argument("--model", default=None, choices=list(vit.PRESETS),
                    help="architecture; default deit_small, or the --weights checkpoint's own")
     p.add_argument("--weights", default=None, help="checkpoint path or URL (default: the model's DeiT release)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="input normalisation mean (default: the model's: "
+                   "its checkpoint's config, its preset's, or ImageNet's, as the log says)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (likewise)")
     p.add_argument("--out", default="results/run", help="output folder; a rerun with the same folder resumes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", default=None, choices=list(vit.TOKENS),
@@ -572,9 +578,15 @@ def run_identity(args):
 
 
 def load_model(args):
+    """The model of --model / --weights, with --mean/--std (when given) as its input normalisation."""
     if args.weights:
-        return vit.load_checkpoint(args.weights, expect=vit.PRESETS[args.model] if args.model else None)
-    return vit.deit(args.model or "deit_small", pretrained=True)
+        model = vit.load_checkpoint(args.weights, expect=vit.PRESETS[args.model] if args.model else None)
+    else:
+        model = vit.deit(args.model or "deit_small", pretrained=True)
+    if args.mean or args.std:
+        model.cfg = replace(model.cfg, mean=args.mean or model.cfg.mean, std=args.std or model.cfg.std)
+        model.normalisation = f"input normalisation mean {model.cfg.mean}, std {model.cfg.std}: from --mean/--std"
+    return model
 
 
 def machine():
@@ -597,7 +609,8 @@ def main(args):
     bad = data.BadFiles(skip=args.skip_bad_images)
     model = load_model(args).to(device)
     cfg = model.cfg
-    val = data.build_dataset(args.data_path, "val", cfg.img_size)
+    norm = {"mean": cfg.mean, "std": cfg.std}
+    val = data.build_dataset(args.data_path, "val", cfg.img_size, **norm)
     data.check_classes(val, cfg.num_classes)
     if args.val_per_class:
         val = data.subset(val, per_class=args.val_per_class)
@@ -607,7 +620,7 @@ def main(args):
             (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
         tokens, note = vit.resolve_tokens(found, args.tokens, source)
     else:  # the training split feeds scores, fine-tuning and the error E
-        train_aug = data.build_dataset(args.data_path, "train", cfg.img_size)
+        train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, **norm)
         data.check_classes(train_aug, cfg.num_classes)
         s, ft, note = settings_from_args(args, cfg), finetune.settings_from_args(args), None
     if is_main:
@@ -623,6 +636,7 @@ def main(args):
     log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {cfg}\n"
         f"processes: {world} (world size; {'torchrun, ' + ('nccl' if device.type == 'cuda' else 'gloo') if world > 1 else 'no process group'}), "
         f"device {device}, {args.workers} data workers each")
+    log(model.normalisation)
     if note:
         log(note)
     dense_flops = flops.count_flops(cfg)
@@ -677,7 +691,8 @@ def main(args):
         report["searched_top1"], _ = evaluated("searched", keep, s.tokens)
         log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
         teacher = load_model(args).to(device) if ft.distill != "none" else None
-        train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase)
+        train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase,
+                                      **norm)
         finetune.finetune(model, teacher, keep, s.tokens, train_ft, ft, ft_path,
                           finetune_identity(keep, s.tokens, run_id), log, args.workers, bad)
     top1, n_val = evaluated("slimmed", keep, s.tokens)

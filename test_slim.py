@@ -175,7 +175,7 @@ def test_bad_keep_is_a_clear_error():
     good = random_nested_keep(cfg, 0)
     cases = {
         "layers but the model has depth": good[:-1],
-        "does not keep the class token": [torch.arange(1, N)] + good[1:],
+        "does not keep the prefix tokens \\[0\\]": [torch.arange(1, N)] + good[1:],
         "not sorted and unique": [torch.tensor([0, 3, 2])] + good[1:],
         "but the model has 17 tokens": [torch.arange(N + 1)] + good[1:],
         "masks are not nested": [torch.tensor([0, 1])] + [torch.tensor([0, 2])] + good[2:],

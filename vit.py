@@ -15,7 +15,8 @@ Both gather the kept rows, so the FLOPs really fall (flops.py counts both); `kee
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,13 @@ RELEASE_URLS = {
     "deit_tiny": "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth",
     "deit_small": "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
     "deit_base": "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+    "deit_tiny_distilled": "https://dl.fbaipublicfiles.com/deit/deit_tiny_distilled_patch16_224-b40b3cf7.pth",
+    "deit_small_distilled": "https://dl.fbaipublicfiles.com/deit/deit_small_distilled_patch16_224-649709d9.pth",
+    "deit_base_distilled": "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth",
+    "deit3_small": "https://dl.fbaipublicfiles.com/deit/deit_3_small_224_1k.pth",   # DeiT-III (arXiv 2204.07118)
+    "deit3_base": "https://dl.fbaipublicfiles.com/deit/deit_3_base_224_1k.pth",
 }
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class UserError(Exception):
@@ -43,16 +50,32 @@ class ViTConfig:
     num_heads: int = 6      # heads; head dim = embed_dim / num_heads (64 in all DeiTs)
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d
     qkv_bias: bool = True
+    prefix_tokens: int = 1          # tokens before the patches: the class token, or class + distillation token (2)
+    pos_embed_prefix: bool = True   # the position embedding covers the prefix tokens (DeiT) or only the patches
+    #                                 (DeiT-III's timm layout: added to the patches, then the class token prepended)
+    layer_scale: bool = False       # LayerScale after attention and MLP (DeiT-III: blocks.i.ls1.gamma, ls2.gamma)
+    mean: tuple = IMAGENET_MEAN     # the input normalisation the weights were trained with (data.py reads it)
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self):
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if self.prefix_tokens not in (1, 2):
+            raise UserError(f"prefix_tokens must be 1 (class token) or 2 (class + distillation), got {self.prefix_tokens}")
 
     @property
     def num_tokens(self):
-        return 1 + (self.img_size // self.patch_size) ** 2
+        return self.prefix_tokens + (self.img_size // self.patch_size) ** 2
 
 
-PRESETS = {  # METHOD.md §1 reference sizes
+PRESETS = {  # METHOD.md §1 reference sizes, and the DeiT family users hold (224 px, ImageNet mean/std)
     "deit_tiny": ViTConfig(embed_dim=192, num_heads=3),
     "deit_small": ViTConfig(embed_dim=384, num_heads=6),
     "deit_base": ViTConfig(embed_dim=768, num_heads=12),
+    "deit_tiny_distilled": ViTConfig(embed_dim=192, num_heads=3, prefix_tokens=2),
+    "deit_small_distilled": ViTConfig(embed_dim=384, num_heads=6, prefix_tokens=2),
+    "deit_base_distilled": ViTConfig(embed_dim=768, num_heads=12, prefix_tokens=2),
+    "deit3_small": ViTConfig(embed_dim=384, num_heads=6, pos_embed_prefix=False, layer_scale=True),
+    "deit3_base": ViTConfig(embed_dim=768, num_heads=12, pos_embed_prefix=False, layer_scale=True),
 }
 
 
@@ -107,14 +130,27 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """DeiT-III's per-channel scale of a residual branch (timm's name: gamma)."""
+
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.embed_dim
         self.norm1 = nn.LayerNorm(d, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(d) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.ls2 = LayerScale(d) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x, idx=None, tokens="frozen", record=None):
         """One pre-norm block, Y = X + MSA(LN1(X)), Z = Y + MLP(LN2(Y)), updating only the rows idx (the paper's
@@ -123,14 +159,14 @@ class Block(nn.Module):
         "frozen" returns all n_in rows, the others unchanged; "removed" returns only the idx rows.
         record: a dict that receives the attention's P and head_out, and U (B, H, n_q, d) = P^h |x|, the
         paper's U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input)."""
-        a = self.attn(self.norm1(x), idx, record)
+        a = self.ls1(self.attn(self.norm1(x), idx, record))
         if record is not None:
             record["U"] = record["P"] @ x.abs().unsqueeze(1)
         if idx is None:
             y = x + a
-            return y + self.mlp(self.norm2(y))
+            return y + self.ls2(self.mlp(self.norm2(y)))
         y = x.index_select(1, idx) + a
-        y = y + self.mlp(self.norm2(y))
+        y = y + self.ls2(self.mlp(self.norm2(y)))
         return y if tokens == "removed" else x.index_copy(1, idx, y)  # P1: every other row passes on unchanged
 
 
@@ -150,16 +186,20 @@ class VisionTransformer(nn.Module):
         if cfg.img_size % cfg.patch_size or cfg.embed_dim % cfg.num_heads:
             raise UserError(f"bad config {cfg}: img_size must be a multiple of patch_size and embed_dim of num_heads")
         # the masks (and their token semantics) a slimmed checkpoint was saved with (load_checkpoint); forward never
-        # reads them: pass keep=model.keep, tokens=model.tokens
-        self.keep, self.tokens = None, None
+        # reads them: pass keep=model.keep, tokens=model.tokens. normalisation: where cfg.mean/std came from (a line)
+        self.keep, self.tokens, self.normalisation = None, None, f"input normalisation mean {cfg.mean}, std {cfg.std}"
         self.patch_embed = PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.embed_dim))
+        d, P = cfg.embed_dim, cfg.prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if P == 2 else None  # distilled DeiT
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens - (0 if cfg.pos_embed_prefix else P), d))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, cfg.num_classes)
+        self.head_dist = nn.Linear(d, cfg.num_classes) if P == 2 else None  # reads the distillation token
+        for p in (self.pos_embed, self.cls_token, self.dist_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -170,9 +210,13 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def embed(self, img):
-        """img: (B, 3, H, W) -> tokens (B, N, d), class token first."""
+        """img: (B, 3, H, W) -> tokens (B, N, d): the prefix tokens (class token 0, distillation token 1 when the model
+        has one), then the patches."""
         x = self.patch_embed(img)
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if self.cfg.pos_embed_prefix:
+            return torch.cat(prefix + [x], dim=1) + self.pos_embed
+        return torch.cat(prefix + [x + self.pos_embed], dim=1)  # DeiT-III: the patches' positions only
 
     def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
         """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
@@ -190,14 +234,25 @@ class VisionTransformer(nn.Module):
                 records.append(rec)
         return x
 
+    def features(self, x):
+        """The final features the heads read: the prefix tokens of the last block's output x, after the norm,
+        (B, prefix_tokens, d)."""
+        return self.norm(x[:, :self.cfg.prefix_tokens])
+
+    def classify(self, f):
+        """Logits from features(...): the class token's head, averaged with the distillation token's head for a
+        distilled DeiT (as DeiT evaluates it)."""
+        logits = self.head(f[:, 0])
+        return logits if self.head_dist is None else (logits + self.head_dist(f[:, 1])) / 2
+
     def forward_features(self, img, keep=None, tokens="frozen"):
-        """The final class-token feature after the last norm, (B, d)."""
-        return self.norm(self.run_blocks(self.embed(img), keep, tokens)[:, 0])
+        """The final prefix-token features after the last norm, (B, prefix_tokens, d)."""
+        return self.features(self.run_blocks(self.embed(img), keep, tokens))
 
     def forward(self, img, keep=None, tokens="frozen"):
         """img: (B, 3, H, W) -> logits (B, classes). keep: per layer the token indices it updates (None = dense);
         tokens: what happens to the others, "frozen" (the paper, METHOD.md P1) or "removed" (v1, C1)."""
-        return self.head(self.forward_features(img, keep, tokens))
+        return self.classify(self.forward_features(img, keep, tokens))
 
 
 # ----------------------------------------------------------------------------- CPU inference: prepacked weights
@@ -243,7 +298,8 @@ def pack_for_cpu(model):
 # ----------------------------------------------------------------------------- masks (METHOD.md §2)
 #
 # Layer numbers are the paper's: blocks t = 1..L, and keep[t-1] holds m_t, the sorted global indices (0..N-1, token
-# 0 = class token) of the rows block t updates. Masks are nested (m_{t+1} ⊆ m_t) and hold the class token.
+# 0 = class token, 1 = distillation token when there is one) of the rows block t updates. Masks are nested
+# (m_{t+1} ⊆ m_t) and hold every prefix token (I1, generalised: the heads read all of them).
 
 TOKENS = ("frozen", "removed")  # what a pruned patch becomes: METHOD.md P1 (the paper's, default) or C1 (v1)
 
@@ -280,8 +336,10 @@ def _checked(keep, cfg):
     out, pos, prev = [], [], torch.arange(N)
     for t, k in enumerate(keep, 1):
         k = torch.as_tensor(k, dtype=torch.long).flatten()
-        if k.numel() == 0 or k[0] != 0:
-            raise UserError(f"masks layer {t} does not keep the class token 0: every layer must keep index 0")
+        P = cfg.prefix_tokens
+        if k.numel() < P or not torch.equal(k[:P], torch.arange(P)):
+            raise UserError(f"masks layer {t} does not keep the prefix tokens {list(range(P))}: every layer must keep "
+                            f"them ({'the class token' if P == 1 else 'the class and distillation tokens'})")
         if k.numel() > 1 and not bool((k[1:] > k[:-1]).all()):
             raise UserError(f"masks layer {t} indices are not sorted and unique: give sorted token indices")
         if k[-1] >= N:
@@ -296,6 +354,11 @@ def _checked(keep, cfg):
         pos.append(None if k.numel() == prev.numel() else p)
         prev = k
     return out, pos
+
+
+def prefix_mask(cfg):
+    """m_L: the last layer keeps exactly the prefix tokens (e_0 for one class token; Sec. 4.2, I1 generalised)."""
+    return torch.arange(cfg.prefix_tokens)
 
 
 def save_masks(path, keep, cfg, tokens, name=None, **extra):
@@ -355,17 +418,33 @@ def _read(path_or_url):
 
 
 def infer_config(sd):
-    """Architecture from tensor shapes. The head count is not in the shapes: head dim 64, as in all DeiTs."""
+    """Architecture from the keys and tensor shapes, which tell the family apart: a distillation token
+    (`dist_token`, `head_dist`: distilled DeiT), LayerScale (`blocks.i.ls1.gamma`: DeiT-III), and whether the
+    position embedding covers the prefix tokens (its length is prefix + grid² or grid²: DeiT-III's is grid²).
+    The head count is not in the shapes: head dim 64, as in all DeiTs. Normalisation: ImageNet's (assumed)."""
     try:
         d = sd["cls_token"].shape[-1]
         p = sd["patch_embed.proj.weight"].shape[-1]
+        prefix = 2 if "dist_token" in sd else 1
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+        n_pos = sd["pos_embed"].shape[1]
+        covers_prefix = math.isqrt(n_pos - prefix) ** 2 == n_pos - prefix
+        grid = math.isqrt(n_pos - prefix if covers_prefix else n_pos)
         return ViTConfig(img_size=grid * p, patch_size=p, num_classes=sd["head.weight"].shape[0], embed_dim=d,
                          depth=depth, num_heads=max(1, d // 64), mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d,
-                         qkv_bias="blocks.0.attn.qkv.bias" in sd)
+                         qkv_bias="blocks.0.attn.qkv.bias" in sd, prefix_tokens=prefix, pos_embed_prefix=covers_prefix,
+                         layer_scale="blocks.0.ls1.gamma" in sd)
     except (KeyError, ValueError) as e:
         raise UserError(f"checkpoint is not a DeiT/timm ViT state dict (missing {e}): pass a DeiT checkpoint")
+
+
+NORMALISATION = ("mean", "std")  # not architecture: never part of a shape check
+
+
+def timm_names(sd):
+    """The official DeiT-III release names its LayerScale blocks.i.gamma_1 / gamma_2; timm (and this file) call them
+    blocks.i.ls1.gamma / ls2.gamma. The one renaming applied; every other key must already be timm's."""
+    return {re.sub(r"^(blocks\.\d+\.)gamma_([12])$", r"\1ls\2.gamma", k): v for k, v in sd.items()}
 
 
 def load_checkpoint(path_or_url, expect=None):
@@ -377,10 +456,19 @@ def load_checkpoint(path_or_url, expect=None):
     sd = ck.get("model", ck) if isinstance(ck, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"checkpoint {path_or_url} holds no state dict: pass a DeiT checkpoint")
+    sd = timm_names(sd)
     names = {f.name for f in fields(ViTConfig)}
-    cfg = ViTConfig(**{k: v for k, v in ck["config"].items() if k in names}) if "config" in ck else infer_config(sd)
+    config = ck.get("config", {}) if isinstance(ck.get("config"), dict) else {}
+    cfg = ViTConfig(**{k: v for k, v in config.items() if k in names}) if config else infer_config(sd)
+    if all(k in config for k in NORMALISATION):
+        normalisation = "from the checkpoint's config"
+    elif expect is not None:  # a preset carries the statistics its release was trained with
+        cfg = replace(cfg, mean=expect.mean, std=expect.std)
+        normalisation = "the model preset's (the checkpoint does not say)"
+    else:
+        normalisation = "assumed ImageNet's: the checkpoint does not say (pass --mean/--std if it was trained with others)"
     if expect is not None:
-        checked = [f for f in sorted(names) if f != "num_heads" or "config" in ck]  # heads: not in the shapes
+        checked = [f for f in sorted(names - set(NORMALISATION)) if f != "num_heads" or config]  # heads: not in shapes
         diff = [f"{f}={getattr(cfg, f)} (expected {getattr(expect, f)})" for f in checked
                 if getattr(cfg, f) != getattr(expect, f)]
         if diff:
@@ -399,12 +487,13 @@ def load_checkpoint(path_or_url, expect=None):
     model.load_state_dict(sd, strict=True)
     if ck.get("keep") is not None:  # a slimmed checkpoint; without a "tokens" entry its masks are "frozen" (P1)
         model.keep, model.tokens = check_keep(ck["keep"], cfg), check_tokens(ck.get("tokens", "frozen"))
+    model.normalisation = f"input normalisation mean {cfg.mean}, std {cfg.std}: {normalisation}"
     return model.eval()
 
 
 def deit(name, pretrained=None):
-    """A DeiT preset ("deit_tiny", "deit_small", "deit_base"); pretrained: a local path, a URL, or True
-    for the official release weights. Without it, randomly initialised."""
+    """A DeiT preset (a key of PRESETS: DeiT-Ti/S/B, their distilled versions, DeiT-III-S/B); pretrained: a local
+    path, a URL, or True for the official release weights. Without it, randomly initialised."""
     if name not in PRESETS:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
     if not pretrained:

@@ -38,8 +38,9 @@ SHARED = os.path.join(ROOT, "..", "shared")
 
 
 def uniform_counts(cfg, target, tokens):
-    """The same kept count n at layers 1..L-1 (and m_L = e_0) whose FLOPs come closest to target."""
-    return min(([n] * (cfg.depth - 1) + [1] for n in range(1, cfg.num_tokens + 1)),
+    """The same kept count n at layers 1..L-1 (and m_L = the prefix tokens) whose FLOPs come closest to target."""
+    P = cfg.prefix_tokens
+    return min(([n] * (cfg.depth - 1) + [P] for n in range(P, cfg.num_tokens + 1)),
                key=lambda c: abs(flops.count_flops(cfg, counts=c, tokens=tokens) - target))
 
 

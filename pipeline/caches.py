@@ -23,7 +23,7 @@ def progress(*args, **kwargs):
 
 
 DenseCache = namedtuple("DenseCache", "z feat logits positions")  # z[t]: (M, N, d), Z_t, the dense output of block t
-#   (z[0]: the embedded tokens, so z[t-1] enters block t); feat, logits: the dense final class feature (after the norm)
+#   (z[0]: the embedded tokens, so z[t-1] enters block t); feat, logits: the dense final prefix-token features (after the norm)
 #   and logits; positions (M,): each image's number in the whole sample (under torchrun a rank caches its share)
 
 @torch.no_grad()
@@ -42,11 +42,11 @@ def cache_dense(model, loader, desc, cache_device="cpu"):
                 zs[t - 1].append(x.to(cache_device, store))
                 x = model.blocks[t - 1](x)
             zs[L].append(x.to(cache_device, store))
-            fs.append(model.norm(x[:, 0]).float())
+            fs.append(model.features(x).float())
     pin = device.type == "cuda" and torch.device(cache_device).type == "cpu"
     z = [torch.cat(z).pin_memory() if pin else torch.cat(z) for z in zs]
     feat = torch.cat(fs)
-    return DenseCache(z, feat, model.head(feat), torch.cat(positions))
+    return DenseCache(z, feat, model.classify(feat), torch.cat(positions))
 
 
 def search_set_sizes(s, n_train):
@@ -90,7 +90,7 @@ def cache_search_sets(model, train_aug, data_path, s, workers, log, cache_device
     disjoint random training images chosen by s.seed; returns their dense caches (fit, held), each a DenseCache of
     this rank's share (image i of a sample belongs to rank i mod K)."""
     cfg, t0 = model.cfg, time.time()
-    train_eval = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False)
+    train_eval = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False, mean=cfg.mean, std=cfg.std)
     perm = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(s.seed)).tolist()
     n_fit, n_held = search_set_sizes(s, len(perm))
     caches = []

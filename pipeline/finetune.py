@@ -71,13 +71,13 @@ DISTILL = ("soft", "hard", "none")
 def distill_loss(f, logits, f_dense, logits_dense, per_image=False):
     """v1's objective: relative feature MSE (what the v1 error measures) + KL of the logits, both against the dense
     model; the batch mean, or per image (B,)."""
-    rel = (f - f_dense).pow(2).sum(-1) / f_dense.pow(2).sum(-1)
+    rel = (f - f_dense).flatten(1).pow(2).sum(-1) / f_dense.flatten(1).pow(2).sum(-1)
     kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(logits_dense, -1), reduction="none", log_target=True).sum(-1)
     return rel + kl if per_image else (rel + kl).mean()
 
 
 class WithFeatures(nn.Module):
-    """The slimmed student as DistributedDataParallel wraps it: forward returns (final class feature, logits)."""
+    """The slimmed student as DistributedDataParallel wraps it: forward returns (final prefix-token features, logits)."""
 
     def __init__(self, model, keep, tokens):
         super().__init__()
@@ -85,7 +85,7 @@ class WithFeatures(nn.Module):
 
     def forward(self, img):
         f = self.model.forward_features(img, self.keep, self.tokens)
-        return f, self.model.head(f)
+        return f, self.model.classify(f)
 
 
 class ResumableSampler(DistributedSampler):
@@ -127,7 +127,7 @@ def loss_of(s, f, logits, target, teacher, img):
         return F.cross_entropy(logits, target, label_smoothing=s.label_smoothing)
     with torch.no_grad(), autocast(img.device):
         f_dense = teacher.forward_features(img).float()
-        logits_dense = teacher.head(f_dense).float()
+        logits_dense = teacher.classify(f_dense).float()
     if s.distill == "soft":
         return distill_loss(f, logits, f_dense, logits_dense)
     return 0.5 * F.cross_entropy(logits, target, label_smoothing=s.label_smoothing) + \
