@@ -38,16 +38,36 @@ torch.set_num_threads(2)
 SMALL_CFG = vit.ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=4, num_heads=2)
 
 
+FAMILY = {  # the DeiT family at test size: plain, distilled (2 prefix tokens), DeiT-III (LayerScale, patch-only pos)
+    "deit": SMALL_CFG,
+    "distilled": replace(SMALL_CFG, prefix_tokens=2),
+    "deit3": replace(SMALL_CFG, layer_scale=True, pos_embed_prefix=False),
+}
+
+
+def family_model(family, seed=0):
+    """A random model of FAMILY[family]; LayerScale gains drawn around 1 (their init, 1e-5, would hide the branches)."""
+    torch.manual_seed(seed)
+    model = vit.VisionTransformer(FAMILY[family]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def random_nested_keep(cfg, seed, last_cls_only=True):
-    """Random nested masks: each layer keeps a random subset (with token 0) of the previous layer's."""
+    """Random nested masks: each layer keeps the prefix tokens and a random subset of the previous layer's patches;
+    with last_cls_only the last layer keeps the prefix tokens alone (m_L)."""
     g = torch.Generator().manual_seed(seed)
+    P = cfg.prefix_tokens
     prev, keep = torch.arange(cfg.num_tokens), []
     for l in range(cfg.depth):
         if last_cls_only and l == cfg.depth - 1:
-            k = torch.tensor([0])
+            k = vit.prefix_mask(cfg)
         else:
-            n = int(torch.randint(1, prev.numel() + 1, (1,), generator=g))
-            k = torch.cat([prev[:1], prev[1:][torch.randperm(prev.numel() - 1, generator=g)[: n - 1]]]).sort().values
+            n = int(torch.randint(0, prev.numel() - P + 1, (1,), generator=g))
+            k = torch.cat([prev[:P], prev[P:][torch.randperm(prev.numel() - P, generator=g)[:n]]]).sort().values
         keep.append(k)
         prev = k
     return keep
@@ -69,42 +89,56 @@ def eq2_reference(model, img, keep, tokens, maps=None):
         p = (s if tokens == "frozen" else s.masked_fill(~alive, float("-inf"))).softmax(-1)
         if maps is not None:
             maps.append((p, x))
-        x = x + m * a.proj((p @ v).transpose(1, 2).reshape(B, N, d))
-        x = x + m * blk.mlp(blk.norm2(x))
+        x = x + m * blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, N, d)))
+        x = x + m * blk.ls2(blk.mlp(blk.norm2(x)))
         alive = m.flatten().bool()
-    return model.head(model.norm(x[:, 0]))
+    return model.classify(model.norm(x[:, :model.cfg.prefix_tokens]))
 
 
 # ----------------------------------------------------------------------------- vit.py
 
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224"])
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit3_small_patch16_224",
+                                  "deit3_base_patch16_224", "deit_small_distilled_patch16_224"])
 def test_parity_with_timm(tmp_path, name):
+    """Release-format checkpoints made from timm's models (random weights, perturbed so that LayerScale's 1e-6 init
+    does not hide the blocks) load strictly, are recognised from their keys, and give timm's eval logits."""
     timm = pytest.importorskip("timm", reason="timm is a test dependency: pip install -r requirements-dev.txt")
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     torch.save({"model": ref.state_dict()}, tmp_path / "release.pth")  # the release format, no config entry
-    ours = vit.load_checkpoint(tmp_path / "release.pth", expect=vit.PRESETS[name.split("_patch")[0]])
+    preset = vit.PRESETS[name.split("_patch")[0]]
+    ours = vit.load_checkpoint(tmp_path / "release.pth", expect=preset)
+    assert vit.infer_config(ref.state_dict()) == preset
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(ours(x), ref(x), atol=1e-4)
+    if preset.layer_scale:  # the official DeiT-III files name the gains blocks.i.gamma_1 / gamma_2
+        official = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in ref.state_dict().items()}
+        assert "blocks.0.gamma_1" in official
+        torch.save({"model": official}, tmp_path / "official.pth")
+        with torch.no_grad():
+            assert torch.equal(vit.load_checkpoint(tmp_path / "official.pth")(x), ours(x))
 
 
+@pytest.mark.parametrize("family", list(FAMILY))
 @pytest.mark.parametrize("tokens", vit.TOKENS)
 @pytest.mark.parametrize("seed", range(4))
-def test_gathered_forward_equals_the_eq2_reference(seed, tokens):
+def test_gathered_forward_equals_the_eq2_reference(seed, tokens, family):
     """Must-hold 1: the gathered forward (rows selected, computed, written back or dropped) equals the dense
-    masked reference for random nested masks, under both token semantics."""
-    torch.manual_seed(seed)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
+    masked reference for random nested masks, under both token semantics, for every family."""
+    model = family_model(family, seed)
     x = torch.randn(3, 3, 32, 32)
-    keep = random_nested_keep(SMALL_CFG, seed, last_cls_only=seed % 2 == 0)
+    keep = random_nested_keep(model.cfg, seed, last_cls_only=seed % 2 == 0)
     with torch.no_grad():
         out, ref = model(x, keep=keep, tokens=tokens), eq2_reference(model, x, keep, tokens)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
         records = []  # the recording path (explicit softmax) computes the same thing
         y = model.run_blocks(model.embed(x), keep, tokens, records=records)
-        assert torch.allclose(model.head(model.norm(y[:, 0])), ref, atol=1e-5)
-    n_keys = SMALL_CFG.num_tokens if tokens == "frozen" else keep[-2].numel()
+        assert torch.allclose(model.classify(model.features(y)), ref, atol=1e-5)
+    n_keys = model.cfg.num_tokens if tokens == "frozen" else keep[-2].numel()
     assert records[-1]["P"].shape[2:] == (keep[-1].numel(), n_keys)  # kept queries x (all | alive) keys
     assert torch.equal(records[-1]["query_rows"], keep[-1])
 
@@ -118,14 +152,14 @@ def test_the_two_semantics_differ():
         assert not torch.allclose(model(x, keep, "frozen"), model(x, keep, "removed"), atol=1e-3)
 
 
+@pytest.mark.parametrize("family", list(FAMILY))
 @pytest.mark.parametrize("tokens", vit.TOKENS)
-def test_keeping_every_token_gives_the_dense_logits_through_the_gather(tokens):
+def test_keeping_every_token_gives_the_dense_logits_through_the_gather(tokens, family):
     """Must-hold 2, through the gathered code path, not the dense one: (a) a block called with every index equals
     the block called with none; (b) masks that keep every token but one patch at the last layer only differ from
     the dense model by that patch, and equal the reference; (c) the class-token-only top is the reference too."""
-    torch.manual_seed(0)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
-    x, N, L = torch.randn(3, 3, 32, 32), SMALL_CFG.num_tokens, SMALL_CFG.depth
+    model = family_model(family)
+    x, N, L = torch.randn(3, 3, 32, 32), model.cfg.num_tokens, model.cfg.depth
     z = model.embed(x)
     with torch.no_grad():
         for blk in model.blocks:
@@ -184,6 +218,12 @@ def test_bad_keep_is_a_clear_error():
     for msg, keep in cases.items():
         with pytest.raises(UserError, match=msg):
             model(torch.randn(1, 3, 32, 32), keep=keep)
+    distilled = FAMILY["distilled"]  # I1 generalised: the distillation token 1 is kept at every layer too
+    good = random_nested_keep(distilled, 0)
+    assert good[-1].tolist() == [0, 1] and all(k[:2].tolist() == [0, 1] for k in good)
+    no_dist = [good[0][good[0] != 1]] + [k[k != 1] for k in good[1:]]
+    with pytest.raises(UserError, match=r"does not keep the prefix tokens \[0, 1\].*class and distillation"):
+        vit.check_keep(no_dist, distilled)
 
 
 @pytest.mark.parametrize("tokens", vit.TOKENS)
@@ -259,11 +299,12 @@ def counted_macs(model, keep, tokens):
     return fc.get_total_flops() / 2
 
 
+@pytest.mark.parametrize("name,seed", [("deit_tiny", s) for s in (None, 0, 1, 2)] +
+                         [(n, s) for n in ("deit_tiny_distilled", "deit3_small") for s in (None, 0)])
 @pytest.mark.parametrize("tokens", vit.TOKENS)
-@pytest.mark.parametrize("seed", [None, 0, 1, 2])
-def test_flops_match_torch_counter(seed, tokens):
-    """Must-hold 4: the closed form equals what the real forward executes, under both semantics."""
-    model = vit.deit("deit_tiny").eval()
+def test_flops_match_torch_counter(seed, tokens, name):
+    """Must-hold 4: the closed form equals what the real forward executes, under both semantics, every family."""
+    model = vit.deit(name).eval()
     keep = None if seed is None else random_nested_keep(model.cfg, seed)
     ours, theirs = flops.count_flops(model.cfg, keep, tokens=tokens), counted_macs(model, keep, tokens)
     assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
@@ -814,3 +855,81 @@ def test_dress_rehearsal_at_deit_small_shapes_with_a_killed_finetune(tmp_path):
                              timeout=120)
     assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0
     assert "holds a final fine-tune made with other settings (lr 5e-05 -> 0.0001)" in refused.stderr
+
+
+# ----------------------------------------------------------------------------- the DeiT family through the method
+
+@pytest.mark.parametrize("family", ["distilled", "deit3"])
+@pytest.mark.parametrize("error", ["next", "final"])
+def test_search_keeps_every_prefix_token_on_every_family(family, error):
+    """I1 generalised: the search keeps every prefix token at every layer and ends with exactly them (m_L)."""
+    model = family_model(family)
+    imgs = torch.utils.data.TensorDataset(torch.randn(48, 3, 32, 32), torch.zeros(48, dtype=torch.long))
+    fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32)), 16, workers=0), "fit")
+    held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32, 48)), 16, workers=0), "held")
+    assert fit.feat.shape == (32, model.cfg.prefix_tokens, SMALL_CFG.embed_dim)
+    s = slim.SearchSettings(eps=0.05 if error == "next" else 0.3, error=error, r0=2, ft_steps=2, score_images=8,
+                            batch_size=16)
+    keep = vit.check_keep(slim.search(model, fit, held, s, log=lambda m: None)["keep"], model.cfg)
+    P = model.cfg.prefix_tokens
+    assert keep[-1].tolist() == list(range(P)) and all(k[:P].tolist() == list(range(P)) for k in keep)
+    counts = flops.linear_pyramid(model.cfg, 0.6 * flops.count_flops(model.cfg))
+    assert counts[-1] == P and min(counts) == P
+
+
+def release_checkpoint(path, preset, num_classes, **config):
+    """A release-format checkpoint ({"model": state_dict}, timm names) of a random model of a preset; with config
+    entries, a "config" dict as well."""
+    cfg = vit.ViTConfig(**{**vit.asdict(vit.PRESETS[preset]), "num_classes": num_classes})
+    torch.manual_seed(0)
+    ck = {"model": vit.VisionTransformer(cfg).state_dict()}
+    if config:
+        ck["config"] = {**vit.asdict(cfg), **config}
+    torch.save(ck, path)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["deit3_small", "deit_small_distilled"])
+def test_cli_search_and_eval_on_deit3_and_distilled_release_checkpoints(tmp_path, preset):
+    """A tiny full CLI run (random release-format weights at 224 px, a tiny ImageNet-layout folder): search, then
+    eval of the slimmed checkpoint; the family is recognised from the keys and the prefix tokens survive."""
+    root = image_folder(tmp_path / "data", classes=3, train_per_class=6, val_per_class=2, size=(224, 240))
+    ckpt = release_checkpoint(tmp_path / "release.pth", preset, num_classes=3)
+    out = tmp_path / "out"
+    report = slim.cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(out),
+                       "--fit-images", "8", "--held-images", "4", "--score-images", "4", "--ft-steps", "1",
+                       "--batch-size", "4", "--eps", "0.01", "--workers", "0"])
+    P = vit.PRESETS[preset].prefix_tokens
+    keep, tokens = vit.load_masks(out / "masks.json", vit.load_checkpoint(ckpt).cfg)
+    assert report["kept_per_layer"][-1] == P and all(k[:P].tolist() == list(range(P)) for k in keep)
+    assert report["val_images"] == 6 and report["slimmed_gflops"] < report["dense_gflops"]
+    family = {k: vit.PRESETS[preset].__dict__[k] for k in ("prefix_tokens", "pos_embed_prefix", "layer_scale")}
+    assert {k: json.loads((out / "masks.json").read_text())["config"][k] for k in family} == family  # recognised
+    log = (out / "log.txt").read_text()
+    assert "assumed ImageNet's: the checkpoint does not say" in log
+    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(out / "slimmed.pth"),
+                   "--out", str(tmp_path / "ev"), "--workers", "0"])
+    assert ev["top1"] == pytest.approx(report["slimmed_top1"]) and ev["gflops"] == pytest.approx(report["slimmed_gflops"])
+    assert "from the checkpoint's config" in (tmp_path / "ev" / "eval.log").read_text()  # slimmed.pth carries it
+
+
+def test_normalisation_comes_from_the_model(tmp_path):
+    """The checkpoint's config sets the input statistics data.py uses; a bare state dict logs ImageNet's as assumed;
+    --mean/--std override, and the log says so."""
+    root = image_folder(tmp_path / "data", classes=10, train_per_class=1, val_per_class=1, size=(32, 32))
+    cfg = replace(SMALL_CFG, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    torch.save({"model": vit.VisionTransformer(cfg).state_dict(), "config": vit.asdict(cfg)}, tmp_path / "c.pth")
+    model = vit.load_checkpoint(tmp_path / "c.pth")
+    assert model.cfg.mean == (0.5, 0.5, 0.5) and "from the checkpoint's config" in model.normalisation
+    ds = data.build_dataset(str(root), "val", 32, mean=model.cfg.mean, std=model.cfg.std)
+    raw = torch.as_tensor(np.array(Image.open(ds.samples[0][0]).convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
+    assert torch.allclose(ds[0][0], (raw / 255 - 0.5) / 0.25, atol=1e-6)
+    argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--workers", "0"]
+    slim.cli(argv + ["--weights", str(tmp_path / "c.pth"), "--out", str(tmp_path / "a")])
+    assert "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25): from the checkpoint's config" in (tmp_path / "a" / "eval.log").read_text()
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, tmp_path / "bare.pth")
+    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b")])
+    assert "std (0.229, 0.224, 0.225): assumed ImageNet's" in (tmp_path / "b" / "eval.log").read_text()
+    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c"), "--mean", "0.4", "0.4",
+                     "0.4", "--std", "0.2", "0.2", "0.2"])
+    assert "mean (0.4, 0.4, 0.4), std (0.2, 0.2, 0.2): from --mean/--std" in (tmp_path / "c" / "eval.log").read_text()
