@@ -16,7 +16,7 @@ Token semantics (vit.py): "frozen" (P1, default) or "removed" (the v1 variant, C
 evaluated exactly ("significance", P3/C3a, default), and the comparison scores "head-mean" (v1), "attn" (Fig. 7's
 baseline), "class-attn" (EViT-like) and "random".
 
-Algorithm 1 (Sec. 4.3, METHOD.md §4) as run here. m_L = e_0; for t = L-1 down to 1: score the patches (layers 1..t
+Algorithm 1 (Sec. 4.3, METHOD.md §4) as run here. m_L = e_0 (the prefix tokens of a distilled DeiT); for t = L-1 down to 1: score the patches (layers 1..t
 dense, t+1..L pruned), then m_t = m_{t+1} ∪ the r best, r = 0, r0, 2 r0, ..., fine-tuning block t on the error and
 stopping at the first r whose error <= eps. The error (--error):
 - "next" (the paper's, P4, default): E_{t+1}, the relative squared error (C4) of layer t+1's kept rows when the two
@@ -448,7 +448,7 @@ def load_state(state_path, made_with):
 
 
 def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=None, quality_images=0):
-    """Algorithm 1: m_L = e_0 (P1, Sec. 4.2), then t = L-1 ... 1. fit, held: DenseCaches. Resumes from state_path
+    """Algorithm 1: m_L = e_0 (P1, Sec. 4.2; every prefix token for a distilled DeiT), then t = L-1 ... 1. fit, held: DenseCaches. Resumes from state_path
     when it exists, provided it was made with the same settings (and run_id: what else identifies the run, such as
     the weights and data); otherwise a one-line error. stop_after (tests) stops after that many layers, as an
     interruption would."""

@@ -11,6 +11,10 @@ indices of the tokens block t updates, m_t (METHOD.md §2), and `tokens`, what b
   the MLP run only on the gathered rows of m_t, which are written back (Eq. 2, Sec. 3).
 - "removed" (the v1 variant, C1): pruned rows leave the sequence; keys/values come only from the rows alive.
 Both gather the kept rows, so the FLOPs really fall (flops.py counts both); `keep=None` is the plain dense DeiT.
+The DeiT family differs only in ViTConfig fields read from a checkpoint's keys: distilled DeiT (a distillation
+token beside the class token, a second head; at evaluation the two heads' logits are averaged) and DeiT-III
+(LayerScale, a position embedding over the patches only). Every prefix token plays the class token's part in
+the method (kept at every layer; m_L is exactly the prefix tokens). The input normalisation is part of the config.
 """
 import copy
 import json
