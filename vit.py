@@ -106,8 +106,8 @@ class Attention(nn.Module):
         """h: (B, n_keys, d) normed rows that give keys and values; idx: (n_q,) positions in h of the rows that get
         queries (None = all). Returns the MSA output of those rows, (B, n_q, d). The q and kv projections are
         split so no FLOP is spent on a query nobody reads (METHOD.md P1: "only the effective patches ...
-        calculate queries"). record: a dict that receives P (B, H, n_q, n_keys), the per-head attention, and
-        head_out (B, H, n_q, d), head h's output after W_o (the v1 score's U)."""
+        calculate queries"). record: a dict that receives P (B, H, n_q, n_keys), the per-head attention, and (unless
+        it holds "P only") head_out (B, H, n_q, d), head h's output after W_o (the v1 score's U)."""
         B, n_keys, d = h.shape
         H, dh = self.num_heads, self.head_dim
         if idx is None:
@@ -121,7 +121,9 @@ class Attention(nn.Module):
         P = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)          # P^h: (B, H, n_q, n_keys)
         o = P @ v                                                           # (B, H, n_q, dh)
         w_o = self.proj.weight.view(d, H, dh).permute(1, 2, 0)              # W_o's columns of head h: (H, dh, d)
-        record["P"], record["head_out"] = P, o @ w_o                        # head_out: (B, H, n_q, d)
+        record["P"] = P
+        if not record.get("P only"):
+            record["head_out"] = o @ w_o                                    # head_out: (B, H, n_q, d)
         return self.proj(o.transpose(1, 2).reshape(B, -1, d))
 
 
@@ -164,7 +166,7 @@ class Block(nn.Module):
         record: a dict that receives the attention's P and head_out, and U (B, H, n_q, d) = P^h |x|, the
         paper's U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input)."""
         a = self.ls1(self.attn(self.norm1(x), idx, record))
-        if record is not None:
+        if record is not None and not record.get("P only"):
             record["U"] = record["P"] @ x.abs().unsqueeze(1)
         if idx is None:
             y = x + a
@@ -225,12 +227,13 @@ class VisionTransformer(nn.Module):
     def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
         """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
         all N rows under "frozen", the rows alive after layer start-1 under "removed". keep: all L layers' masks
-        (None = dense). records: a list to which each block appends a dict with P, head_out and U (Block.forward)
-        and the global token indices of its query rows (m_l) and key rows."""
+        (None = dense). records: a list to which each block appends a dict with P and the global token indices of its
+        query rows (m_l) and key rows; the first block's also holds head_out and U (Block.forward), all the scores
+        read of layer t (computing them for every layer would cost as much as the attention again)."""
         N = self.cfg.num_tokens
         keep, gather = (None, None) if keep is None else masks_plan(keep, self.cfg, tokens)
         for t in range(start, (self.cfg.depth if end is None else end) + 1):
-            rec = None if records is None else {}
+            rec = None if records is None else {"P only": t > start}
             x = self.blocks[t - 1](x, None if gather is None else gather[t - 1], tokens, rec)
             if rec is not None:
                 rec["query_rows"] = torch.arange(N) if keep is None else keep[t - 1]
