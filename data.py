@@ -5,7 +5,7 @@ Data for patch slimming (Tang et al., CVPR 2022, arXiv 2106.02852): ImageNet or 
 - 224 px (ImageNet): DeiT's recipe (facebookresearch/deit datasets.py). Eval: Resize(int(224/0.875),
   bicubic) -> CenterCrop(224) -> Normalize(ImageNet mean/std). Train: RandomResizedCrop(224, bicubic) +
   horizontal flip (the short block fine-tunes of METHOD.md C5), plus, for the final fine-tune (C7), optional
-  RandAugment (DeiT's rand-m9-mstd0.5: 2 ops at magnitude 9) and random erasing (DeiT's reprob, random pixels);
+  RandAugment (DeiT's rand-m9: 2 ops at 9 of 10 magnitude steps) and random erasing (DeiT's reprob, random pixels);
   MixUp/CutMix act on whole batches (mixup_cutmix).
 - small images (<= 64 px, e.g. the CIFAR-10 proxy at 32 px): eval is the image as it is (a CenterCrop
   to the model size is the identity there); train is a random crop of the 4-px reflect-padded image +
@@ -45,7 +45,9 @@ def build_transform(img_size, train, randaugment=False, erase=0.0, mean=IMAGENET
         crop = v2.RandomCrop(img_size, padding=4, padding_mode="reflect")
     else:
         crop = v2.RandomResizedCrop(img_size, interpolation=BICUBIC)
-    extra = [v2.RandAugment(num_ops=2, magnitude=9, interpolation=BICUBIC)] if randaugment else []
+    # timm's m9 is 9 of 10 magnitude steps; torchvision's default has 31 bins, so 11 bins give the same strength
+    # (timm's mstd0.5, a random jitter of the magnitude, has no torchvision counterpart)
+    extra = [v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11, interpolation=BICUBIC)] if randaugment else []
     erasing = [v2.RandomErasing(p=erase, value="random")] if erase > 0 else []
     return v2.Compose([crop, v2.RandomHorizontalFlip(), *extra, *to_tensor, *erasing])
 
@@ -123,7 +125,7 @@ class SeededView(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
             return self.ds[i]
 
 
@@ -155,10 +157,12 @@ def default_workers(processes=1):
 
 class Loader:
     """A DataLoader of (images, labels) batches that hands unreadable files (BadFile items) to a BadFiles registry:
-    an error naming the file, or a batch without it. bad=None: the error."""
+    an error naming the file, or a batch without it. bad=None: the error. A batch whose every file was skipped is
+    dropped, or, with keep_empty, yielded as None (a data-parallel step must still be taken on every process)."""
 
-    def __init__(self, ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None):
-        self.bad = bad or BadFiles(skip=False)
+    def __init__(self, ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None,
+                 keep_empty=False):
+        self.bad, self.keep_empty = bad or BadFiles(skip=False), keep_empty
         g = torch.Generator().manual_seed(seed)
         self.dataloader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
@@ -171,7 +175,7 @@ class Loader:
     def __iter__(self):
         for batch, bad in self.dataloader:
             self.bad.handle(bad)
-            if batch is not None:
+            if batch is not None or self.keep_empty:
                 yield batch
 
 
@@ -181,8 +185,9 @@ def collate_checked(items):
     return (default_collate(good) if good else None), [it for it in items if isinstance(it, BadFile)]
 
 
-def loader(ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None):
-    return Loader(ds, batch_size, shuffle, workers, seed, drop_last, sampler, bad)
+def loader(ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None,
+           keep_empty=False):
+    return Loader(ds, batch_size, shuffle, workers, seed, drop_last, sampler, bad, keep_empty)
 
 
 def mixup_cutmix(num_classes, mixup, cutmix):

@@ -292,9 +292,10 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
     for _ in progress(range(s.ft_steps), desc=desc):
         batch_size = min(s.batch_size, len(everyone))
         chosen = everyone[torch.randint(0, len(everyone), (batch_size,), generator=g)]
-        where = torch.searchsorted(fit.positions, chosen).clamp_max(len(fit.positions) - 1)
-        mine = where[fit.positions[where] == chosen]               # the drawn images this rank holds (all of them
-        opt.zero_grad(set_to_none=False)                          # with one process), repeats included
+        where = torch.searchsorted(fit.positions, chosen).clamp_max(max(0, len(fit.positions) - 1))
+        mine = where[fit.positions[where] == chosen] if len(fit.positions) else where[:0]  # the drawn images this
+        opt.zero_grad(set_to_none=False)                          # rank holds (all with one process), repeats included
+        finite = True
         if len(mine):
             batch = images(fit, mine)
             if s.error == "next":
@@ -303,9 +304,11 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
                 f = tail_features(model, batch.z_in, keep, s.tokens, t)
                 per_image = distill_loss(f, model.classify(f), batch.feat.to(device), batch.logits.to(device), True)
             loss = per_image.sum() / batch_size                   # the global batch mean, this rank's part
-            if not torch.isfinite(loss):
-                raise UserError(f"the fine-tune of block {t} produced a non-finite loss: lower --ft-lr")
-            loss.backward()
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+        if distributed.all_reduce_sum(torch.tensor([float(not finite)]))[0] > 0:  # every rank stops, not one
+            raise UserError(f"the fine-tune of block {t} produced a non-finite loss: lower --ft-lr")
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -456,8 +459,9 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
     made_with = {**asdict(s), **(run_id or {})}
     state = {"keep": [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)], "layers": [], "next": L - 1,
              "settings": made_with}
-    if state_path and os.path.exists(state_path):
+    if state_path and distributed.same_everywhere(os.path.exists(state_path), f"versions of {state_path}"):
         state = load_state(state_path, made_with)
+        distributed.same_everywhere(state["next"], f"versions of {state_path}")
         model.load_state_dict(state["model"])
         log(f"resuming the search at layer {state['next']} from {state_path}")
     done = 0
@@ -651,10 +655,10 @@ def main(args):
         top1, n_val = evaluated("eval", keep, tokens)
         gf = flops.count_flops(cfg, keep, tokens=tokens) / 1e9
         result = {"top1": top1, "gflops": gf, "dense_gflops": dense_flops / 1e9, "tokens": tokens,
-                  "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": n_val, "weights": args.weights,
+                  "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": n_val, "val_files": len(val), "weights": args.weights,
                   "masks": args.masks, **skipped(bad, log), "processes": world, "machine": machine()}
         if is_main:
-            json.dump(result, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+            write_json(os.path.join(args.out, "eval.json"), result)
         log(f"top-1 {top1:.2f}% on {n_val} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
             f"(dense {dense_flops / 1e9:.3f}), tokens kept per layer {result['kept_per_layer']}; wrote {args.out}/eval.json")
         return result
@@ -665,15 +669,18 @@ def main(args):
     report_path = os.path.join(args.out, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {}
     report = distributed.all_gather(report)[0]  # rank 0's reading: every rank takes the same branches below
-    if report.get("val_images") != len(val) or report.get("weights") != run_id["weights"]:
+    if report.get("val_files") != len(val) or report.get("weights") != run_id["weights"]:
         top1, n_val = evaluated("dense")
-        report = {"dense_top1": top1, "val_images": len(val), "weights": run_id["weights"]}
+        report = {"dense_top1": top1, "val_files": len(val), "val_images": n_val, "weights": run_id["weights"]}
         if is_main:
-            json.dump(report, open(report_path, "w"), indent=1)
+            write_json(report_path, report)
     log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
 
-    saved = load_state(state_path, {**asdict(s), **run_id}) if os.path.exists(state_path) else None  # refuse a
-    resumed = saved is not None                                    # resume with other settings before the caching
+    saved = None  # a resume with other settings is refused before the costly caching
+    if distributed.same_everywhere(os.path.exists(state_path), f"versions of {state_path}"):
+        saved = load_state(state_path, {**asdict(s), **run_id})
+        distributed.same_everywhere(saved["next"], f"versions of {state_path}")
+    resumed = saved is not None
     if resumed and ft.epochs > 0 and saved["next"] == 0:
         finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], s.tokens, run_id)})
     fit = held = None
@@ -709,12 +716,19 @@ def main(args):
         vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)
         torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
                     "tokens": s.tokens}, os.path.join(args.out, "slimmed.pth"))
-        json.dump(report, open(report_path, "w"), indent=1)
+        write_json(report_path, report)
     log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs counted as "
         f"{s.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
         f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
         "predictions.npz")
     return report
+
+
+def write_json(path, obj):
+    """JSON written atomically: a run killed while writing leaves the previous file, never half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def finetune_identity(keep, tokens, run_id):

@@ -933,3 +933,21 @@ def test_normalisation_comes_from_the_model(tmp_path):
     slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c"), "--mean", "0.4", "0.4",
                      "0.4", "--std", "0.2", "0.2", "0.2"])
     assert "mean (0.4, 0.4, 0.4), std (0.2, 0.2, 0.2): from --mean/--std" in (tmp_path / "c" / "eval.log").read_text()
+
+
+def test_final_finetune_steps_through_batches_of_unreadable_files():
+    """With --skip-bad-images a batch whose every file is unreadable still counts as a step (a data-parallel step is
+    taken on every rank), so an epoch ends where it should instead of looping; a large --seed is fine."""
+    student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0, seed=0)
+
+    class MostlyBad(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i] if i < 6 else data.BadFile(f"img_{i}.JPEG", "OSError: image file is truncated")
+    bad = data.BadFiles(skip=True)
+    s = replace(s, seed=12_345_678)
+    assert pipeline_finetune.finetune(student, teacher, keep, "frozen", MostlyBad(), s, None, {}, print, workers=0,
+                                      bad=bad) == 10
+    assert len(bad.paths) == 34

@@ -168,6 +168,7 @@ class Block(nn.Module):
         a = self.ls1(self.attn(self.norm1(x), idx, record))
         if record is not None and not record.get("P only"):
             record["U"] = record["P"] @ x.abs().unsqueeze(1)
+            record["head_out"] = self.ls1(record["head_out"])  # what each head adds to the residual (LayerScale)
         if idx is None:
             y = x + a
             return y + self.ls2(self.mlp(self.norm2(y)))

@@ -43,6 +43,10 @@ def cache_dense(model, loader, desc, cache_device="cpu"):
                 x = model.blocks[t - 1](x)
             zs[L].append(x.to(cache_device, store))
             fs.append(model.features(x).float())
+    if not fs:  # no image here (a share emptied by skipped files): empty tensors, so that collectives still line up
+        cfg = model.cfg
+        zs = [[torch.zeros(0, cfg.num_tokens, cfg.embed_dim, dtype=store, device=cache_device)]] * (L + 1)
+        fs, positions = [torch.zeros(0, cfg.prefix_tokens, cfg.embed_dim, device=device)], [torch.zeros(0, dtype=torch.long)]
     pin = device.type == "cuda" and torch.device(cache_device).type == "cpu"
     z = [torch.cat(z).pin_memory() if pin else torch.cat(z) for z in zs]
     feat = torch.cat(fs)
@@ -58,23 +62,27 @@ def cache_plan(cfg, n_images, device, asked="auto"):
     """Where the dense caches go (METHOD.md C6), and the line that says why. They hold Z_0 .. Z_L of n_images images,
     this rank's share: bfloat16 on CUDA, float32 on the CPU. On CUDA they stay on the GPU when they take at most
     half its free memory (the rest is for the fine-tunes), else pinned CPU memory, moved per batch; asked ("cpu",
-    "cuda") overrides."""
+    "cuda") overrides. CPU memory is shared by the processes of a machine, so their shares count together there.
+    Every rank takes rank 0's plan (each reads free memory at its own moment)."""
     per_value = 2 if device.type == "cuda" else 4
     size = n_images * (cfg.depth + 1) * cfg.num_tokens * cfg.embed_dim * per_value
-    if device.type != "cuda":
-        place, room = torch.device("cpu"), available_cpu_memory()
-    else:
+    if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         place = device if asked == "cuda" or (asked == "auto" and size <= free / 2) else torch.device("cpu")
-        room = free if place.type == "cuda" else available_cpu_memory()
+    else:
+        place = torch.device("cpu")
+    sharing = 1 if place.type == "cuda" else distributed.local_world_size()  # processes whose caches share it
+    room = free if place.type == "cuda" else available_cpu_memory()
     line = (f"memory plan: dense caches of {n_images} images x {cfg.depth + 1} layers x {cfg.num_tokens} tokens x "
             f"{cfg.embed_dim} in {'bfloat16' if per_value == 2 else 'float32'} = {size / 2**30:.2f} GiB per process "
             f"({distributed.world_size()} processes) on {place}{' (pinned)' if device.type == 'cuda' and place.type == 'cpu' else ''}"
-            f", {room / 2**30:.1f} GiB free there")
-    if size > room:
+            f", {room / 2**30:.1f} GiB free there for {sharing} process{'es' if sharing > 1 else ''}")
+    fits = size * sharing <= room
+    place, line, fits = distributed.all_gather((place if place.type == "cpu" else "cuda", line, fits))[0]
+    if not fits:
         raise UserError(f"{line}: they do not fit; pass smaller --fit-images/--held-images, run more processes "
                         "(torchrun), or --cache-device cpu")
-    return place, line
+    return (device if place == "cuda" else place), line
 
 
 def available_cpu_memory():

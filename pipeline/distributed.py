@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from vit import UserError
+
 
 def setup(device_arg):
     """Join the process group when torchrun started this process (WORLD_SIZE > 1). Returns the device of this rank:
@@ -76,6 +78,16 @@ def all_gather(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def same_everywhere(value, what):
+    """value, checked to be equal on every rank (e.g. what a rank read from --out): ranks that disagree would take
+    different branches and wait for each other forever, so that is a one-line error instead."""
+    values = all_gather(value)
+    if any(v != values[0] for v in values):
+        raise UserError(f"the processes see different {what} ({values[:4]}): put --out on a file system every "
+                        "machine shares")
+    return value
 
 
 def broadcast_state(module):

@@ -50,7 +50,7 @@ class FinetuneSettings:
     warmup_epochs: float = 0.0    # linear warm-up from 0, then cosine decay to 0
     weight_decay: float = 0.05
     label_smoothing: float = 0.0  # on the (mixed) labels of "hard" and "none"
-    randaugment: bool = False     # DeiT's rand-m9-mstd0.5: 2 ops at magnitude 9
+    randaugment: bool = False     # DeiT's rand-m9: 2 ops at 9 of 10 magnitude steps (data.py)
     mixup: float = 0.0            # MixUp alpha (0: off); with cutmix, one of the two per batch
     cutmix: float = 0.0           # CutMix alpha (0: off)
     erase: float = 0.0            # random erasing probability (DeiT's reprob)
@@ -184,6 +184,7 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     step, settings = 0, {**asdict(s), **made_with}
     saved = check_resume(ckpt_path, settings)
+    distributed.same_everywhere(saved["step"] if saved else None, f"versions of {ckpt_path}")
     if saved:
         student.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -195,27 +196,33 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     mix = data.mixup_cutmix(student.cfg.num_classes, s.mixup, s.cutmix)
-    loader = data.loader(view, per_rank, workers=workers, sampler=sampler, drop_last=True, bad=bad)
+    loader = data.loader(view, per_rank, workers=workers, sampler=sampler, drop_last=True, bad=bad, keep_empty=True)
     bar = tqdm(total=total, initial=step, desc="final fine-tune", leave=False,
                disable=None if distributed.is_main() else True)
     first, t0, every = step, time.time(), max(1, min(steps_per_epoch // 10, 200))
     student.train()
+    stopping = False  # decided only from the all-reduced flags, so that every rank stops at the same step
     with StopRequest() as stop:
         try:
-            while step < total and not (stop.flag or step == interrupt_at):
+            while step < total and not stopping:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 view.epoch = epoch
                 sampler.set_epoch(epoch)
                 sampler.start = in_epoch * per_rank
-                for img, y in loader:
+                for batch in loader:
+                    if batch is None:  # every file of this rank's batch was skipped (--skip-bad-images): a
+                        size = student.cfg.img_size  # step with zero loss on a blank image keeps the ranks in step
+                        img, y = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long)
+                    else:
+                        img, y = batch
                     img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     if mix is not None:
                         with torch.random.fork_rng(devices=[]):
-                            torch.manual_seed((s.seed * 1_000_003 + step) * 1_009 + rank)
+                            torch.manual_seed(((s.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
                             img, y = mix(img, y)
                     with autocast(device):
                         f, logits = model(img)
-                    loss = loss_of(s, f.float(), logits.float(), y, teacher, img)
+                    loss = loss_of(s, f.float(), logits.float(), y, teacher, img) * (batch is not None)
                     # one all-reduce per step tells every rank whether any saw a non-finite loss or a stop signal
                     flags = distributed.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)),
                                                                      float(stop.flag or step == interrupt_at)]))
@@ -223,7 +230,7 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
                         raise UserError(f"the final fine-tune's loss is not finite at epoch {epoch + 1}, step {step}:"
                                         " nothing was saved for this step; lower --final-lr or check the data")
                     if flags[1] > 0:
-                        stop.flag = True
+                        stopping = True
                         break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -244,8 +251,9 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
         except (RuntimeError, OSError):
             if not stop.flag:  # a DataLoader worker killed by the same Ctrl-C ends here; the last step is whole
                 raise
+            stopping = True
     bar.close()
-    if stop.flag or (step == interrupt_at and step < total):
+    if stopping:
         save_checkpoint(ckpt_path, student, opt, step, settings)
         log(f"final fine-tune interrupted after step {step}/{total} (epoch {step // steps_per_epoch + 1}): saved "
             f"{ckpt_path}; rerun the same command to continue")
