@@ -25,11 +25,16 @@ if [ "${1:-}" != "v1" ]; then
   # 4. Fig. 6 and Fig. 7: one layer pruned alone, no fine-tuning
   step python bench/single_layer.py --figure 6
   step python bench/single_layer.py --figure 7
-  # 5. Table 3: Fig. 4's eps = 0.003 masks against uniform and linear pruning at their FLOPs, the same fine-tune
+  # 5. Table 3: the learned pyramid against uniform and linear pruning at its FLOPs, the same fine-tune: Fig. 4's
+  #    eps = 0.003 point (0.25-epoch fine-tune, seed 0), and the headline's two seeds (1-epoch fine-tune)
   step python bench/table3.py --fig4-eps 0.003 --seeds 0
+  step python bench/table3.py --reference results/cifar10-proxy results/cifar10-proxy-seed1 --seeds 0 1 --out results/table3_headline
   # 6. real speed, both token semantics at the paper's budget (DeiT-S, random weights)
   step python bench/speed.py --repeats 12
-  # not yet run for the README: a second seed of Table 3's baselines (--seeds 0 1)
+  # 7. the pyramid criterion: what the search gives with finer r', longer or faster block fine-tunes, more reach
+  step bash bench/pyramid_attempts.sh
+  # 8. each stage's time at DeiT-S shapes on this machine, and the labelled ImageNet estimate
+  step python bench/imagenet_estimate.py
 else
   # the v1 variant (tokens removed, head-mean score, final-feature error): the committed results/ files marked so
   step python slim.py --data folder --data-path $D --weights $W --out results/cifar10-proxy-v1 --final-epochs 2 \
