@@ -41,6 +41,19 @@ def compare(correct_a, correct_b):
             "disagree": disagree}
 
 
+def compare_seeds(corrects_a, corrects_b, samples=10000, seed=0):
+    """A against B over several seeds on the same images: the mean over seeds of the accuracy difference, with a
+    bootstrap that resamples images jointly for every seed (a seed's runs share the val images, so the seeds are
+    not independent samples). corrects_a, corrects_b: lists (one per seed) of per-image correctness."""
+    a, b = np.asarray(corrects_a, dtype=np.float64), np.asarray(corrects_b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.shape[1], size=(samples, a.shape[1]))
+    diffs = 100 * (a[:, idx].mean(axis=(0, 2)) - b[:, idx].mean(axis=(0, 2)))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": round(100 * (a.mean() - b.mean()), 2), "ci95": [round(float(lo), 2), round(float(hi), 2)],
+            "seeds": len(a)}
+
+
 def describe(c):
     return f"{c['diff']:+.2f} points (95% paired bootstrap {c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f}; McNemar p = {c['mcnemar_p']:.3g})"
 

@@ -31,7 +31,7 @@ from pipeline.caches import cache_dense  # noqa: E402
 from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
 from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
-from stats import compare, describe  # noqa: E402
+from stats import compare, compare_seeds, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -114,6 +114,16 @@ def main():
             res["rows"][name] = entry
             json.dump(res, open(args.out + ".json", "w"), indent=1)
             print(name, json.dumps({k: v for k, v in entry.items()}), flush=True)
+    if args.fig4_eps is None and len(refs) > 1:  # every seed together: learned minus each row, images resampled jointly
+        preds = np.load(preds_path)
+        learned = [np.load(os.path.join(r, "predictions.npz")) for r in args.reference]
+        seeds = [ref["args"]["seed"] for ref in refs]
+        for row in args.rows:
+            if all(f"{row}_seed_{seed}" in preds for seed in seeds):
+                res.setdefault("pooled", {})[row] = compare_seeds(
+                    [lp["slimmed"] == lp["labels"] for lp in learned],
+                    [preds[f"{row}_seed_{seed}"] == preds["labels"] for seed in seeds])
+                print(f"{row}, seeds {seeds} together: learned minus this {res['pooled'][row]}", flush=True)
     json.dump(res, open(args.out + ".json", "w"), indent=1)
     print(f"wrote {args.out}.json")
 
