@@ -350,7 +350,7 @@ def finetune_or_restore(model, t, fit, held, keep, s, seed, bound, desc):
 
 def default_r0(cfg):
     """The paper's r0 = 10 of 196 patches (P5), scaled by the patch count (3 of 64 for the 32-px proxy)."""
-    return max(1, round(10 * (cfg.num_tokens - 1) / 196))
+    return max(1, round(10 * (cfg.num_tokens - cfg.prefix_tokens) / 196))
 
 
 def search_layer(model, t, keep, fit, held, s, log, quality_images=0):
