@@ -463,7 +463,8 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
         state = load_state(state_path, made_with)
         distributed.same_everywhere(state["next"], f"versions of {state_path}")
         model.load_state_dict(state["model"])
-        log(f"resuming the search at layer {state['next']} from {state_path}")
+        log(f"resuming the search at layer {state['next']} from {state_path}" if state["next"] > 0 else
+            f"the search in {state_path} is complete: its masks and weights are used")
     done = 0
     for t in range(state["next"], 0, -1):
         if stop_after is not None and done == stop_after:
