@@ -185,9 +185,7 @@ def collate_checked(items):
     return (default_collate(good) if good else None), [it for it in items if isinstance(it, BadFile)]
 
 
-def loader(ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None,
-           keep_empty=False):
-    return Loader(ds, batch_size, shuffle, workers, seed, drop_last, sampler, bad, keep_empty)
+loader = Loader  # data.loader(ds, batch_size, ...): the name every caller uses
 
 
 def mixup_cutmix(num_classes, mixup, cutmix):

@@ -51,8 +51,9 @@ import data
 import flops
 import vit
 from pipeline import distributed, finetune
-from pipeline.caches import cache_plan, cache_search_sets, progress, search_set_sizes
+from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
 from pipeline.evaluate import accuracy, autocast, predict, save_predictions
+from pipeline.resume import load_if_made_with, write_atomically
 from pipeline.finetune import distill_loss
 from vit import UserError
 
@@ -289,7 +290,7 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.ft_steps)
     g = torch.Generator().manual_seed(seed)
     everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values  # the whole sample's image numbers
-    for _ in progress(range(s.ft_steps), desc=desc):
+    for _ in distributed.progress(range(s.ft_steps), desc=desc):
         batch_size = min(s.batch_size, len(everyone))
         chosen = everyone[torch.randint(0, len(everyone), (batch_size,), generator=g)]
         where = torch.searchsorted(fit.positions, chosen).clamp_max(max(0, len(fit.positions) - 1))
@@ -439,15 +440,10 @@ def masks_for_counts(model, z, counts, tokens, score="significance", seed=0, bat
 
 
 def load_state(state_path, made_with):
-    """A saved search state, if it was made with the same settings and run identity (made_with); else a one-line
-    error: resuming it would return masks searched for other settings under the new ones' name."""
-    saved = torch.load(state_path, map_location="cpu", weights_only=False)
-    old = saved.get("settings", {})
-    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in made_with.items() if old.get(k) != v]
-    if diff:
-        raise UserError(f"{state_path} holds a search made with other settings ({', '.join(diff[:4])}): pass "
-                        "another --out, or delete that file to start over")
-    return saved
+    """The saved search state (None when there is none), if it was made with the same settings and run identity
+    (made_with); else a one-line error: resuming it would return masks searched for other settings under the new
+    ones' name."""
+    return load_if_made_with(state_path, made_with, "a search", "start over", "next")
 
 
 def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=None, quality_images=0):
@@ -459,9 +455,9 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
     made_with = {**asdict(s), **(run_id or {})}
     state = {"keep": [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)], "layers": [], "next": L - 1,
              "settings": made_with}
-    if state_path and distributed.same_everywhere(os.path.exists(state_path), f"versions of {state_path}"):
-        state = load_state(state_path, made_with)
-        distributed.same_everywhere(state["next"], f"versions of {state_path}")
+    saved = load_state(state_path, made_with)
+    if saved:
+        state = saved
         model.load_state_dict(state["model"])
         log(f"resuming the search at layer {state['next']} from {state_path}" if state["next"] > 0 else
             f"the search in {state_path} is complete: its masks and weights are used")
@@ -478,8 +474,7 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
         distributed.broadcast_state(model)  # a guard: every rank took the same steps, so this changes nothing
         state["model"] = model.state_dict()
         if state_path and distributed.is_main():
-            torch.save(state, state_path + ".tmp")
-            os.replace(state_path + ".tmp", state_path)       # atomic: an interruption never corrupts it
+            write_atomically(state_path, state)
         done += 1
     return state
 
@@ -659,7 +654,7 @@ def main(args):
                   "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": n_val, "val_files": len(val), "weights": args.weights,
                   "masks": args.masks, **skipped(bad, log), "processes": world, "machine": machine()}
         if is_main:
-            write_json(os.path.join(args.out, "eval.json"), result)
+            write_atomically(os.path.join(args.out, "eval.json"), result)
         log(f"top-1 {top1:.2f}% on {n_val} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
             f"(dense {dense_flops / 1e9:.3f}), tokens kept per layer {result['kept_per_layer']}; wrote {args.out}/eval.json")
         return result
@@ -674,13 +669,10 @@ def main(args):
         top1, n_val = evaluated("dense")
         report = {"dense_top1": top1, "val_files": len(val), "val_images": n_val, "weights": run_id["weights"]}
         if is_main:
-            write_json(report_path, report)
+            write_atomically(report_path, report)
     log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
 
-    saved = None  # a resume with other settings is refused before the costly caching
-    if distributed.same_everywhere(os.path.exists(state_path), f"versions of {state_path}"):
-        saved = load_state(state_path, {**asdict(s), **run_id})
-        distributed.same_everywhere(saved["next"], f"versions of {state_path}")
+    saved = load_state(state_path, {**asdict(s), **run_id})  # a resume with other settings: refused before caching
     resumed = saved is not None
     if resumed and ft.epochs > 0 and saved["next"] == 0:
         finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], s.tokens, run_id)})
@@ -717,19 +709,12 @@ def main(args):
         vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)
         torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
                     "tokens": s.tokens}, os.path.join(args.out, "slimmed.pth"))
-        write_json(report_path, report)
+        write_atomically(report_path, report)
     log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs counted as "
         f"{s.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
         f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
         "predictions.npz")
     return report
-
-
-def write_json(path, obj):
-    """JSON written atomically: a run killed while writing leaves the previous file, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def finetune_identity(keep, tokens, run_id):

@@ -9,17 +9,11 @@ import time
 from collections import namedtuple
 
 import torch
-from tqdm import tqdm
 
 import data
 from pipeline import distributed
 from pipeline.evaluate import PositionTagged, autocast
 from vit import UserError
-
-
-def progress(*args, **kwargs):
-    """A tqdm bar on a terminal (rank 0 only); none in log files or CI."""
-    return tqdm(*args, leave=False, disable=None if distributed.is_main() else True, **kwargs)
 
 
 DenseCache = namedtuple("DenseCache", "z feat logits positions")  # z[t]: (M, N, d), Z_t, the dense output of block t
@@ -34,7 +28,7 @@ def cache_dense(model, loader, desc, cache_device="cpu"):
     L, device = model.cfg.depth, next(model.parameters()).device
     zs, fs, positions = [[] for _ in range(L + 1)], [], []
     store = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for img, y in progress(loader, desc=desc):
+    for img, y in distributed.progress(loader, desc=desc):
         positions.append(y[1] if isinstance(y, (list, tuple)) else torch.arange(len(img)) + sum(map(len, positions)))
         with autocast(device):
             x = model.embed(img.to(device))

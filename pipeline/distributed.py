@@ -23,8 +23,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from vit import UserError
+from tqdm import tqdm
 
 
 def setup(device_arg):
@@ -40,6 +39,11 @@ def setup(device_arg):
         torch.cuda.set_device(device)
         return device
     return torch.device(device_arg)
+
+
+def progress(*args, **kwargs):
+    """A tqdm bar on a terminal, drawn by rank 0 only; none in log files or CI."""
+    return tqdm(*args, leave=False, disable=None if is_main() else True, **kwargs)
 
 
 def rank():
@@ -78,16 +82,6 @@ def all_gather(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def same_everywhere(value, what):
-    """value, checked to be equal on every rank (e.g. what a rank read from --out): ranks that disagree would take
-    different branches and wait for each other forever, so that is a one-line error instead."""
-    values = all_gather(value)
-    if any(v != values[0] for v in values):
-        raise UserError(f"the processes see different {what} ({values[:4]}): put --out on a file system every "
-                        "machine shares")
-    return value
 
 
 def broadcast_state(module):

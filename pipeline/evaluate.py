@@ -9,7 +9,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 import data
 from pipeline import distributed
@@ -29,7 +28,7 @@ def predict(model, ds, keep=None, tokens="frozen", batch_size=250, workers=2, ba
     positions = distributed.shard(len(ds))
     loader = data.loader(PositionTagged(Subset(ds, positions), positions), batch_size, workers=workers, bad=bad)
     preds, labels, where = [], [], []
-    for img, (y, pos) in tqdm(loader, desc=desc, leave=False, disable=None if distributed.is_main() else True):
+    for img, (y, pos) in distributed.progress(loader, desc=desc):
         with autocast(device):
             preds.append(model(img.to(device), keep=keep, tokens=tokens).argmax(-1).cpu())
         labels.append(y)

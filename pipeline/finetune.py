@@ -22,7 +22,6 @@ A loss that is not finite stops the run with a one-line error, before any step o
 import argparse
 import itertools
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 import data
 from pipeline import distributed
 from pipeline.evaluate import autocast
+from pipeline.resume import load_if_made_with, write_atomically
 from vit import UserError
 
 
@@ -103,14 +102,7 @@ class ResumableSampler(DistributedSampler):
 def check_resume(ckpt_path, settings):
     """The saved fine-tune at ckpt_path if there is one (None otherwise), provided it was made with the same settings
     (FinetuneSettings and identity); else a one-line error: resuming it would mix two fine-tunes."""
-    if not ckpt_path or not os.path.exists(ckpt_path):
-        return None
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    diff = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if saved["settings"].get(k) != v]
-    if diff:
-        raise UserError(f"{ckpt_path} holds a final fine-tune made with other settings ({', '.join(diff[:3])[:300]}): "
-                        "pass another --out, or delete that file to start the fine-tune over")
-    return saved
+    return load_if_made_with(ckpt_path, settings, "a final fine-tune", "start the fine-tune over", "step")
 
 
 def learning_rate(s, step, total, warmup):
@@ -156,9 +148,8 @@ class StopRequest:
 def save_checkpoint(path, student, opt, step, settings):
     """Rank 0 writes the fine-tune's state after `step` whole steps (atomically: a kill never leaves half a file)."""
     if path and distributed.is_main():
-        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": settings},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomically(path, {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                "settings": settings})
 
 
 def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
@@ -184,7 +175,6 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     step, settings = 0, {**asdict(s), **made_with}
     saved = check_resume(ckpt_path, settings)
-    distributed.same_everywhere(saved["step"] if saved else None, f"versions of {ckpt_path}")
     if saved:
         student.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -197,8 +187,7 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     mix = data.mixup_cutmix(student.cfg.num_classes, s.mixup, s.cutmix)
     loader = data.loader(view, per_rank, workers=workers, sampler=sampler, drop_last=True, bad=bad, keep_empty=True)
-    bar = tqdm(total=total, initial=step, desc="final fine-tune", leave=False,
-               disable=None if distributed.is_main() else True)
+    bar = distributed.progress(total=total, initial=step, desc="final fine-tune")
     first, t0, every = step, time.time(), max(1, min(steps_per_epoch // 10, 200))
     student.train()
     stopping = False  # decided only from the all-reduced flags, so that every rank stops at the same step
