@@ -15,6 +15,21 @@ def folder_log(folder):
     return log
 
 
+def add_semantics_args(p, score_help, scores):
+    """The v1 benches' --tokens (default "removed", the semantics of their committed results) and --score, one of
+    scores (default by semantics: see score_of)."""
+    p.add_argument("--tokens", default="removed", choices=["frozen", "removed"],
+                   help="what a pruned patch becomes: removed (v1, C1; the committed results) or frozen (the "
+                   "paper's, P1)")
+    p.add_argument("--score", default=None, choices=list(scores), help=score_help + " (default: head-mean, v1's 'significance', with "
+                   "--tokens removed; significance, Eq. 6, with --tokens frozen)")
+
+
+def score_of(args):
+    """The score a v1 bench runs: --score, else the one that goes with --tokens."""
+    return args.score or ("head-mean" if args.tokens == "removed" else "significance")
+
+
 def pyplot():
     """matplotlib.pyplot with the file-only Agg backend, or None (with a message) when matplotlib is absent."""
     try:

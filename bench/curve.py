@@ -47,7 +47,7 @@ from pipeline.caches import cache_search_sets  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
-from common import folder_log, pyplot  # noqa: E402
+from common import add_semantics_args, folder_log, pyplot, score_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -126,14 +126,9 @@ def main():
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on k val images per class (quick runs)")
     p.add_argument("--headline", default=os.path.join(ROOT, "results", "cifar10-proxy-v1", "report.json"),
                    help="a slim.py report.json to mark on the plot (skipped when absent)")
-    p.add_argument("--tokens", default="removed", choices=list(vit.TOKENS),
-                   help="what a pruned patch becomes: removed (v1, C1; the committed results) or frozen (the "
-                   "paper's, P1)")
-    p.add_argument("--score", default=None, choices=list(slim.SCORES),
-                   help="the search's score and the 'significance' baseline's (default: head-mean, v1's "
-                   "'significance', with --tokens removed; significance, Eq. 6, with --tokens frozen)")
+    add_semantics_args(p, "the search's score and the 'significance' baseline's", slim.SCORES)
     args, rest = p.parse_known_args()
-    score = args.score or ("head-mean" if args.tokens == "removed" else "significance")
+    score = score_of(args)
     sargs = slim.check_args(slim.get_args_parser().parse_args(
         ["--data", "folder", "--data-path", os.path.join(SHARED, "data", "cifar10"),
          "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "--ft-steps", "50",

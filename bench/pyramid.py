@@ -30,7 +30,8 @@ import flops  # noqa: E402
 import slim  # noqa: E402
 from pipeline.caches import cache_dense  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.finetune import light_finetune  # noqa: E402
+from pipeline.finetune import RECIPES, light_finetune  # noqa: E402
+from common import add_semantics_args, score_of  # noqa: E402
 import vit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
@@ -42,22 +43,17 @@ def main():
     p.add_argument("--data-path", default=os.path.join(SHARED, "data", "cifar10"))
     p.add_argument("--gflops-of", default=None, help="a report.json: use its slimmed GFLOPs as the budget")
     p.add_argument("--reduction", type=float, nargs="*", default=[], help="FLOP reductions (0.5 = 50%% fewer)")
-    p.add_argument("--tokens", default="removed", choices=list(vit.TOKENS),
-                   help="what a pruned patch becomes: removed (v1, C1; the committed results) or frozen (the "
-                   "paper's, P1)")
-    p.add_argument("--score", default=None, choices=list(slim.SCORES),
-                   help="patch score (default: head-mean, v1's 'significance', with --tokens removed; significance, "
-                   "Eq. 6, with --tokens frozen)")
+    add_semantics_args(p, "patch score", slim.SCORES)
     p.add_argument("--score-images", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-epochs", type=float, default=0, help="end-to-end fine-tune after (as slim.py's)")
-    p.add_argument("--final-lr", type=float, default=slim.get_args_parser().get_default("final_lr"))
+    p.add_argument("--final-lr", type=float, default=RECIPES["light"].lr)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out-dir", default="results", help="folder the JSON files are written to")
     args = p.parse_args()
     tokens = args.tokens
-    score = args.score or ("head-mean" if tokens == "removed" else "significance")
+    score = score_of(args)
     torch.set_num_threads(min(2, os.cpu_count()))
     torch.manual_seed(args.seed)
     model = vit.load_checkpoint(args.weights)
