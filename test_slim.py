@@ -188,6 +188,22 @@ def test_frozen_rows_pass_through_unchanged():
     assert not torch.allclose(out[:, :2], after_1[:, :2])     # kept rows were updated
 
 
+@pytest.mark.parametrize("family", list(FAMILY))
+def test_single_layer_bench_predicts_what_the_model_predicts(family):
+    """bench/single_layer.py's predictions from a cached Z_{t-1}: one class per image, the model's own (a change of
+    the features' shape once made every Fig. 6 point read 10%)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    from single_layer import predictions
+    torch.manual_seed(0)
+    cfg = FAMILY[family]
+    model, x, keep = vit.VisionTransformer(cfg).eval(), torch.randn(6, 3, 32, 32), random_nested_keep(cfg, 1)
+    with torch.no_grad():
+        z_in = model.run_blocks(model.embed(x), keep, "frozen", 1, 2)  # Z_2 under keep: the input of block 3
+        expected = model(x, keep, "frozen").argmax(-1).numpy()
+    got = predictions(model, z_in, keep, "frozen", 3, batch_size=4)
+    assert got.shape == (6,) and (got == expected).all()
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 def test_packed_model_equals_the_plain_one():
     torch.manual_seed(0)

@@ -2,54 +2,70 @@
 # Every benchmark behind the README's report, from scratch, on the ../shared CIFAR-10 proxy and random-weight
 # DeiT-S; each writes its files under results/ and prints the numbers. Set-up: pip install -r requirements-bench.txt
 #
-#   bash bench/run_all.sh            # the paper's configuration (METHOD.md v2), speed, the ImageNet estimate
-#   bash bench/run_all.sh extra      # Table 3 on the headline's two seeds, the pyramid attempts, the literal loop
-#   bash bench/run_all.sh v1         # the v1 variant's committed results (tokens removed): about 97 min
-#   EPS="0.002 0.003 0.02" bash bench/run_all.sh   # fewer eps values in Fig. 4: shorter
+#   bash bench/run_all.sh            # the paper's configuration (METHOD.md v2): every number of the report's main part
+#   bash bench/run_all.sh v1         # the v1 variant's results (tokens removed, head-mean score, final-feature error)
+#   EPS="0.001 0.003 0.005 0.02" bash bench/run_all.sh   # fewer eps values in Fig. 4: shorter, no baseline lost
+#   RESUME=1 bash bench/run_all.sh   # continue an interrupted run: each step resumes from the files it has written
+#
+# Without RESUME each step first deletes the files it writes (the committed results included), so that nothing is
+# read back from an earlier run or an earlier version of the code: the bench scripts skip points whose files exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
-step() { echo; echo "== $* ($(( ($(date +%s) - t0) / 60 )) min in)"; "$@"; }
+failed=()
+step() {  # one step, timed; a failed step is reported at the end and the others still run
+  local t1; t1=$(date +%s); echo; echo "== $* ($(( (t1 - t0) / 60 )) min in)"
+  if "$@"; then echo "== took $(( $(date +%s) - t1 )) s: $*"; else echo "== FAILED: $*"; failed+=("$*"); fi
+}
+fresh() { if [ -z "${RESUME:-}" ]; then rm -rf "$@"; fi; }
 W=../shared/models/deit_tiny_p4_cifar10.pth
 D=../shared/data/cifar10
+R=results
 
-if [ "${1:-}" = "extra" ]; then
-  # Table 3 with the headline's two seeds (1-epoch fine-tunes; needs the headline folders of the default tier)
-  step python bench/table3.py --reference results/cifar10-proxy results/cifar10-proxy-seed1 --seeds 0 1 --out results/table3_headline
-  # the pyramid criterion: what the search gives with finer r', longer or faster block fine-tunes, more reach
-  step bash bench/pyramid_attempts.sh
-  # Alg. 1's loop as written, for comparison with the fast path (no final fine-tune)
-  step python slim.py --data folder --data-path $D --weights $W --out results/cifar10-proxy-literal --eps 0.003 --literal
-elif [ "${1:-}" != "v1" ]; then
+if [ "${1:-}" = "" ]; then
   # 1. the headline run (the README's first command) and its second seed
-  step python slim.py --data folder --data-path $D --weights $W --out results/cifar10-proxy --eps 0.003 --final-epochs 1 --final-lr 3e-4
-  step python slim.py --data folder --data-path $D --weights $W --out results/cifar10-proxy-seed1 --eps 0.003 --final-epochs 1 --final-lr 3e-4 --seed 1
-  # 2. Fig. 4: eps against FLOPs saved and top-1, each point with the same (short) final fine-tune
+  fresh $R/cifar10-proxy $R/cifar10-proxy-seed1
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy --eps 0.003 --final-epochs 1 --final-lr 3e-4
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-seed1 --eps 0.003 --final-epochs 1 --final-lr 3e-4 --seed 1
+  # 2. the pyramid criterion: the headline's search with finer r', longer or faster block fine-tunes, more reach
+  fresh $R/pyramid-attempts
+  step bash bench/pyramid_attempts.sh
+  # 3. Alg. 1's loop as written, against the fast path (no final fine-tune)
+  fresh $R/cifar10-proxy-literal
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-literal --eps 0.003 --literal
+  # 4. Fig. 4: eps against FLOPs saved and top-1, each point with the same (short) final fine-tune
+  fresh $R/fig4 $R/fig4.json $R/fig4.md $R/fig4.png $R/fig4_predictions.npz
   step python bench/eps_sweep.py --eps ${EPS:-0.001 0.002 0.003 0.005 0.02} --final-epochs 0.25
-  # 3. Fig. 5: the headline's kept patches over val images
-  step python bench/picture.py --masks results/cifar10-proxy/masks.json --out results/fig5_picture
-  # 4. Fig. 6 and Fig. 7: one layer pruned alone, no fine-tuning
+  # 5. Fig. 5: the headline's kept patches over val images
+  step python bench/picture.py --masks $R/cifar10-proxy/masks.json --out $R/fig5_picture
+  # 6. Fig. 6 and Fig. 7: one layer pruned alone, no fine-tuning
   step python bench/single_layer.py --figure 6
   step python bench/single_layer.py --figure 7
-  # 5. Table 3: the learned pyramid against uniform and linear pruning at its FLOPs, the same fine-tune: Fig. 4's
-  #    eps = 0.003 point (0.25-epoch fine-tune, seed 0)
-  #    (the headline's two seeds: bash bench/run_all.sh extra)
+  # 7. Table 3: the learned pyramid against uniform and linear pruning at its FLOPs, the same fine-tune; at Fig. 4's
+  #    eps = 0.003 point (quarter-epoch fine-tune, seed 0) and on the headline's two seeds (one-epoch fine-tunes)
+  fresh $R/table3.json $R/table3_predictions.npz $R/table3_headline.json $R/table3_headline_predictions.npz
   step python bench/table3.py --fig4-eps 0.003 --seeds 0
-  # 6. real speed, both token semantics at the paper's budget (DeiT-S, random weights)
+  step python bench/table3.py --reference $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1 --out $R/table3_headline
+  # 8. real speed, both token semantics at the paper's budget (DeiT-S, random weights)
   step python bench/speed.py --repeats 12
-  # 7. each stage's time at DeiT-S shapes on this machine, and the labelled ImageNet estimate
+  # 9. each stage's time at DeiT-S shapes on this machine, and the labelled ImageNet estimate
   step python bench/imagenet_estimate.py
-else
-  # the v1 variant (tokens removed, head-mean score, final-feature error): the committed results/ files marked so
-  step python slim.py --data folder --data-path $D --weights $W --out results/cifar10-proxy-v1 --final-epochs 2 \
+elif [ "$1" = "v1" ]; then
+  # the v1 variant (tokens removed, head-mean score, final-feature error): the results/ files marked so
+  fresh $R/cifar10-proxy-v1 $R/curve $R/curve.json $R/curve.md $R/curve.png
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-v1 --final-epochs 2 \
       --final-lr 3e-4 --quality-images 128 --tokens removed --score head-mean --error final
   step python bench/curve.py --eps ${EPS:-0.1 0.15 0.2 0.3 0.4}
-  step python bench/speed.py --repeats 10 --threads 1 --no-timm --tokens removed --out results/speed_deit_small_cpu_float32_1thread.json
-  step python bench/speed.py --weights $W --masks results/cifar10-proxy-v1/masks.json --batch 256 --repeats 20
+  step python bench/speed.py --repeats 10 --threads 1 --no-timm --tokens removed --out $R/speed_deit_small_cpu_float32_1thread.json
+  step python bench/speed.py --weights $W --masks $R/cifar10-proxy-v1/masks.json --batch 256 --repeats 20
   step python bench/gemm.py
-  step python bench/picture.py --masks results/cifar10-proxy-v1/masks.json
-  step python bench/pyramid.py --gflops-of results/cifar10-proxy-v1/report.json --reduction 0.4 0.5
-  step python bench/pyramid.py --gflops-of results/cifar10-proxy-v1/report.json --final-epochs 2 --final-lr 3e-4
+  step python bench/picture.py --masks $R/cifar10-proxy-v1/masks.json
+  step python bench/pyramid.py --gflops-of $R/cifar10-proxy-v1/report.json --reduction 0.4 0.5
+  step python bench/pyramid.py --gflops-of $R/cifar10-proxy-v1/report.json --final-epochs 2 --final-lr 3e-4
   step python bench/quality.py
+else
+  echo "usage: bash bench/run_all.sh [v1]   (RESUME=1 to continue an interrupted run; EPS=\"...\" for Fig. 4)" >&2
+  exit 2
 fi
 echo; echo "== done in $(( ($(date +%s) - t0) / 60 )) min"
+if [ ${#failed[@]} -gt 0 ]; then printf '== FAILED: %s\n' "${failed[@]}"; exit 1; fi
