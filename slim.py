@@ -551,6 +551,8 @@ def check_args(args):
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file: pass a folder (it is created if missing)")
+    if args.workers is None:  # the CPUs this process may use, shared among the machine's processes
+        args.workers = data.default_workers(distributed.local_world_size())
     if args.batch_size % distributed.world_size():
         raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {distributed.world_size()} "
                         "processes: pass a multiple")
@@ -604,8 +606,6 @@ def main(args):
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.workers is None:
-        args.workers = data.default_workers(distributed.local_world_size())
     bad = data.BadFiles(skip=args.skip_bad_images)
     model = load_model(args).to(device)
     cfg = model.cfg

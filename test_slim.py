@@ -630,6 +630,16 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "could not download" in run("--data-path", "x", "--weights", "http://127.0.0.1:9/w.pth")
 
 
+def test_checked_args_are_complete(tmp_path, monkeypatch):
+    """check_args leaves no default to be filled later: the bench scripts build their settings from its result alone
+    (an unresolved --workers once reached the DataLoader of bench/eps_sweep.py as None)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    args = slim.check_args(slim.get_args_parser().parse_args(["--data-path", "x", "--out", str(tmp_path / "o")]))
+    assert isinstance(args.workers, int) and args.workers >= 0
+    assert isinstance(args.eps, float) and args.eps > 0
+    assert slim.check_args(slim.get_args_parser().parse_args(["--data-path", "x", "--workers", "0"])).workers == 0
+
+
 @needs_shared
 def test_cli_end_to_end_on_cifar10_subset(tmp_path):
     out = tmp_path / "run"
