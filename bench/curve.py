@@ -17,7 +17,7 @@ For each eps, slim.search (Algorithm 1) gives masks and per-block fine-tuned wei
   random-noft, class-attn-noft, significance-noft   those masks on the pretrained weights
 With --final-steps N every fine-tuned method also gets the same end-to-end distillation fine-tune afterwards.
 The search takes slim.py's flags (slim.SearchSettings); the defaults here are cheaper than slim.py's (--ft-steps
-50, --held-images 512) so that bench/run_all.sh stays under 90 minutes on 2 CPU cores.
+50, --held-images 512), to shorten bench/run_all.sh's v1 tier.
 --tokens (METHOD.md P1 / C1) is the token semantics of the search, the baselines' masks and fine-tunes, the
 evaluation and the FLOP count. It defaults to "removed": the committed results were made with the v1 variant, and
 --score then defaults to "head-mean" (the score v1 called "significance"); with --tokens frozen it defaults to
