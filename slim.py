@@ -10,29 +10,24 @@ significance scores, the top-down mask search of the paper's Algorithm 1 with pe
 Under torchrun every stage splits its images over the processes and every process reaches the one-process
 decisions (pipeline/distributed.py says how); the final fine-tune is DeiT's recipe (pipeline/finetune.py, C7).
 
-The method is fixed by ../shared/METHOD.md (version 2): [P] labels are the paper's, [C] our choices where it is
+The method is fixed by ../shared/METHOD.md (version 3): [P] labels are the paper's, [C] our choices where it is
 silent; both are cited beside the code. Layers are numbered as in the paper, t = 1..L; keep[t-1] is m_t (vit.py).
 Token semantics (vit.py): "frozen" (P1, default) or "removed" (the v1 variant, C1). Scores (METHOD.md §3): Eq. 6
 evaluated exactly ("significance", P3/C3a, default), and the comparison scores "head-mean" (v1), "attn" (Fig. 7's
 baseline), "class-attn" (EViT-like) and "random".
 
-Algorithm 1 (Sec. 4.3, METHOD.md §4) as run here. m_L = e_0 (the prefix tokens of a distilled DeiT); for t = L-1 down to 1: score the patches (layers 1..t
-dense, t+1..L pruned), then m_t = m_{t+1} ∪ the r best, r = 0, r0, 2 r0, ..., fine-tuning block t on the error and
-stopping at the first r whose error <= eps. The error (--error):
+Algorithm 1 (Sec. 4.3, METHOD.md §4). m_L = e_0 (the prefix tokens of a distilled DeiT); for t = L-1 down to 1:
+score the patches (layers 1..t dense, t+1..L pruned), then for r = 0, r', 2 r', ...: m_t = m_{t+1} ∪ the r best,
+fine-tune block t on the error, and stop at the first r whose error after fine-tuning is <= eps. The error (--error):
 - "next" (the paper's, P4, default): E_{t+1}, the relative squared error (C4) of layer t+1's kept rows when the two
   pruned blocks t, t+1 run on the unpruned Z_{t-1}; block t is fine-tuned on that same objective (C5).
 - "final" (v1): the relative error of the final class feature, cumulative over the layers searched so far.
-What is cached and skipped so that it is affordable (C6), and how that differs from the loop as written:
-- The dense Z_0 .. Z_L are computed once for a fixed sample of training images (one augmented view each, the
-  "fit" set, for fine-tuning and scores) and for a held sample (evaluation transform, for E). Layers 1..t-1 stay
-  dense while layer t is searched, so Z_{t-1} and the target Z_{t+1} stay exact for the whole search.
-- Alg. 1 fine-tunes block t for every candidate r and stops at the first E <= eps. We first measure E0(r) without
-  fine-tuning (E0 falls as r grows, so the first r with E0 below a threshold is found by bisection): the first
-  candidate with E0 <= eps is accepted; one with E0 > ft_reach * eps is rejected without fine-tuning; those in
-  between are fine-tuned (at most ft_tries per layer) and accepted if E <= eps, else the block is restored (so
-  weights carry over only from accepted candidates). An accepted candidate is always fine-tuned, as in the paper,
-  keeping the new weights only if they lower E. Keeping every candidate ends the loop.
-- --literal runs the loop as written instead: a fine-tune at every r, weights carried over, no skipping.
+Two loops choose r (--search, C6):
+- "alg1" (default): the loop as written, search_layer_alg1. Its only savings are exact: the dense Z_0 .. Z_L are
+  cached once for a fixed sample of training images ("fit": one augmented view each, for fine-tuning and scores;
+  "held": the evaluation transform, for E). Layers 1..t-1 stay dense while layer t is searched, so Z_{t-1} and the
+  target Z_{t+1} are exact for the whole search, and caching them changes no decision.
+- "fast" (an option, not the paper's loop): search_layer_fast, whose docstring says in one place how it differs.
 """
 import argparse
 import copy
@@ -54,10 +49,7 @@ from pipeline import distributed, finetune
 from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
 from pipeline.evaluate import accuracy, autocast, predict, save_predictions
 from pipeline.resume import load_if_made_with, write_atomically
-from pipeline.finetune import distill_loss
 from vit import UserError
-
-
 
 
 def device_of(model):
@@ -70,18 +62,20 @@ class SearchSettings:
     tokens: str = "frozen"        # what a pruned patch becomes: "frozen" (P1, the paper) or "removed" (C1, v1)
     score: str = "significance"   # patch score, a key of SCORES: Eq. 6 exactly (P3) or a comparison score
     error: str = "next"           # the error Alg. 1 tests: "next", E_{t+1} (P4), or "final", v1's final-feature error
-    eps: float = 0.02             # tolerated error (P5: 0.01 or 0.02); "next": relative squared error of layer t+1's
-    #                               kept rows (C4); "final" has its own scale: the relative error (not squared) of the
-    #                               final class feature, cumulative, 0.2 in the v1 runs (--eps default 0.2 there)
-    r0: int = 0                   # tokens added per search step; 0 = the paper's 10 of 196 patches, scaled (P5)
+    eps: float = 0.002            # tolerated error. "next": on C4's relative scale, ||diag(m)(Ẑ-Z)||² / ||diag(m)Z||²
+    #                               of layer t+1's kept rows; the paper's Eq. 3 writes the error unnormalised and its
+    #                               0.01/0.02 (P5) do not transfer to this scale (report.json gives both). 0.002 meets
+    #                               the paper's DeiT-S budget on the proxy (README). "final" has its own scale (0.2)
+    search: str = "alg1"          # the loop over r (C6): "alg1", Alg. 1 as written, or "fast" (search_layer_fast)
+    r0: int = 0                   # r', tokens added per search step; 0 = the paper's 10 of 196 patches, scaled (P5)
     score_images: int = 512       # training images the scores average over (Alg. 1, line 3)
     fit_images: int = 4096        # cached augmented training images the block fine-tunes draw from
     held_images: int = 1024       # held training images (eval transform) E is measured on
-    ft_steps: int = 100           # fine-tuning steps per candidate, block t only (C5)
-    ft_lr: float = 1e-3           # AdamW learning rate of those steps
-    ft_reach: float = 1.5         # fine-tune a candidate only if its E before fine-tuning <= ft_reach * eps (C6)
-    ft_tries: int = 2             # at most this many fine-tunes of rejected candidates per layer (C6)
-    literal: bool = False         # run Alg. 1's loop as written: fine-tune at every r, no skipping, no bisection
+    ft_steps: int = 100           # fine-tuning steps per candidate r, block t only (C5)
+    ft_lr: float = 1e-3           # AdamW learning rate of those steps (cosine schedule over ft_steps)
+    ft_weight_decay: float = 0.05  # AdamW weight decay of those steps
+    ft_reach: float = 1.5         # "fast" only: fine-tune a candidate only if its E before fine-tuning <= ft_reach*eps
+    ft_tries: int = 2             # "fast" only: at most this many fine-tunes of candidates with E0 > eps per layer
     batch_size: int = 64          # images per step of scoring, caching, error and fine-tuning
     seed: int = 0                 # chooses the fit/held images and seeds the fine-tunes
 
@@ -188,12 +182,16 @@ def tail_features(model, x, keep, tokens, start):
         return model.features(model.run_blocks(x.to(device), keep, tokens, start)).float()
 
 
+Error = namedtuple("Error", "relative absolute")  # per image (B,) tensors, or their means over a set (floats)
+
+
 def next_layer_error(model, batch, keep, tokens, t):
-    """P4 with C4's normalisation, per image (B,), differentiable: E_{t+1} = ||diag(m_{t+1})(Ẑ_{t+1} - Z_{t+1})||² /
-    ||diag(m_{t+1}) Z_{t+1}||², where Ẑ_{t+1} = B̂_{t+1}(B̂_t(Z_{t-1})) runs the two pruned blocks t, t+1 on the unpruned
-    network's Z_{t-1} (layers < t are still dense) and Z_{t+1} is the unpruned feature. For t = L-1, m_L = the prefix
-    tokens: their output of the last block (the class token; with a distillation token both, every token the heads
-    read). batch: a LayerCache of a few images."""
+    """P4, per image, differentiable: Error(relative, absolute) with absolute = ||diag(m_{t+1})(Ẑ_{t+1} - Z_{t+1})||²_F,
+    Eq. 3's unnormalised squared norm over the kept rows, and relative = absolute / ||diag(m_{t+1}) Z_{t+1}||²_F (C4,
+    the scale eps is on). Ẑ_{t+1} = B̂_{t+1}(B̂_t(Z_{t-1})) runs the two pruned blocks t, t+1 on the unpruned network's
+    Z_{t-1} (layers < t are still dense) and Z_{t+1} is the unpruned feature. For t = L-1, m_L = the prefix tokens:
+    their output of the last block (the class token; with a distillation token both, every token the heads read).
+    batch: a LayerCache of a few images."""
     device = device_of(model)
     rows = keep[t].to(device)                                           # m_{t+1}
     with autocast(device):
@@ -201,15 +199,17 @@ def next_layer_error(model, batch, keep, tokens, t):
     if tokens == "frozen":                                              # all N rows; "removed" returns m_{t+1}'s
         z_hat = z_hat.index_select(1, rows)
     z = batch.z_next.to(device).float().index_select(1, rows)
-    return (z_hat - z).pow(2).sum((1, 2)) / z.pow(2).sum((1, 2))
+    absolute = (z_hat - z).pow(2).sum((1, 2))
+    return Error(absolute / z.pow(2).sum((1, 2)), absolute)
 
 
 def final_feature_error(model, batch, keep, tokens, t):
-    """The v1 error (METHOD.md §4, "v1 option"), per image (B,): ||f - f_dense|| / ||f_dense|| of the final features
-    the heads read (the class token, and the distillation token when there is one), blocks t..L pruned; cumulative
-    over the layers searched so far."""
+    """The v1 error (METHOD.md §4, "v1 option"), per image: Error(relative, absolute) with absolute = ||f - f_dense||
+    of the final features the heads read (the class token, and the distillation token when there is one), blocks
+    t..L pruned, and relative = absolute / ||f_dense||; cumulative over the layers searched so far."""
     f, f_dense = tail_features(model, batch.z_in, keep, tokens, t), batch.feat.to(device_of(model))
-    return (f - f_dense).flatten(1).norm(dim=-1) / f_dense.flatten(1).norm(dim=-1)
+    absolute = (f - f_dense).flatten(1).norm(dim=-1)
+    return Error(absolute / f_dense.flatten(1).norm(dim=-1), absolute)
 
 
 ERRORS = {"next": next_layer_error, "final": final_feature_error}
@@ -217,14 +217,15 @@ ERRORS = {"next": next_layer_error, "final": final_feature_error}
 
 @torch.no_grad()
 def layer_error(model, cache, keep, tokens, error, t, batch_size):
-    """The error Alg. 1 tests at layer t, averaged over the images of cache (a LayerCache; under torchrun over every
-    rank's share, so that each rank gets the same number): error "next" (P4) or "final" (v1)."""
-    total = torch.zeros(2, dtype=torch.float64)  # sum of per-image errors, images
+    """The error Alg. 1 tests at layer t (error "next", P4, or "final", v1), averaged over the images of cache (a
+    LayerCache; under torchrun over every rank's share, so that each rank gets the same numbers): Error of floats."""
+    total = torch.zeros(3, dtype=torch.float64)  # sums of the relative and absolute per-image errors, images
     for i in range(0, len(cache.z_in), batch_size):
         e = ERRORS[error](model, images(cache, slice(i, i + batch_size)), keep, tokens, t)
-        total += torch.tensor([e.double().sum().item(), len(e)], dtype=torch.float64)
+        total += torch.tensor([e.relative.double().sum().item(), e.absolute.double().sum().item(), len(e.relative)],
+                              dtype=torch.float64)
     total = distributed.all_reduce_sum(total)
-    return (total[0] / total[1]).item()
+    return Error((total[0] / total[2]).item(), (total[1] / total[2]).item())
 
 
 @torch.no_grad()
@@ -286,7 +287,7 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=s.ft_lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=s.ft_lr, weight_decay=s.ft_weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.ft_steps)
     g = torch.Generator().manual_seed(seed)
     everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values  # the whole sample's image numbers
@@ -300,10 +301,10 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
         if len(mine):
             batch = images(fit, mine)
             if s.error == "next":
-                per_image = next_layer_error(model, batch, keep, s.tokens, t)
+                per_image = next_layer_error(model, batch, keep, s.tokens, t).relative
             else:
                 f = tail_features(model, batch.z_in, keep, s.tokens, t)
-                per_image = distill_loss(f, model.classify(f), batch.feat.to(device), batch.logits.to(device), True)
+                per_image = finetune.distill_loss(f, model.classify(f), batch.feat.to(device), batch.logits.to(device), True)
             loss = per_image.sum() / batch_size                   # the global batch mean, this rank's part
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -337,90 +338,127 @@ def ranked_candidates(scores, forced):
     return cand[scores[cand].argsort(descending=True, stable=True)]
 
 
-def finetune_or_restore(model, t, fit, held, keep, s, seed, bound, desc):
-    """Fine-tune block t (finetune_block) with masks keep, then measure E on the held set (a LayerCache); if E > bound
-    the block's weights are restored. Returns E after fine-tuning (kept or not)."""
-    block = model.blocks[t - 1]
-    backup = copy.deepcopy(block.state_dict())
-    finetune_block(model, t, fit, keep, s, seed, desc)
-    e = layer_error(model, held, keep, s.tokens, s.error, t, s.batch_size)
-    if e > bound:
-        block.load_state_dict(backup)
-    return e
-
-
 def default_r0(cfg):
-    """The paper's r0 = 10 of 196 patches (P5), scaled by the patch count (3 of 64 for the 32-px proxy)."""
+    """The paper's r' = 10 of 196 patches (P5), scaled by the patch count (3 of 64 for the 32-px proxy)."""
     return max(1, round(10 * (cfg.num_tokens - cfg.prefix_tokens) / 196))
 
 
+def candidate_masks(forced, ranked, r_step):
+    """Alg. 1, line 6, for r = 0, r', 2 r', ... and finally every candidate: [(r, m_t = m_{t+1} ∪ the r best)].
+    forced: m_{t+1}; ranked: the other tokens, best score first."""
+    return [(r, torch.cat([forced, ranked[:r]]).sort().values)
+            for r in list(range(0, len(ranked), r_step)) + [len(ranked)]]
+
+
+def trial_record(r, k_t, e0, e=None, kept_weights=None):
+    """The report's record of one candidate r: |m_t|, its error E0 before and E after block t's fine-tune (relative,
+    on eps's scale, C4, and absolute, Eq. 3's unnormalised norm), and (fast path) whether the fine-tuned weights were
+    kept."""
+    rec = {"r": r, "kept": int(k_t.numel()), "E0": float(f"{e0.relative:.4g}"), "E0_abs": float(f"{e0.absolute:.4g}")}
+    if e is not None:
+        rec.update(E=float(f"{e.relative:.4g}"), E_abs=float(f"{e.absolute:.4g}"))
+    if kept_weights is not None:
+        rec["kept_weights"] = kept_weights
+    return rec
+
+
+def finetune_seed(s, t, r):
+    """The seed of block t's fine-tune at candidate r (the same in both loops)."""
+    return s.seed + 1000 * t + r
+
+
+def search_layer_alg1(model, t, keep, candidates, fit, held, s):
+    """Alg. 1, lines 5-10, as written (METHOD.md C6's default): for each candidate (r, m_t) in order, fine-tune block
+    t with m_t in place, its weights carried over from the previous r (never reset, C5), and stop at the first r whose
+    error after fine-tuning is <= eps; the last candidate keeps every token and ends the loop whatever its error.
+    candidates: candidate_masks; fit, held: LayerCaches of block t. Returns (m_t, the trial records, E of m_t)."""
+    trials = []
+    for r, k_t in candidates:                                     # line 5: repeat (line 9: r = r + r')
+        trial_keep = with_layer(keep, t, k_t)                     # line 6: m_t = m_{t+1} ∪ the r best patches
+        e0 = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)  # recorded, never decides
+        finetune_block(model, t, fit, trial_keep, s, finetune_seed(s, t, r), f"layer {t} r={r} fine-tune")  # line 7
+        e = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)   # line 8: E_{t+1}
+        trials.append(trial_record(r, k_t, e0, e))
+        if e.relative <= s.eps:                                   # line 10: until E_{t+1} <= eps
+            break
+    return k_t, trials, e
+
+
+def first_at_most(e0s, measure, n, bound):
+    """Bisection for the first index 0..n-1 whose E0 <= bound (n-1 if none), assuming E0 falls as the index grows.
+    e0s: {index: E0} already measured, filled in with each index this measures (measure(i) -> Error)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid not in e0s:
+            e0s[mid] = measure(mid)
+        lo, hi = (lo, mid) if e0s[mid].relative <= bound else (mid + 1, hi)
+    return lo
+
+
+def search_layer_fast(model, t, keep, candidates, fit, held, s):
+    """The fast path (--search fast; METHOD.md C6's named option, not Alg. 1). It differs from search_layer_alg1, and
+    can choose other masks, in exactly these ways:
+    1. It measures E0, the error *before* fine-tuning, and bisects for the first r with E0 <= eps (i_ok) and the
+       first with E0 <= ft_reach * eps (i_ft), assuming E0 falls as r grows. Alg. 1 never reads E0.
+    2. Candidates before i_ft are rejected without a fine-tune, though a fine-tune might have brought them under eps.
+    3. Of i_ft .. i_ok-1, only the first ft_tries are fine-tuned; each is accepted if its E after fine-tuning is
+       <= eps, otherwise block t's weights are restored (Alg. 1 carries them over).
+    4. i_ok is fine-tuned too, but its new weights are kept only if they lower E (else restored).
+    Returns (m_t, the trial records, E of m_t with the weights block t is left with)."""
+    def measure(i):
+        return layer_error(model, held, with_layer(keep, t, candidates[i][1]), s.tokens, s.error, t, s.batch_size)
+    e0s = {}
+    i_ok = first_at_most(e0s, measure, len(candidates), s.eps)
+    i_ft = first_at_most(e0s, measure, len(candidates), s.ft_reach * s.eps)
+    tries = {}  # index: (E after its fine-tune, whether the fine-tuned weights were kept)
+    for i in list(range(i_ft, i_ok))[:s.ft_tries] + [i_ok]:
+        r, k_t = candidates[i]
+        if i not in e0s:
+            e0s[i] = measure(i)
+        block = model.blocks[t - 1]
+        before = copy.deepcopy(block.state_dict())
+        trial_keep = with_layer(keep, t, k_t)
+        finetune_block(model, t, fit, trial_keep, s, finetune_seed(s, t, r), f"layer {t} r={r} fine-tune")
+        e = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)
+        bound = s.eps if i < i_ok else e0s[i].relative          # 3. accepted only if E <= eps; 4. only if E drops
+        kept = e.relative <= bound
+        if not kept:
+            block.load_state_dict(before)
+        tries[i] = (e, kept)
+        if i == i_ok or kept:
+            break
+    trials = [trial_record(candidates[i][0], candidates[i][1], e0s[i], *tries.get(i, (None, None))) for i in sorted(e0s)]
+    e, kept = tries[i]
+    return candidates[i][1], trials, e if kept else e0s[i]
+
+
+SEARCH_LOOPS = {"alg1": search_layer_alg1, "fast": search_layer_fast}
+
+
 def search_layer(model, t, keep, fit, held, s, log, quality_images=0):
-    """Choose m_t given m_{t+1..L} (Alg. 1, inner loop). fit, held: LayerCaches of block t. Returns (m_t, trial log).
-    s.literal runs Alg. 1's loop as written; otherwise the affordable path of C6 (the top of this file)."""
+    """Choose m_t given m_{t+1..L} (Alg. 1, lines 3-10). fit, held: LayerCaches of block t. Returns (m_t, the layer's
+    record for report.json)."""
     N = model.cfg.num_tokens
-    full = with_layer(keep, t, torch.arange(N))                # layers 1..t dense
-    scoring = fit.z_in[fit.positions < s.score_images]      # the first score_images of the sample (this rank's)
-    scores = layer_scores(model, scoring, full, s.tokens, t, s.score, s.batch_size, s.seed)
-    forced = keep[t]                                           # m_{t+1} ⊆ m_t: nested by construction
-    cand = ranked_candidates(scores, forced)
-    info = {"layer": t, "trials": []}
-    if quality_images and len(cand) >= 3:  # how well each score ranks the true impact, in the state it is used
-        truth = true_impact(model, held.z_in[held.positions < quality_images], full, s.tokens, t, cand, s.batch_size)
+    full = with_layer(keep, t, torch.arange(N))               # layers 1..t dense
+    scoring = fit.z_in[fit.positions < s.score_images]        # the first score_images of the sample (this rank's)
+    scores = layer_scores(model, scoring, full, s.tokens, t, s.score, s.batch_size, s.seed)   # line 3: s_t
+    forced = keep[t]                                          # line 4: m_t starts as m_{t+1} (nested by construction)
+    ranked = ranked_candidates(scores, forced)
+    info = {"layer": t}
+    if quality_images and len(ranked) >= 3:  # how well each score ranks the true impact, in the state it is used
+        truth = true_impact(model, held.z_in[held.positions < quality_images], full, s.tokens, t, ranked, s.batch_size)
         info["spearman"] = {}
         for name in SCORES:
             sc = scores if name == s.score else layer_scores(model, scoring, full, s.tokens, t, name, s.batch_size,
                                                              s.seed)
-            info["spearman"][name] = round(spearman(sc[cand], truth), 4)
-    grid, e0s = list(range(0, len(cand), s.r0)) + [len(cand)], {}   # r = 0, r0, 2 r0, ..., every candidate
-
-    def trial(i):  # m_t = m_{t+1} ∪ the top grid[i] candidates, and its error E0 before fine-tuning (memoised)
-        k_t = torch.cat([forced, cand[:grid[i]]]).sort().values
-        if i not in e0s:
-            e0s[i] = layer_error(model, held, with_layer(keep, t, k_t), s.tokens, s.error, t, s.batch_size)
-            info["trials"].append({"r": grid[i], "kept": int(k_t.numel()), "E0": float(f"{e0s[i]:.4g}")})
-        return k_t, e0s[i]
-
-    def accept(k_t, e, e0):
-        info["trials"].sort(key=lambda r: r["r"])
-        info.update(kept=int(k_t.numel()), E=float(f"{e:.4g}"))
-        log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e:.4f} (E0 = {e0:.4f}, eps = {s.eps})")
-        return k_t, info
-
-    if s.literal:  # Alg. 1 as written: fine-tune at every r, weights carried over (C5), until E <= eps
-        for i in range(len(grid)):
-            k_t, e0 = trial(i)
-            trial_keep = with_layer(keep, t, k_t)
-            finetune_block(model, t, fit, trial_keep, s, s.seed + 1000 * t + grid[i], f"layer {t} r={grid[i]} fine-tune")
-            e = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)
-            next(r for r in info["trials"] if r["r"] == grid[i])["E"] = float(f"{e:.4g}")
-            if e <= s.eps or i == len(grid) - 1:
-                return accept(k_t, e, e0)
-
-    def first(x):
-        """The first grid index whose E0 <= x (the last index if none). Alg. 1 scans r = 0, r0, 2 r0, ... upward;
-        E0 falls as r grows (more rows updated), so bisection finds the same index in log2(len(grid)) forward
-        passes instead of len(grid) (C6). test_slim checks it against the literal loop."""
-        lo, hi = 0, len(grid) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if trial(mid)[1] <= x else (mid + 1, hi)
-        return lo
-
-    i_ok = first(s.eps)                # the first candidate accepted without fine-tuning
-    i_ft = first(s.ft_reach * s.eps)   # candidates i_ft..i_ok-1 are near enough for fine-tuning to rescue
-    for i in list(range(i_ft, i_ok))[:s.ft_tries] + [i_ok]:
-        k_t, e0 = trial(i)
-        rec = next(r for r in info["trials"] if r["r"] == grid[i])
-        e = finetune_or_restore(model, t, fit, held, with_layer(keep, t, k_t), s, s.seed + 1000 * t + grid[i],
-                                bound=min(e0, s.eps) if i < len(grid) - 1 else e0,
-                                desc=f"layer {t} r={grid[i]} fine-tune")
-        rec["E"] = float(f"{e:.4g}")
-        e = min(e, e0)                         # a fine-tune that did not lower E was undone: the block is as before
-        # Keeping every candidate is always accepted: under "final" it is the state accepted at layer t+1; under
-        # "next" its E_{t+1} is what block t+1's own fine-tune left, which layer t cannot lower by keeping more.
-        if e <= s.eps or i == len(grid) - 1:
-            return accept(k_t, e, e0)
-    raise AssertionError("unreachable: the last candidate keeps every token and is always accepted")
+            info["spearman"][name] = round(spearman(sc[ranked], truth), 4)
+    candidates = candidate_masks(forced, ranked, s.r0)
+    k_t, info["trials"], e = SEARCH_LOOPS[s.search](model, t, keep, candidates, fit, held, s)
+    info.update(kept=int(k_t.numel()), E=float(f"{e.relative:.4g}"), E_abs=float(f"{e.absolute:.4g}"))
+    log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e.relative:.4f} (absolute {e.absolute:.4g}; "
+        f"eps = {s.eps}), {len(info['trials'])} candidates measured ({s.search})")
+    return k_t, info
 
 
 @torch.no_grad()
@@ -503,20 +541,27 @@ def get_args_parser():
                    "paper's), head-mean (v1), attn (Fig. 7's baseline), class-attn (EViT-like) or random")
     p.add_argument("--error", default=d.error, choices=list(ERRORS), help="the error Alg. 1 tests: next (E_{l+1}, the "
                    "paper's, METHOD.md P4) or final (v1: cumulative error of the final class feature)")
-    p.add_argument("--eps", type=float, default=None, help="tolerated error: 0.02 for --error next (relative squared "
-                   "error, C4), 0.2 for --error final (its own scale)")
-    p.add_argument("--literal", action="store_true", help="run Alg. 1's loop as written (fine-tune at every r) instead "
-                   "of the affordable path (C6)")
-    p.add_argument("--r0", type=int, default=None, help="tokens added per search step (default: 10 of 196 patches, "
-                   "scaled by the patch count)")
+    p.add_argument("--eps", type=float, default=None, help=f"tolerated error (default {d.eps} for --error next, 0.2 "
+                   "for --error final). next: E_{l+1} on C4's relative scale, ||diag(m)(Z^-Z)||^2 / ||diag(m)Z||^2 "
+                   "(our normalisation: the paper's Eq. 3 is unnormalised, so its 0.01/0.02 do not transfer; "
+                   "report.json gives the absolute error too)")
+    p.add_argument("--search", default=d.search, choices=list(SEARCH_LOOPS), help="the loop over r (C6): alg1, "
+                   "Alg. 1 as written (a block fine-tune at every r); fast, E0-bisection with skips "
+                   "(slim.search_layer_fast says how it differs)")
+    p.add_argument("--literal", action="store_const", dest="search", const="alg1", help="the same as --search alg1 "
+                   "(the default; kept for old commands)")
+    p.add_argument("--r0", type=int, default=None, help="r', tokens added per search step (default: 10 of 196 "
+                   "patches, scaled by the patch count)")
     p.add_argument("--score-images", type=int, default=d.score_images, help="training images the scores average over")
     p.add_argument("--fit-images", type=int, default=d.fit_images, help="cached augmented training images for fine-tuning")
     p.add_argument("--held-images", type=int, default=d.held_images, help="held training images E is measured on")
     p.add_argument("--ft-steps", type=int, default=d.ft_steps, help="fine-tuning steps per candidate, block t only")
     p.add_argument("--ft-lr", type=float, default=d.ft_lr, help="AdamW learning rate of those steps")
-    p.add_argument("--ft-reach", type=float, default=d.ft_reach, help="fine-tune a candidate only if E0 <= ft_reach*eps")
-    p.add_argument("--ft-tries", type=int, default=d.ft_tries, help="at most this many fine-tunes of rejected "
-                   "candidates per layer")
+    p.add_argument("--ft-weight-decay", type=float, default=d.ft_weight_decay, help="AdamW weight decay of those steps")
+    p.add_argument("--ft-reach", type=float, default=d.ft_reach, help="--search fast only: fine-tune a candidate "
+                   "only if E0 <= ft_reach*eps")
+    p.add_argument("--ft-tries", type=int, default=d.ft_tries, help="--search fast only: at most this many "
+                   "fine-tunes of candidates with E0 > eps per layer")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step of the search (global, "
                    "split over the processes) and of evaluation")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -546,6 +591,9 @@ def check_args(args):
         raise UserError(f"--eps must be > 0 (got {args.eps}): it is the tolerated error E")
     if args.r0 is not None and args.r0 < 1:
         raise UserError(f"--r0 must be >= 1 (got {args.r0}): the number of tokens added per search step")
+    for k in ("ft_lr", "ft_weight_decay", "ft_reach"):
+        if getattr(args, k) < 0:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})")
     for k in ("score_images", "fit_images", "held_images", "ft_steps", "batch_size"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")

@@ -68,9 +68,13 @@ def refit_blocks(model, keep, fit, held, s, log):
     for t in range(L - 1, 0, -1):
         trial = [torch.arange(N)] * (t - 1) + keep[t - 1:]
         held_t = slim.at_layer(held, t)
-        e0 = slim.layer_error(model, held_t, trial, s.tokens, s.error, t, s.batch_size)
-        e = slim.finetune_or_restore(model, t, slim.at_layer(fit, t), held_t, trial, s, s.seed + 1000 * t, bound=e0,
-                                     desc=f"layer {t} fine-tune")
+        e0 = slim.layer_error(model, held_t, trial, s.tokens, s.error, t, s.batch_size).relative
+        block = model.blocks[t - 1]
+        before = copy.deepcopy(block.state_dict())
+        slim.finetune_block(model, t, slim.at_layer(fit, t), trial, s, s.seed + 1000 * t, f"layer {t} fine-tune")
+        e = slim.layer_error(model, held_t, trial, s.tokens, s.error, t, s.batch_size).relative
+        if e > e0:  # keep the fine-tuned weights only if E drops
+            block.load_state_dict(before)
         log(f"  layer {t:2d}: E {e0:.4f} -> {min(e, e0):.4f}")
 
 
