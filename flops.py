@@ -54,8 +54,8 @@ def layer_flops(cfg, counts, tokens="frozen"):
 def count_flops(cfg, keep=None, counts=None, tokens="frozen"):
     """Total MACs of the model: patch embedding + blocks + head. Give keep (indices) or counts (sizes)."""
     counts = kept_counts(cfg, keep) if counts is None else counts
-    embed = (cfg.num_tokens - 1) * 3 * cfg.patch_size ** 2 * cfg.embed_dim
-    head = cfg.embed_dim * cfg.num_classes
+    embed = (cfg.num_tokens - cfg.prefix_tokens) * 3 * cfg.patch_size ** 2 * cfg.embed_dim  # one conv step per patch
+    head = cfg.prefix_tokens * cfg.embed_dim * cfg.num_classes   # the class head, and head_dist of a distilled DeiT
     return embed + sum(layer_flops(cfg, counts, tokens)) + head
 
 

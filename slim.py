@@ -522,7 +522,7 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
 
 def get_args_parser():
     d = SearchSettings()
-    p = argparse.ArgumentParser("Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT", add_help=True)
+    p = argparse.ArgumentParser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
     p.add_argument("--data", default="imagenet", choices=["imagenet", "folder"],
                    help="imagenet: DIR/{train,val}/<wnid>; folder: any ImageFolder tree DIR/{train,val}/<class>")
     p.add_argument("--data-path", default=None, help="dataset root holding train/ and val/")
@@ -639,9 +639,22 @@ def load_model(args):
     return model
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine():
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-            platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    """What results files record of the machine they were made on."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+            "arch": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -725,8 +738,11 @@ def main(args):
     if resumed and ft.epochs > 0 and saved["next"] == 0:
         finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], s.tokens, run_id)})
     fit = held = None
+    n_fit, n_held = search_set_sizes(s, len(train_aug))
+    if (n_fit, n_held) != (s.fit_images, s.held_images):
+        log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not the "
+            f"{s.fit_images} + {s.held_images} asked (--fit-images, --held-images; at most half the images each)")
     if not resumed or saved["next"] > 0:  # a finished search needs no caches
-        n_fit, n_held = search_set_sizes(s, len(train_aug))
         cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // world), device, args.cache_device)
         log(plan)
         fit, held = cache_search_sets(model, train_aug, args.data_path, s, args.workers, log, cache_device, bad)
@@ -749,7 +765,8 @@ def main(args):
     report.update({
         "slimmed_top1": top1, "val_images": n_val, "tokens": s.tokens, "dense_gflops": dense_flops / 1e9,
         "slimmed_gflops": slim_flops / 1e9, "flops_reduction": 1 - slim_flops / dense_flops,
-        "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(s), "final_finetune": asdict(ft),
+        "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(s), "fit_images_used": n_fit,
+        "held_images_used": n_held, "final_finetune": asdict(ft),
         "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed,
         **skipped(bad, log), "processes": world, "args": vars(args), "machine": machine(),
         "flops_note": flops.NOT_COUNTED})

@@ -307,7 +307,7 @@ def pack_for_cpu(model):
 #
 # Layer numbers are the paper's: blocks t = 1..L, and keep[t-1] holds m_t, the sorted global indices (0..N-1, token
 # 0 = class token, 1 = distillation token when there is one) of the rows block t updates. Masks are nested
-# (m_{t+1} ⊆ m_t) and hold every prefix token (I1, generalised: the heads read all of them).
+# (m_{t+1} ⊆ m_t) and hold every prefix token (P1, generalised: the heads read all of them).
 
 TOKENS = ("frozen", "removed")  # what a pruned patch becomes: METHOD.md P1 (the paper's, default) or C1 (v1)
 
@@ -365,7 +365,7 @@ def _checked(keep, cfg):
 
 
 def prefix_mask(cfg):
-    """m_L: the last layer keeps exactly the prefix tokens (e_0 for one class token; Sec. 4.2, I1 generalised)."""
+    """m_L: the last layer keeps exactly the prefix tokens (e_0 for one class token; Sec. 4.2, P1 generalised)."""
     return torch.arange(cfg.prefix_tokens)
 
 

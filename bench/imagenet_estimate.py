@@ -11,9 +11,11 @@ The stages, run through the code slim.py runs (so the estimate moves with it):
 - final fine-tune: one step of DeiT's recipe (pipeline/finetune.py: slimmed student forward + backward, dense
   teacher forward) at the Fig. 5 pyramid, per image;
 - eval: the slimmed model's forward, per image.
-The estimate counts, for the default settings (SearchSettings, the "deit" recipe): 5,120 cached images; per layer
-the scores over 512 images, ~8 error passes over 1,024 held images (bisection twice over ~20 grid points) and
-2 or 3 block fine-tunes of 100 steps each with an error pass after each; the final fine-tune's 30 epochs of 1,281,167
+The estimate counts, for the default settings (SearchSettings: Alg. 1 as written, the "deit" recipe): 5,120 cached
+images; per layer the scores over 512 images and, for each candidate r tried, a block fine-tune of 100 steps between
+two error passes over 1,024 held images (E before and after). The candidates tried per layer are the mean of the
+proxy's headline runs (results/cifar10-proxy*/report.json; --trials-per-layer overrides it), and the worst case,
+every r of the grid (0, 10, ..., 190, 196: 21 per layer), is given beside it; the final fine-tune's 30 epochs of 1,281,167
 images; 50,000 val images evaluated three times (dense, searched, slimmed). A GPU is assumed to run every stage
 as much faster than this CPU as it runs DeiT-S's dense forward: 940 img/s on a V100 (the paper's Table 1); 8 GPUs
 are assumed to split every stage 8 ways at 90% efficiency, which is optimistic for the search (its block
@@ -68,11 +70,24 @@ def scattered_masks(cfg, counts, seed=0):
     return [order[:n].sort().values for n in counts]
 
 
+def proxy_trials_per_layer():
+    """Candidates r tried per layer, the mean over the proxy's headline runs (3 where they are absent)."""
+    counts = []
+    for name in ("cifar10-proxy", "cifar10-proxy-seed1"):
+        path = os.path.join(ROOT, "results", name, "report.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                counts += [len(lay["trials"]) for lay in json.load(f)["layers"]]
+    return sum(counts) / len(counts) if counts else 3.0
+
+
 def main():
     p = argparse.ArgumentParser("Per-stage time of slim.py at DeiT-S shapes, and the ImageNet estimate")
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=16, help="images per timed batch (cache, score, error, eval)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--trials-per-layer", type=float, default=None, help="candidates r Alg. 1 tries per layer "
+                   "(default: the mean of the proxy's headline runs)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -117,11 +132,15 @@ def main():
     per_image["eval (slimmed)"] = timed(slimmed_forward, args.repeats) / B
 
     n_cache = s.fit_images + s.held_images
-    search_layer = (s.score_images * per_image["score (mean over layers)"]
-                    + (8 + 3) * s.held_images * per_image["error (mean over layers)"] + 3 * s.ft_steps * per_step_block)
+    trials = args.trials_per_layer or proxy_trials_per_layer()
+    worst = len(range(0, N - 1, slim.default_r0(cfg))) + 1                  # every r of the grid
+
+    def search_layer(n_trials):  # scores, then per candidate r: E before, a block fine-tune, E after
+        return (s.score_images * per_image["score (mean over layers)"]
+                + n_trials * (2 * s.held_images * per_image["error (mean over layers)"] + s.ft_steps * per_step_block))
     seconds = {
         "cache": n_cache * per_image["cache"],
-        "search (11 layers)": (L - 1) * search_layer,
+        "search (11 layers)": (L - 1) * search_layer(trials),
         "final fine-tune (30 epochs)": recipe.epochs * IMAGENET_TRAIN * per_image["final fine-tune"],
         "eval (3 x 50k)": 3 * IMAGENET_VAL * per_image["eval (slimmed)"] * 1.4,  # dense/searched cost more
     }
@@ -134,7 +153,9 @@ def main():
            "this_device_hours": {k: v / 3600 for k, v in seconds.items()}, "this_device_total_hours": here / 3600,
            "estimate_note": "ESTIMATE, not measured: every stage assumed to speed up like DeiT-S dense inference "
                             f"({V100_DENSE_IMG_S} img/s on a V100, the paper's Table 1), 8 GPUs at 90% efficiency",
-           "gpu_speedup_assumed": gpu_speedup,
+           "gpu_speedup_assumed": gpu_speedup, "search": s.search, "trials_per_layer": trials,
+           "trials_per_layer_worst": worst,
+           "search_worst_case_1_gpu_hours": (L - 1) * search_layer(worst) / gpu_speedup / 3600,
            "estimate_1_gpu_hours": {k: v / 3600 for k, v in one_gpu.items()},
            "estimate_1_gpu_total_hours": sum(one_gpu.values()) / 3600,
            "estimate_8_gpu_hours": {k: v / 3600 for k, v in eight.items()},
@@ -147,7 +168,9 @@ def main():
     print(f"{'block fine-tune step':28s} {per_step_block:9.2f} s per step of {s.batch_size} images")
     print(f"on this device: {here / 3600:.1f} h; ESTIMATE on 1 V100-class GPU: {sum(one_gpu.values()) / 3600:.1f} h, "
           f"on 8: {sum(eight.values()) / 3600:.1f} h (final fine-tune {one_gpu['final fine-tune (30 epochs)'] / 3600:.1f} h"
-          f" / {eight['final fine-tune (30 epochs)'] / 3600:.1f} h); wrote {out}")
+          f" / {eight['final fine-tune (30 epochs)'] / 3600:.1f} h); the search: {trials:.1f} candidates per layer, "
+          f"{one_gpu['search (11 layers)'] / 3600:.2f} h on 1 GPU ({res['search_worst_case_1_gpu_hours']:.2f} h if "
+          f"every r of the grid were tried); wrote {out}")
 
 
 if __name__ == "__main__":

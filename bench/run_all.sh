@@ -2,7 +2,8 @@
 # Every benchmark behind the README's report, from scratch, on the ../shared CIFAR-10 proxy and random-weight
 # DeiT-S; each writes its files under results/ and prints the numbers. Set-up: pip install -r requirements-bench.txt
 #
-#   bash bench/run_all.sh            # the paper's configuration (METHOD.md v2): every number of the report's main part
+#   bash bench/run_all.sh            # the paper's configuration (METHOD.md v3): every number of the report's main part
+#   bash bench/run_all.sh fast-path  # the results made when the fast path was the default (results/fast-path/)
 #   bash bench/run_all.sh v1         # the v1 variant's results (tokens removed, head-mean score, final-feature error)
 #   EPS="0.001 0.003 0.005 0.02" bash bench/run_all.sh   # fewer eps values in Fig. 4: shorter, no baseline lost
 #   RESUME=1 bash bench/run_all.sh   # continue an interrupted run: each step resumes from the files it has written
@@ -23,33 +24,42 @@ D=../shared/data/cifar10
 R=results
 
 if [ "${1:-}" = "" ]; then
-  # 1. the headline run (the README's first command) and its second seed
+  # 1. the headline run (the README's first command: Alg. 1 as written, eps 0.002) and its second seed
   fresh $R/cifar10-proxy $R/cifar10-proxy-seed1
-  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy --eps 0.003 --final-epochs 1 --final-lr 3e-4
-  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-seed1 --eps 0.003 --final-epochs 1 --final-lr 3e-4 --seed 1
-  # 2. the pyramid criterion: the headline's search with finer r', longer or faster block fine-tunes, more reach
-  fresh $R/pyramid-attempts
-  step bash bench/pyramid_attempts.sh
-  # 3. Alg. 1's loop as written, against the fast path (no final fine-tune)
-  fresh $R/cifar10-proxy-literal
-  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-literal --eps 0.003 --literal
-  # 4. Fig. 4: eps against FLOPs saved and top-1, each point with the same (short) final fine-tune
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy --final-epochs 1 --final-lr 3e-4
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-seed1 --final-epochs 1 --final-lr 3e-4 --seed 1
+  # 2. the fast path beside it: the same command with --search fast
+  fresh $R/cifar10-proxy-fast
+  step python slim.py --data folder --data-path $D --weights $W --out $R/cifar10-proxy-fast --final-epochs 1 --final-lr 3e-4 --search fast
+  # 3. Fig. 4: eps against FLOPs saved and top-1, each point with the same (short) final fine-tune
   fresh $R/fig4 $R/fig4.json $R/fig4.md $R/fig4.png $R/fig4_predictions.npz
-  step python bench/eps_sweep.py --eps ${EPS:-0.001 0.002 0.003 0.005 0.02} --final-epochs 0.25
-  # 5. Fig. 5: the headline's kept patches over val images
+  step python bench/eps_sweep.py --eps ${EPS:-0.001 0.002 0.005 0.02} --final-epochs 0.25
+  # 4. Fig. 5: the headline's kept patches over val images
   step python bench/picture.py --masks $R/cifar10-proxy/masks.json --out $R/fig5_picture
-  # 6. Fig. 6 and Fig. 7: one layer pruned alone, no fine-tuning
+  # 5. Fig. 6 and Fig. 7: one layer pruned alone, no fine-tuning (no search: the same under either loop)
   step python bench/single_layer.py --figure 6
   step python bench/single_layer.py --figure 7
-  # 7. Table 3: the learned pyramid against uniform and linear pruning at its FLOPs, the same fine-tune; at Fig. 4's
-  #    eps = 0.003 point (quarter-epoch fine-tune, seed 0) and on the headline's two seeds (one-epoch fine-tunes)
-  fresh $R/table3.json $R/table3_predictions.npz $R/table3_headline.json $R/table3_headline_predictions.npz
-  step python bench/table3.py --fig4-eps 0.003 --seeds 0
+  # 6. Table 3: the learned pyramid against uniform and linear pruning at its FLOPs, the same one-epoch fine-tune,
+  #    on the headline's two seeds
+  fresh $R/table3_headline.json $R/table3_headline_predictions.npz
   step python bench/table3.py --reference $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1 --out $R/table3_headline
-  # 8. real speed, both token semantics at the paper's budget (DeiT-S, random weights)
+  # 7. real speed, both token semantics at the paper's budget (DeiT-S, random weights)
   step python bench/speed.py --repeats 12
-  # 9. each stage's time at DeiT-S shapes on this machine, and the labelled ImageNet estimate
+  # 8. each stage's time at DeiT-S shapes on this machine, and the labelled ImageNet estimate
   step python bench/imagenet_estimate.py
+elif [ "$1" = "fast-path" ]; then
+  # the results made when the fast path was the default (eps 0.003, --search fast): results/fast-path/
+  F=$R/fast-path
+  fresh $F/cifar10-proxy $F/cifar10-proxy-seed1 $F/pyramid-attempts $F/literal-eps0.003
+  step python slim.py --data folder --data-path $D --weights $W --out $F/cifar10-proxy --eps 0.003 --search fast --final-epochs 1 --final-lr 3e-4
+  step python slim.py --data folder --data-path $D --weights $W --out $F/cifar10-proxy-seed1 --eps 0.003 --search fast --final-epochs 1 --final-lr 3e-4 --seed 1
+  step bash bench/pyramid_attempts.sh
+  step python slim.py --data folder --data-path $D --weights $W --out $F/literal-eps0.003 --eps 0.003 --search alg1
+  fresh $F/fig4 $F/fig4.json $F/fig4.md $F/fig4.png $F/fig4_predictions.npz \
+      $F/table3_headline.json $F/table3_headline_predictions.npz
+  step python bench/eps_sweep.py --eps ${EPS:-0.001 0.002 0.003 0.005 0.02} --final-epochs 0.25 --search fast --out $F/fig4
+  step python bench/picture.py --masks $F/cifar10-proxy/masks.json --out $F/fig5_picture
+  step python bench/table3.py --reference $F/cifar10-proxy $F/cifar10-proxy-seed1 --seeds 0 1 --out $F/table3_headline
 elif [ "$1" = "v1" ]; then
   # the v1 variant (tokens removed, head-mean score, final-feature error): the results/ files marked so
   fresh $R/cifar10-proxy-v1 $R/curve $R/curve.json $R/curve.md $R/curve.png
@@ -64,7 +74,7 @@ elif [ "$1" = "v1" ]; then
   step python bench/pyramid.py --gflops-of $R/cifar10-proxy-v1/report.json --final-epochs 2 --final-lr 3e-4
   step python bench/quality.py
 else
-  echo "usage: bash bench/run_all.sh [v1]   (RESUME=1 to continue an interrupted run; EPS=\"...\" for Fig. 4)" >&2
+  echo "usage: bash bench/run_all.sh [fast-path|v1]   (RESUME=1 to continue an interrupted run; EPS=\"...\" for Fig. 4)" >&2
   exit 2
 fi
 echo; echo "== done in $(( ($(date +%s) - t0) / 60 )) min"
