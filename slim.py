@@ -253,8 +253,8 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
     block t runs once; under "frozen" row i then keeps its input Z_{t-1}[i] (P1), under "removed" it leaves."""
     N, device = model.cfg.num_tokens, device_of(model)
     impact = torch.zeros(len(candidates), dtype=torch.float64)
-    for s in range(0, len(z_in), batch_size):
-        x = z_in[s:s + batch_size].to(device)
+    for start in range(0, len(z_in), batch_size):
+        x = z_in[start:start + batch_size].to(device)
         with autocast(device):
             y = model.blocks[t - 1](x)
             f = model.features(model.run_blocks(y, keep, tokens, t + 1)).float()
@@ -275,10 +275,10 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
 # ----------------------------------------------------------------------------- fine-tuning (METHOD.md C5)
 
 
-def finetune_block(model, t, fit, keep, s, seed, desc):
-    """Train only block t's parameters (C5), s.ft_steps AdamW steps at s.ft_lr with a cosine schedule, batches of
-    s.batch_size drawn from fit (a LayerCache: the input is the ORIGINAL Z_{t-1}). The objective is the error the
-    search tests: E_{t+1} itself (P4, s.error == "next"), or v1's distillation of the final feature ("final").
+def finetune_block(model, t, fit, keep, settings, seed, desc):
+    """Train only block t's parameters (C5): settings.ft_steps AdamW steps at settings.ft_lr (weight decay
+    settings.ft_weight_decay) with a cosine schedule, batches of settings.batch_size drawn from fit (a LayerCache:
+    the input is the ORIGINAL Z_{t-1}). The objective is the error the search tests: E_{t+1} itself (P4, settings.error == "next"), or v1's distillation of the final feature ("final").
     Under torchrun every rank draws the same image numbers, computes the loss of those it holds, and the gradients
     are summed (pipeline/distributed.py): the step of one process, up to float rounding."""
     device = device_of(model)
@@ -287,12 +287,12 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=s.ft_lr, weight_decay=s.ft_weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.ft_steps)
+    opt = torch.optim.AdamW(params, lr=settings.ft_lr, weight_decay=settings.ft_weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.ft_steps)
     g = torch.Generator().manual_seed(seed)
     everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values  # the whole sample's image numbers
-    for _ in distributed.progress(range(s.ft_steps), desc=desc):
-        batch_size = min(s.batch_size, len(everyone))
+    for _ in distributed.progress(range(settings.ft_steps), desc=desc):
+        batch_size = min(settings.batch_size, len(everyone))
         chosen = everyone[torch.randint(0, len(everyone), (batch_size,), generator=g)]
         where = torch.searchsorted(fit.positions, chosen).clamp_max(max(0, len(fit.positions) - 1))
         mine = where[fit.positions[where] == chosen] if len(fit.positions) else where[:0]  # the drawn images this
@@ -300,11 +300,12 @@ def finetune_block(model, t, fit, keep, s, seed, desc):
         finite = True
         if len(mine):
             batch = images(fit, mine)
-            if s.error == "next":
-                per_image = next_layer_error(model, batch, keep, s.tokens, t).relative
+            if settings.error == "next":
+                per_image = next_layer_error(model, batch, keep, settings.tokens, t).relative
             else:
-                f = tail_features(model, batch.z_in, keep, s.tokens, t)
-                per_image = finetune.distill_loss(f, model.classify(f), batch.feat.to(device), batch.logits.to(device), True)
+                f = tail_features(model, batch.z_in, keep, settings.tokens, t)
+                per_image = finetune.distill_loss(f, model.classify(f), batch.feat.to(device),
+                                                  batch.logits.to(device), True)
             loss = per_image.sum() / batch_size                   # the global batch mean, this rank's part
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -362,12 +363,17 @@ def trial_record(r, k_t, e0, e=None, kept_weights=None):
     return rec
 
 
-def finetune_seed(s, t, r):
+def held_error(model, held, keep, t, settings):
+    """The error the search tests at layer t (settings.error) of masks keep, on the held images (a LayerCache)."""
+    return layer_error(model, held, keep, settings.tokens, settings.error, t, settings.batch_size)
+
+
+def finetune_seed(settings, t, r):
     """The seed of block t's fine-tune at candidate r (the same in both loops)."""
-    return s.seed + 1000 * t + r
+    return settings.seed + 1000 * t + r
 
 
-def search_layer_alg1(model, t, keep, candidates, fit, held, s):
+def search_layer_alg1(model, t, keep, candidates, fit, held, settings):
     """Alg. 1, lines 5-10, as written (METHOD.md C6's default): for each candidate (r, m_t) in order, fine-tune block
     t with m_t in place, its weights carried over from the previous r (never reset, C5), and stop at the first r whose
     error after fine-tuning is <= eps; the last candidate keeps every token and ends the loop whatever its error.
@@ -375,11 +381,12 @@ def search_layer_alg1(model, t, keep, candidates, fit, held, s):
     trials = []
     for r, k_t in candidates:                                     # line 5: repeat (line 9: r = r + r')
         trial_keep = with_layer(keep, t, k_t)                     # line 6: m_t = m_{t+1} ∪ the r best patches
-        e0 = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)  # recorded, never decides
-        finetune_block(model, t, fit, trial_keep, s, finetune_seed(s, t, r), f"layer {t} r={r} fine-tune")  # line 7
-        e = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)   # line 8: E_{t+1}
+        e0 = held_error(model, held, trial_keep, t, settings)    # recorded only: no decision reads it
+        finetune_block(model, t, fit, trial_keep, settings, finetune_seed(settings, t, r),  # line 7: block t only,
+                       f"layer {t} r={r} fine-tune")              # from the weights the previous r left
+        e = held_error(model, held, trial_keep, t, settings)      # line 8: E_{t+1}
         trials.append(trial_record(r, k_t, e0, e))
-        if e.relative <= s.eps:                                   # line 10: until E_{t+1} <= eps
+        if e.relative <= settings.eps:                                   # line 10: until E_{t+1} <= eps
             break
     return k_t, trials, e
 
@@ -396,7 +403,7 @@ def first_at_most(e0s, measure, n, bound):
     return lo
 
 
-def search_layer_fast(model, t, keep, candidates, fit, held, s):
+def search_layer_fast(model, t, keep, candidates, fit, held, settings):
     """The fast path (--search fast; METHOD.md C6's named option, not Alg. 1). It differs from search_layer_alg1, and
     can choose other masks, in exactly these ways:
     1. It measures E0, the error *before* fine-tuning, and bisects for the first r with E0 <= eps (i_ok) and the
@@ -407,57 +414,57 @@ def search_layer_fast(model, t, keep, candidates, fit, held, s):
     4. i_ok is fine-tuned too, but its new weights are kept only if they lower E (else restored).
     Returns (m_t, the trial records, E of m_t with the weights block t is left with)."""
     def measure(i):
-        return layer_error(model, held, with_layer(keep, t, candidates[i][1]), s.tokens, s.error, t, s.batch_size)
+        return held_error(model, held, with_layer(keep, t, candidates[i][1]), t, settings)
     e0s = {}
-    i_ok = first_at_most(e0s, measure, len(candidates), s.eps)
-    i_ft = first_at_most(e0s, measure, len(candidates), s.ft_reach * s.eps)
+    i_ok = first_at_most(e0s, measure, len(candidates), settings.eps)
+    i_ft = first_at_most(e0s, measure, len(candidates), settings.ft_reach * settings.eps)
     tries = {}  # index: (E after its fine-tune, whether the fine-tuned weights were kept)
-    for i in list(range(i_ft, i_ok))[:s.ft_tries] + [i_ok]:
+    for i in list(range(i_ft, i_ok))[:settings.ft_tries] + [i_ok]:
         r, k_t = candidates[i]
         if i not in e0s:
             e0s[i] = measure(i)
         block = model.blocks[t - 1]
         before = copy.deepcopy(block.state_dict())
         trial_keep = with_layer(keep, t, k_t)
-        finetune_block(model, t, fit, trial_keep, s, finetune_seed(s, t, r), f"layer {t} r={r} fine-tune")
-        e = layer_error(model, held, trial_keep, s.tokens, s.error, t, s.batch_size)
-        bound = s.eps if i < i_ok else e0s[i].relative          # 3. accepted only if E <= eps; 4. only if E drops
+        finetune_block(model, t, fit, trial_keep, settings, finetune_seed(settings, t, r), f"layer {t} r={r} fine-tune")
+        e = held_error(model, held, trial_keep, t, settings)
+        bound = settings.eps if i < i_ok else e0s[i].relative  # 3. accepted only if E <= eps; 4. only if E drops
         kept = e.relative <= bound
         if not kept:
             block.load_state_dict(before)
         tries[i] = (e, kept)
         if i == i_ok or kept:
             break
-    trials = [trial_record(candidates[i][0], candidates[i][1], e0s[i], *tries.get(i, (None, None))) for i in sorted(e0s)]
-    e, kept = tries[i]
+    trials = [trial_record(*candidates[j], e0s[j], *tries.get(j, (None, None))) for j in sorted(e0s)]
+    e, kept = tries[i]                                          # i: the candidate the loop stopped at
     return candidates[i][1], trials, e if kept else e0s[i]
 
 
 SEARCH_LOOPS = {"alg1": search_layer_alg1, "fast": search_layer_fast}
 
 
-def search_layer(model, t, keep, fit, held, s, log, quality_images=0):
+def search_layer(model, t, keep, fit, held, settings, log, quality_images=0):
     """Choose m_t given m_{t+1..L} (Alg. 1, lines 3-10). fit, held: LayerCaches of block t. Returns (m_t, the layer's
     record for report.json)."""
-    N = model.cfg.num_tokens
-    full = with_layer(keep, t, torch.arange(N))               # layers 1..t dense
-    scoring = fit.z_in[fit.positions < s.score_images]        # the first score_images of the sample (this rank's)
-    scores = layer_scores(model, scoring, full, s.tokens, t, s.score, s.batch_size, s.seed)   # line 3: s_t
-    forced = keep[t]                                          # line 4: m_t starts as m_{t+1} (nested by construction)
+    N, tokens, batch_size = model.cfg.num_tokens, settings.tokens, settings.batch_size
+    full = with_layer(keep, t, torch.arange(N))                 # layers 1..t dense
+    scoring = fit.z_in[fit.positions < settings.score_images]  # the first score_images of the sample (this rank's)
+    scores = layer_scores(model, scoring, full, tokens, t, settings.score, batch_size, settings.seed)  # line 3: s_t
+    forced = keep[t]                                            # line 4: m_t starts as m_{t+1} (so nested)
     ranked = ranked_candidates(scores, forced)
     info = {"layer": t}
     if quality_images and len(ranked) >= 3:  # how well each score ranks the true impact, in the state it is used
-        truth = true_impact(model, held.z_in[held.positions < quality_images], full, s.tokens, t, ranked, s.batch_size)
+        truth = true_impact(model, held.z_in[held.positions < quality_images], full, tokens, t, ranked, batch_size)
         info["spearman"] = {}
         for name in SCORES:
-            sc = scores if name == s.score else layer_scores(model, scoring, full, s.tokens, t, name, s.batch_size,
-                                                             s.seed)
+            sc = scores if name == settings.score else layer_scores(model, scoring, full, tokens, t, name, batch_size,
+                                                                    settings.seed)
             info["spearman"][name] = round(spearman(sc[ranked], truth), 4)
-    candidates = candidate_masks(forced, ranked, s.r0)
-    k_t, info["trials"], e = SEARCH_LOOPS[s.search](model, t, keep, candidates, fit, held, s)
+    candidates = candidate_masks(forced, ranked, settings.r0)
+    k_t, info["trials"], e = SEARCH_LOOPS[settings.search](model, t, keep, candidates, fit, held, settings)
     info.update(kept=int(k_t.numel()), E=float(f"{e.relative:.4g}"), E_abs=float(f"{e.absolute:.4g}"))
     log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e.relative:.4f} (absolute {e.absolute:.4g}; "
-        f"eps = {s.eps}), {len(info['trials'])} candidates measured ({s.search})")
+        f"eps = {settings.eps}), {len(info['trials'])} candidates measured ({settings.search})")
     return k_t, info
 
 
@@ -484,13 +491,13 @@ def load_state(state_path, made_with):
     return load_if_made_with(state_path, made_with, "a search", "start over", "next")
 
 
-def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=None, quality_images=0):
+def search(model, fit, held, settings, log, state_path=None, stop_after=None, run_id=None, quality_images=0):
     """Algorithm 1: m_L = e_0 (P1, Sec. 4.2; every prefix token for a distilled DeiT), then t = L-1 ... 1. fit, held: DenseCaches. Resumes from state_path
     when it exists, provided it was made with the same settings (and run_id: what else identifies the run, such as
     the weights and data); otherwise a one-line error. stop_after (tests) stops after that many layers, as an
     interruption would."""
     L, N = model.cfg.depth, model.cfg.num_tokens
-    made_with = {**asdict(s), **(run_id or {})}
+    made_with = {**asdict(settings), **(run_id or {})}
     state = {"keep": [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)], "layers": [], "next": L - 1,
              "settings": made_with}
     saved = load_state(state_path, made_with)
@@ -504,7 +511,8 @@ def search(model, fit, held, s, log, state_path=None, stop_after=None, run_id=No
         if stop_after is not None and done == stop_after:
             return None
         t0 = time.time()
-        k_t, info = search_layer(model, t, state["keep"], at_layer(fit, t), at_layer(held, t), s, log, quality_images)
+        k_t, info = search_layer(model, t, state["keep"], at_layer(fit, t), at_layer(held, t), settings, log,
+                                 quality_images)
         info["seconds"] = round(time.time() - t0, 1)
         state["keep"][t - 1] = k_t
         state["layers"].append(info)
@@ -617,9 +625,9 @@ def check_args(args):
 def settings_from_args(args, cfg):
     """The SearchSettings of parsed CLI args, with the defaults that depend on the model filled in (tokens: the
     paper's "frozen"; r0: default_r0)."""
-    s = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
-    s.tokens, s.r0 = args.tokens or "frozen", args.r0 or default_r0(cfg)
-    return s
+    settings = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
+    settings.tokens, settings.r0 = args.tokens or "frozen", args.r0 or default_r0(cfg)
+    return settings
 
 
 def run_identity(args):
@@ -683,7 +691,7 @@ def main(args):
     else:  # the training split feeds scores, fine-tuning and the error E
         train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, **norm)
         data.check_classes(train_aug, cfg.num_classes)
-        s, ft, note = settings_from_args(args, cfg), finetune.settings_from_args(args), None
+        settings, ft, note = settings_from_args(args, cfg), finetune.settings_from_args(args), None
     if is_main:
         os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be good
     logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a") if is_main else None
@@ -720,7 +728,7 @@ def main(args):
             f"(dense {dense_flops / 1e9:.3f}), tokens kept per layer {result['kept_per_layer']}; wrote {args.out}/eval.json")
         return result
 
-    log(f"search settings: {json.dumps(asdict(s))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
+    log(f"search settings: {json.dumps(asdict(settings))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
     run_id = run_identity(args)
     state_path, ft_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "finetune.pt")
     report_path = os.path.join(args.out, "report.json")
@@ -733,50 +741,50 @@ def main(args):
             write_atomically(report_path, report)
     log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
 
-    saved = load_state(state_path, {**asdict(s), **run_id})  # a resume with other settings: refused before caching
+    saved = load_state(state_path, {**asdict(settings), **run_id})  # a resume with other settings: refused before caching
     resumed = saved is not None
     if resumed and ft.epochs > 0 and saved["next"] == 0:
-        finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], s.tokens, run_id)})
+        finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
     fit = held = None
-    n_fit, n_held = search_set_sizes(s, len(train_aug))
-    if (n_fit, n_held) != (s.fit_images, s.held_images):
+    n_fit, n_held = search_set_sizes(settings, len(train_aug))
+    if (n_fit, n_held) != (settings.fit_images, settings.held_images):
         log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not the "
-            f"{s.fit_images} + {s.held_images} asked (--fit-images, --held-images; at most half the images each)")
+            f"{settings.fit_images} + {settings.held_images} asked (--fit-images, --held-images; at most half the images each)")
     if not resumed or saved["next"] > 0:  # a finished search needs no caches
         cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // world), device, args.cache_device)
         log(plan)
-        fit, held = cache_search_sets(model, train_aug, args.data_path, s, args.workers, log, cache_device, bad)
-    state = search(model, fit, held, s, log, state_path, run_id=run_id, quality_images=args.quality_images)
+        fit, held = cache_search_sets(model, train_aug, args.data_path, settings, args.workers, log, cache_device, bad)
+    state = search(model, fit, held, settings, log, state_path, run_id=run_id, quality_images=args.quality_images)
     keep = state["keep"]
     del fit, held
 
     report.update(searched_top1=None)
     if ft.epochs > 0:
-        report["searched_top1"], _ = evaluated("searched", keep, s.tokens)
+        report["searched_top1"], _ = evaluated("searched", keep, settings.tokens)
         log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
         teacher = load_model(args).to(device) if ft.distill != "none" else None
         train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase,
                                       **norm)
-        finetune.finetune(model, teacher, keep, s.tokens, train_ft, ft, ft_path,
-                          finetune_identity(keep, s.tokens, run_id), log, args.workers, bad)
-    top1, n_val = evaluated("slimmed", keep, s.tokens)
-    slim_flops = flops.count_flops(cfg, keep, tokens=s.tokens)
+        finetune.finetune(model, teacher, keep, settings.tokens, train_ft, ft, ft_path,
+                          finetune_identity(keep, settings.tokens, run_id), log, args.workers, bad)
+    top1, n_val = evaluated("slimmed", keep, settings.tokens)
+    slim_flops = flops.count_flops(cfg, keep, tokens=settings.tokens)
     name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
     report.update({
-        "slimmed_top1": top1, "val_images": n_val, "tokens": s.tokens, "dense_gflops": dense_flops / 1e9,
+        "slimmed_top1": top1, "val_images": n_val, "tokens": settings.tokens, "dense_gflops": dense_flops / 1e9,
         "slimmed_gflops": slim_flops / 1e9, "flops_reduction": 1 - slim_flops / dense_flops,
-        "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(s), "fit_images_used": n_fit,
+        "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(settings), "fit_images_used": n_fit,
         "held_images_used": n_held, "final_finetune": asdict(ft),
         "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed,
         **skipped(bad, log), "processes": world, "args": vars(args), "machine": machine(),
         "flops_note": flops.NOT_COUNTED})
     if is_main:
-        vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, s.tokens, name=name)
+        vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, settings.tokens, name=name)
         torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
-                    "tokens": s.tokens}, os.path.join(args.out, "slimmed.pth"))
+                    "tokens": settings.tokens}, os.path.join(args.out, "slimmed.pth"))
         write_atomically(report_path, report)
     log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs counted as "
-        f"{s.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
+        f"{settings.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
         f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
         "predictions.npz")
     return report
