@@ -485,6 +485,48 @@ def test_comparison_scores():
     assert not torch.equal(a, slim.layer_scores(model, x, keep, "frozen", 1, "random", 8, seed=4))
 
 
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_true_impact_is_the_final_feature_change_of_pruning_one_patch(tokens):
+    """The truth every Spearman figure rests on: pruning patch i alone at layer t, the mean over images of
+    ||f - f_full|| of the final features, computed here with the model's whole forward from the image."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    N, L, t = SMALL_CFG.num_tokens, SMALL_CFG.depth, 2
+    img = torch.randn(3, 3, 32, 32)
+    keep = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]
+    keep[t] = torch.tensor([0, 2, 5, 9])                                     # layers above t pruned
+    candidates = torch.tensor([3, 7, 12])
+    with torch.no_grad():
+        z_in = model.blocks[0](model.embed(img))                            # Z_{t-1}, layer 1 dense
+        got = slim.true_impact(model, z_in, keep, tokens, t, candidates, batch_size=2)
+        f_full = model.forward_features(img, keep, tokens)
+        for j, i in enumerate(candidates.tolist()):
+            k = list(keep)
+            k[t - 1] = torch.tensor([r for r in range(N) if r != i])
+            want = (model.forward_features(img, k, tokens) - f_full).flatten(1).norm(dim=-1).mean()
+            assert got[j] == pytest.approx(want.item(), rel=1e-4, abs=1e-7)
+    assert (got > 0).all()
+
+
+def test_layer_scores_average_over_images_whatever_the_batch():
+    """Alg. 1, line 3: s_t is the mean over the scoring images of each image's Eq. 6 score; the batching must not
+    weight images unequally (5 images in batches of 2: 2 + 2 + 1)."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(TINY_CFG).eval()
+    N = TINY_CFG.num_tokens
+    keep = [torch.arange(N), torch.arange(N), torch.tensor([0, 4]), torch.tensor([0])]
+    with torch.no_grad():
+        z1 = model.blocks[0](model.embed(torch.randn(5, 3, 8, 8)))           # Z_1, the input of block 2
+        per_image = []
+        for b in range(5):
+            records = []
+            model.run_blocks(z1[b:b + 1], keep, "frozen", start=2, records=records)
+            per_image.append(slim.significance_score(records)[0])
+    want = torch.stack(per_image).mean(0)
+    got = slim.layer_scores(model, z1, keep, "frozen", 2, "significance", batch_size=2)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
 def test_spearman():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert slim.spearman(a, a * 10) == pytest.approx(1.0)
