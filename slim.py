@@ -31,7 +31,6 @@ Two loops choose r (--search, C6):
 """
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -40,14 +39,11 @@ from collections import namedtuple
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
-from tqdm import tqdm
 
 import data
-import flops
 import vit
 from pipeline import distributed, finetune
-from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
-from pipeline.evaluate import accuracy, autocast, predict, save_predictions
+from pipeline.evaluate import autocast
 from pipeline.resume import load_if_made_with, write_atomically
 from vit import UserError
 
@@ -669,138 +665,17 @@ def machine():
 
 
 def main(args):
+    """The CLI (get_args_parser): --eval-only measures a model; otherwise Algorithm 1, then the final fine-tune.
+    pipeline/run.py runs each path stage by stage."""
+    from pipeline import run  # imported here, not at the top: pipeline/run.py imports this module
     device = distributed.setup(args.device)  # joins the process group under torchrun (pipeline/distributed.py)
     args = check_args(args)
-    t_start, world, is_main = time.time(), distributed.world_size(), distributed.is_main()
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bad = data.BadFiles(skip=args.skip_bad_images)
     model = load_model(args).to(device)
-    cfg = model.cfg
-    norm = {"mean": cfg.mean, "std": cfg.std}
-    val = data.build_dataset(args.data_path, "val", cfg.img_size, **norm)
-    data.check_classes(val, cfg.num_classes)
-    if args.val_per_class:
-        val = data.subset(val, per_class=args.val_per_class)
-    if args.eval_only:
-        keep, found, source = model.keep, model.tokens or "frozen", args.weights
-        if args.masks:
-            (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
-        tokens, note = vit.resolve_tokens(found, args.tokens, source)
-    else:  # the training split feeds scores, fine-tuning and the error E
-        train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, **norm)
-        data.check_classes(train_aug, cfg.num_classes)
-        settings, ft, note = settings_from_args(args, cfg), finetune.settings_from_args(args), None
-    if is_main:
-        os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be good
-    logf = open(os.path.join(args.out, "eval.log" if args.eval_only else "log.txt"), "a") if is_main else None
-
-    def log(msg):  # rank 0 only, to the terminal and the log file
-        if is_main:
-            tqdm.write(msg)
-            logf.write(msg + "\n")
-            logf.flush()
-
-    log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {cfg}\n"
-        f"processes: {world} (world size; {'torchrun, ' + ('nccl' if device.type == 'cuda' else 'gloo') if world > 1 else 'no process group'}), "
-        f"device {device}, {args.workers} data workers each")
-    log(model.normalisation)
-    if note:
-        log(note)
-    dense_flops = flops.count_flops(cfg)
-
-    def evaluated(name, keep=None, tokens="frozen"):  # top-1 on val; the per-image predictions go to predictions.npz
-        preds, labels = predict(model, val, keep, tokens, args.batch_size, args.workers, bad, desc=f"eval {name}")
-        if is_main and not args.eval_only:
-            save_predictions(os.path.join(args.out, "predictions.npz"), labels=labels, **{name: preds})
-        return accuracy(preds, labels), len(labels)
-
-    if args.eval_only:
-        top1, n_val = evaluated("eval", keep, tokens)
-        gf = flops.count_flops(cfg, keep, tokens=tokens) / 1e9
-        result = {"top1": top1, "gflops": gf, "dense_gflops": dense_flops / 1e9, "tokens": tokens,
-                  "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": n_val, "val_files": len(val), "weights": args.weights,
-                  "masks": args.masks, **skipped(bad, log), "processes": world, "machine": machine()}
-        if is_main:
-            write_atomically(os.path.join(args.out, "eval.json"), result)
-        log(f"top-1 {top1:.2f}% on {n_val} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
-            f"(dense {dense_flops / 1e9:.3f}), tokens kept per layer {result['kept_per_layer']}; wrote {args.out}/eval.json")
-        return result
-
-    log(f"search settings: {json.dumps(asdict(settings))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
-    run_id = run_identity(args)
-    state_path, ft_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "finetune.pt")
-    report_path = os.path.join(args.out, "report.json")
-    report = json.load(open(report_path)) if os.path.exists(report_path) else {}
-    report = distributed.all_gather(report)[0]  # rank 0's reading: every rank takes the same branches below
-    if report.get("val_files") != len(val) or report.get("weights") != run_id["weights"]:
-        top1, n_val = evaluated("dense")
-        report = {"dense_top1": top1, "val_files": len(val), "val_images": n_val, "weights": run_id["weights"]}
-        if is_main:
-            write_atomically(report_path, report)
-    log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
-
-    saved = load_state(state_path, {**asdict(settings), **run_id})  # a resume with other settings: refused before caching
-    resumed = saved is not None
-    if resumed and ft.epochs > 0 and saved["next"] == 0:
-        finetune.check_resume(ft_path, {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
-    fit = held = None
-    n_fit, n_held = search_set_sizes(settings, len(train_aug))
-    if (n_fit, n_held) != (settings.fit_images, settings.held_images):
-        log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not the "
-            f"{settings.fit_images} + {settings.held_images} asked (--fit-images, --held-images; at most half the images each)")
-    if not resumed or saved["next"] > 0:  # a finished search needs no caches
-        cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // world), device, args.cache_device)
-        log(plan)
-        fit, held = cache_search_sets(model, train_aug, args.data_path, settings, args.workers, log, cache_device, bad)
-    state = search(model, fit, held, settings, log, state_path, run_id=run_id, quality_images=args.quality_images)
-    keep = state["keep"]
-    del fit, held
-
-    report.update(searched_top1=None)
-    if ft.epochs > 0:
-        report["searched_top1"], _ = evaluated("searched", keep, settings.tokens)
-        log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
-        teacher = load_model(args).to(device) if ft.distill != "none" else None
-        train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase,
-                                      **norm)
-        finetune.finetune(model, teacher, keep, settings.tokens, train_ft, ft, ft_path,
-                          finetune_identity(keep, settings.tokens, run_id), log, args.workers, bad)
-    top1, n_val = evaluated("slimmed", keep, settings.tokens)
-    slim_flops = flops.count_flops(cfg, keep, tokens=settings.tokens)
-    name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
-    report.update({
-        "slimmed_top1": top1, "val_images": n_val, "tokens": settings.tokens, "dense_gflops": dense_flops / 1e9,
-        "slimmed_gflops": slim_flops / 1e9, "flops_reduction": 1 - slim_flops / dense_flops,
-        "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(settings), "fit_images_used": n_fit,
-        "held_images_used": n_held, "final_finetune": asdict(ft),
-        "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed,
-        **skipped(bad, log), "processes": world, "args": vars(args), "machine": machine(),
-        "flops_note": flops.NOT_COUNTED})
-    if is_main:
-        vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, settings.tokens, name=name)
-        torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
-                    "tokens": settings.tokens}, os.path.join(args.out, "slimmed.pth"))
-        write_atomically(report_path, report)
-    log(f"slimmed: top-1 {top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs counted as "
-        f"{settings.tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
-        f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
-        "predictions.npz")
-    return report
-
-
-def finetune_identity(keep, tokens, run_id):
-    """What besides its settings identifies a final fine-tune (compared on resume): the masks, weights and data."""
-    return {"keep": [k.tolist() for k in keep], "tokens": tokens, **run_id}
-
-
-def skipped(bad, log):
-    """The unreadable files skipped by every rank (--skip-bad-images), logged and returned for the JSON files."""
-    paths = sorted(set().union(*distributed.all_gather(set(bad.paths))))
-    if paths:
-        log(f"skipped {len(paths)} unreadable image files (--skip-bad-images), e.g. {paths[0]}")
-    return {"skipped_images": len(paths), "skipped_files": paths[:20]}
+    return run.evaluate_only(args, model, bad) if args.eval_only else run.search_and_finetune(args, model, bad)
 
 
 OUT_OF_MEMORY = "out of memory on {}: pass a smaller --batch-size (or --final-batch-size), or --cache-device cpu"

@@ -27,6 +27,7 @@ import flops
 import slim
 import vit
 from pipeline import caches, evaluate
+from pipeline import run as pipeline_run
 from pipeline import finetune as pipeline_finetune
 from vit import UserError
 
@@ -874,7 +875,7 @@ def test_unreadable_files_are_one_line_or_skipped(tmp_path):
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.50 GiB")
-    monkeypatch.setattr(slim, "cache_search_sets", no_memory)  # where a too-large cache would run out
+    monkeypatch.setattr(pipeline_run, "cache_search_sets", no_memory)  # where a too-large cache would run out
     root = image_folder(tmp_path / "data", classes=10, train_per_class=2, val_per_class=1, size=(32, 32))
     ckpt = tmp_path / "small.pth"
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)

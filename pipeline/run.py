@@ -1,0 +1,199 @@
+"""
+What `python slim.py` runs (Tang et al., "Patch Slimming for Efficient Vision Transformers", CVPR 2022,
+arXiv 2106.02852), in the order it runs it; the method itself is in slim.py.
+
+- evaluate_only (--eval-only): top-1 and FLOPs of a dense model, a slimmed checkpoint or a masks file -> eval.json.
+- search_and_finetune: the dense model's top-1, the dense caches, Algorithm 1 (slim.search), the searched model's
+  top-1, the final fine-tune (C7, pipeline/finetune.py), the slimmed model's top-1 -> masks.json, slimmed.pth,
+  report.json, predictions.npz. Every stage resumes from what --out holds.
+Only rank 0 writes files and logs; under torchrun every rank runs the same steps (pipeline/distributed.py).
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import data
+import flops
+import slim
+import vit
+from pipeline import distributed, finetune
+from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
+from pipeline.evaluate import accuracy, predict, save_predictions
+from pipeline.resume import write_atomically
+
+
+class RunLog:
+    """Rank 0's log: each message to the terminal and appended to a file. Other ranks write nothing. Use it in a
+    `with` block, which closes the file."""
+
+    def __init__(self, path):
+        self.file = open(path, "a") if distributed.is_main() else None
+
+    def __call__(self, msg):
+        if self.file is not None:
+            tqdm.write(msg)
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def open_log(args, name, model):
+    """The run's log in --out (created only now that the inputs are known to be good), started with the command,
+    the configuration, the model, the processes and the input normalisation."""
+    if distributed.is_main():
+        os.makedirs(args.out, exist_ok=True)
+    log = RunLog(os.path.join(args.out, name))
+    world, device = distributed.world_size(), slim.device_of(model)
+    group = f"torchrun, {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else "no process group"
+    log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {model.cfg}\n"
+        f"processes: {world} (world size; {group}), device {device}, {args.workers} data workers each")
+    log(model.normalisation)
+    return log
+
+
+def evaluate(model, val, keep, tokens, args, bad, name):
+    """Top-1 on val, and the per-image predictions and labels (in val order, gathered from every rank)."""
+    preds, labels = predict(model, val, keep, tokens, args.batch_size, args.workers, bad, desc=f"eval {name}")
+    return accuracy(preds, labels), preds, labels
+
+
+def val_dataset(args, cfg):
+    """The val split, checked against the model's classes (--val-per-class: the first k images per class)."""
+    val = data.build_dataset(args.data_path, "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
+    data.check_classes(val, cfg.num_classes)
+    return data.subset(val, per_class=args.val_per_class) if args.val_per_class else val
+
+
+def skipped(bad, log):
+    """The unreadable files skipped by every rank (--skip-bad-images), logged and returned for the JSON files."""
+    paths = sorted(set().union(*distributed.all_gather(set(bad.paths))))
+    if paths:
+        log(f"skipped {len(paths)} unreadable image files (--skip-bad-images), e.g. {paths[0]}")
+    return {"skipped_images": len(paths), "skipped_files": paths[:20]}
+
+
+def finetune_identity(keep, tokens, run_id):
+    """What besides its settings identifies a final fine-tune (compared on resume): the masks, weights and data."""
+    return {"keep": [k.tolist() for k in keep], "tokens": tokens, **run_id}
+
+
+def evaluate_only(args, model, bad):
+    """--eval-only: top-1 on val and FLOPs of the model as loaded (dense, or a slimmed checkpoint's masks), or with
+    --masks; written to OUT/eval.json."""
+    cfg = model.cfg
+    val = val_dataset(args, cfg)
+    keep, found, source = model.keep, model.tokens or "frozen", args.weights
+    if args.masks:
+        (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
+    tokens, note = vit.resolve_tokens(found, args.tokens, source)
+    with open_log(args, "eval.log", model) as log:
+        if note:
+            log(note)
+        top1, _, labels = evaluate(model, val, keep, tokens, args, bad, "eval")
+        gf, dense_gf = flops.count_flops(cfg, keep, tokens=tokens) / 1e9, flops.count_flops(cfg) / 1e9
+        result = {"top1": top1, "gflops": gf, "dense_gflops": dense_gf, "tokens": tokens,
+                  "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": len(labels), "val_files": len(val),
+                  "weights": args.weights, "masks": args.masks, **skipped(bad, log),
+                  "processes": distributed.world_size(), "machine": slim.machine()}
+        if distributed.is_main():
+            write_atomically(os.path.join(args.out, "eval.json"), result)
+        log(f"top-1 {top1:.2f}% on {len(labels)} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
+            f"(dense {dense_gf:.3f}), tokens kept per layer {result['kept_per_layer']}; wrote {args.out}/eval.json")
+    return result
+
+
+def search_and_finetune(args, model, bad):
+    """Algorithm 1 on the training split, then the final fine-tune; top-1 of the dense, searched and slimmed models
+    on val (their per-image predictions in predictions.npz). Resumes from --out."""
+    t_start, device, cfg, is_main = time.time(), slim.device_of(model), model.cfg, distributed.is_main()
+    val = val_dataset(args, cfg)
+    train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
+    data.check_classes(train_aug, cfg.num_classes)
+    settings, ft = slim.settings_from_args(args, cfg), finetune.settings_from_args(args)
+    run_id = slim.run_identity(args)
+    paths = {k: os.path.join(args.out, f) for k, f in (("state", "state.pt"), ("finetune", "finetune.pt"),
+                                                      ("report", "report.json"), ("predictions", "predictions.npz"))}
+    with open_log(args, "log.txt", model) as log:
+        log(f"search settings: {json.dumps(asdict(settings))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
+        dense_flops = flops.count_flops(cfg)
+        report = {}
+        if os.path.exists(paths["report"]):
+            with open(paths["report"]) as f:
+                report = json.load(f)
+        report = distributed.all_gather(report)[0]  # rank 0's reading: every rank takes the same branches below
+        if report.get("val_files") != len(val) or report.get("weights") != run_id["weights"]:
+            dense_top1, preds, labels = evaluate(model, val, None, "frozen", args, bad, "dense")
+            report = {"dense_top1": dense_top1, "val_files": len(val), "val_images": len(labels),
+                      "weights": run_id["weights"]}
+            if is_main:
+                save_predictions(paths["predictions"], labels=labels, dense=preds)
+                write_atomically(paths["report"], report)
+        log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
+
+        saved = slim.load_state(paths["state"], {**asdict(settings), **run_id})  # other settings: refused here
+        resumed = saved is not None
+        if resumed and ft.epochs > 0 and saved["next"] == 0:
+            finetune.check_resume(paths["finetune"],
+                                  {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
+        n_fit, n_held = search_set_sizes(settings, len(train_aug))
+        if (n_fit, n_held) != (settings.fit_images, settings.held_images):
+            log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not "
+                f"the {settings.fit_images} + {settings.held_images} asked (--fit-images, --held-images; at most half "
+                "the images each)")
+        fit = held = None
+        if not resumed or saved["next"] > 0:  # a finished search needs no caches
+            cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // distributed.world_size()), device,
+                                            args.cache_device)
+            log(plan)
+            fit, held = cache_search_sets(model, train_aug, args.data_path, settings, args.workers, log, cache_device,
+                                          bad)
+        state = slim.search(model, fit, held, settings, log, paths["state"], run_id=run_id,
+                            quality_images=args.quality_images)
+        keep, tokens = state["keep"], settings.tokens
+        del fit, held
+
+        report["searched_top1"] = None
+        if ft.epochs > 0:
+            report["searched_top1"], preds, labels = evaluate(model, val, keep, tokens, args, bad, "searched")
+            if is_main:
+                save_predictions(paths["predictions"], labels=labels, searched=preds)
+            log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
+            teacher = slim.load_model(args).to(device) if ft.distill != "none" else None
+            train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment,
+                                          erase=ft.erase, mean=cfg.mean, std=cfg.std)
+            finetune.finetune(model, teacher, keep, tokens, train_ft, ft, paths["finetune"],
+                              finetune_identity(keep, tokens, run_id), log, args.workers, bad)
+        slimmed_top1, preds, labels = evaluate(model, val, keep, tokens, args, bad, "slimmed")
+        n_val = len(labels)
+        slim_flops = flops.count_flops(cfg, keep, tokens=tokens)
+        report.update({
+            "slimmed_top1": slimmed_top1, "val_images": n_val, "tokens": tokens, "dense_gflops": dense_flops / 1e9,
+            "slimmed_gflops": slim_flops / 1e9, "flops_reduction": 1 - slim_flops / dense_flops,
+            "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(settings), "fit_images_used": n_fit,
+            "held_images_used": n_held, "final_finetune": asdict(ft), "layers": state["layers"],
+            "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed, **skipped(bad, log),
+            "processes": distributed.world_size(), "args": vars(args),
+            "machine": slim.machine(), "flops_note": flops.NOT_COUNTED})
+        if is_main:
+            save_predictions(paths["predictions"], labels=labels, slimmed=preds)
+            name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
+            vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, tokens, name=name)
+            torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
+                        "tokens": tokens}, os.path.join(args.out, "slimmed.pth"))
+            write_atomically(paths["report"], report)
+        log(f"slimmed: top-1 {slimmed_top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs "
+            f"counted as {tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
+            f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
+            "predictions.npz")
+    return report
