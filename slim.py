@@ -63,7 +63,7 @@ class SearchSettings:
     #                               0.01/0.02 (P5) do not transfer to this scale (report.json gives both). 0.002 meets
     #                               the paper's DeiT-S budget on the proxy (README). "final" has its own scale (0.2)
     search: str = "alg1"          # the loop over r (C6): "alg1", Alg. 1 as written, or "fast" (search_layer_fast)
-    r0: int = 0                   # r', tokens added per search step; 0 = the paper's 10 of 196 patches, scaled (P5)
+    r_step: int = 0               # r', tokens added per search step; 0 = the paper's 10 of 196 patches, scaled (P5)
     score_images: int = 512       # training images the scores average over (Alg. 1, line 3)
     fit_images: int = 4096        # cached augmented training images the block fine-tunes draw from
     held_images: int = 1024       # held training images (eval transform) E is measured on
@@ -335,7 +335,7 @@ def ranked_candidates(scores, forced):
     return cand[scores[cand].argsort(descending=True, stable=True)]
 
 
-def default_r0(cfg):
+def default_r_step(cfg):
     """The paper's r' = 10 of 196 patches (P5), scaled by the patch count (3 of 64 for the 32-px proxy)."""
     return max(1, round(10 * (cfg.num_tokens - cfg.prefix_tokens) / 196))
 
@@ -456,7 +456,7 @@ def search_layer(model, t, keep, fit, held, settings, log, quality_images=0):
             sc = scores if name == settings.score else layer_scores(model, scoring, full, tokens, t, name, batch_size,
                                                                     settings.seed)
             info["spearman"][name] = round(spearman(sc[ranked], truth), 4)
-    candidates = candidate_masks(forced, ranked, settings.r0)
+    candidates = candidate_masks(forced, ranked, settings.r_step)
     k_t, info["trials"], e = SEARCH_LOOPS[settings.search](model, t, keep, candidates, fit, held, settings)
     info.update(kept=int(k_t.numel()), E=float(f"{e.relative:.4g}"), E_abs=float(f"{e.absolute:.4g}"))
     log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e.relative:.4f} (absolute {e.absolute:.4g}; "
@@ -554,8 +554,8 @@ def get_args_parser():
                    "(slim.search_layer_fast says how it differs)")
     p.add_argument("--literal", action="store_const", dest="search", const="alg1", help="the same as --search alg1 "
                    "(the default; kept for old commands)")
-    p.add_argument("--r0", type=int, default=None, help="r', tokens added per search step (default: 10 of 196 "
-                   "patches, scaled by the patch count)")
+    p.add_argument("--r-step", "--r0", type=int, default=None, dest="r_step", help="r', tokens added per search "
+                   "step (default: 10 of 196 patches, scaled by the patch count)")
     p.add_argument("--score-images", type=int, default=d.score_images, help="training images the scores average over")
     p.add_argument("--fit-images", type=int, default=d.fit_images, help="cached augmented training images for fine-tuning")
     p.add_argument("--held-images", type=int, default=d.held_images, help="held training images E is measured on")
@@ -593,8 +593,8 @@ def check_args(args):
         args.eps = SearchSettings.eps if args.error == "next" else 0.2
     if args.eps <= 0:
         raise UserError(f"--eps must be > 0 (got {args.eps}): it is the tolerated error E")
-    if args.r0 is not None and args.r0 < 1:
-        raise UserError(f"--r0 must be >= 1 (got {args.r0}): the number of tokens added per search step")
+    if args.r_step is not None and args.r_step < 1:
+        raise UserError(f"--r-step must be >= 1 (got {args.r_step}): the number of tokens added per search step")
     for k in ("ft_lr", "ft_weight_decay", "ft_reach"):
         if getattr(args, k) < 0:
             raise UserError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})")
@@ -620,9 +620,9 @@ def check_args(args):
 
 def settings_from_args(args, cfg):
     """The SearchSettings of parsed CLI args, with the defaults that depend on the model filled in (tokens: the
-    paper's "frozen"; r0: default_r0)."""
+    paper's "frozen"; r_step: default_r_step)."""
     settings = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
-    settings.tokens, settings.r0 = args.tokens or "frozen", args.r0 or default_r0(cfg)
+    settings.tokens, settings.r_step = args.tokens or "frozen", args.r_step or default_r_step(cfg)
     return settings
 
 

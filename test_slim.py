@@ -81,20 +81,26 @@ def eq2_reference(model, img, keep, tokens, maps=None):
     "frozen" (METHOD.md P1): keys from every row. "removed" (C1): keys only from the rows alive after layer t-1.
     maps: a list that receives, per block, (P, Z) with P (B, H, N, N) every row's attention and Z the block input."""
     x = model.embed(img)
-    B, N, d = x.shape
-    alive = torch.ones(N, dtype=torch.bool)
+    alive = torch.ones(x.shape[1], dtype=torch.bool)
     for blk, k in zip(model.blocks, keep):
-        a, m = blk.attn, torch.zeros(N, 1)
-        m[k] = 1
-        q, kk, v = a.qkv(blk.norm1(x)).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        s = (q @ kk.transpose(-2, -1)) * a.scale
-        p = (s if tokens == "frozen" else s.masked_fill(~alive, float("-inf"))).softmax(-1)
-        if maps is not None:
-            maps.append((p, x))
-        x = x + m * blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, N, d)))
-        x = x + m * blk.ls2(blk.mlp(blk.norm2(x)))
-        alive = m.flatten().bool()
+        x, alive = eq2_block(blk, x, k, alive, tokens, maps)
     return model.classify(model.norm(x[:, :model.cfg.prefix_tokens]))
+
+
+def eq2_block(blk, x, k, alive, tokens, maps=None):
+    """One block of the reference: all N rows computed, the MSA and MLP outputs multiplied by diag(m) (m: the rows
+    k); keys from every row ("frozen") or from the rows alive (a boolean mask, "removed"). Returns (x, m as alive)."""
+    B, N, d = x.shape
+    a, m = blk.attn, torch.zeros(N, 1)
+    m[k] = 1
+    q, kk, v = a.qkv(blk.norm1(x)).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    s = (q @ kk.transpose(-2, -1)) * a.scale
+    p = (s if tokens == "frozen" else s.masked_fill(~alive, float("-inf"))).softmax(-1)
+    if maps is not None:
+        maps.append((p, x))
+    x = x + m * blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, N, d)))
+    x = x + m * blk.ls2(blk.mlp(blk.norm2(x)))
+    return x, m.flatten().bool()
 
 
 # ----------------------------------------------------------------------------- vit.py
@@ -158,8 +164,9 @@ def test_the_two_semantics_differ():
 @pytest.mark.parametrize("tokens", vit.TOKENS)
 def test_keeping_every_token_gives_the_dense_logits_through_the_gather(tokens, family):
     """Must-hold 2, through the gathered code path, not the dense one: (a) a block called with every index equals
-    the block called with none; (b) masks that keep every token but one patch at the last layer only differ from
-    the dense model by that patch, and equal the reference; (c) the class-token-only top is the reference too."""
+    the block called with none; (b) masks that keep every token but one patch at the last layer give the dense
+    logits (the heads read only the prefix tokens), through the gather and in the Eq. 2 reference, and the last
+    block returns the rows its semantics says: all N frozen, N - 1 removed."""
     model = family_model(family)
     x, N, L = torch.randn(3, 3, 32, 32), model.cfg.num_tokens, model.cfg.depth
     z = model.embed(x)
@@ -540,7 +547,7 @@ def search_setup(eps, seed=0, tokens="frozen", error="next", **settings):
     imgs = torch.utils.data.TensorDataset(torch.randn(96, 3, 32, 32), torch.zeros(96, dtype=torch.long))
     fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64)), 32, workers=0), "fit")
     held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64, 96)), 32, workers=0), "held")
-    s = slim.SearchSettings(**{**dict(tokens=tokens, error=error, eps=eps, r0=2, ft_steps=3, score_images=16,
+    s = slim.SearchSettings(**{**dict(tokens=tokens, error=error, eps=eps, r_step=2, ft_steps=3, score_images=16,
                                       batch_size=32), **settings})
     return model, fit, held, s
 
@@ -585,16 +592,9 @@ def test_next_layer_error_equals_a_direct_computation(tokens):
     with torch.no_grad():
         z_prev = model.blocks[0](model.embed(img))                        # Z_{t-1}, dense
         z_next = model.blocks[2](model.blocks[1](z_prev))                 # Z_{t+1}, dense
-        x, alive = z_prev, torch.ones(N, dtype=torch.bool)
+        x, alive = z_prev, torch.ones(N, dtype=torch.bool)                # blocks t, t+1 of the Eq. 2 reference
         for blk, k in ((model.blocks[1], keep[1]), (model.blocks[2], keep[2])):
-            a, m = blk.attn, torch.zeros(N, 1)
-            m[k] = 1
-            q, kk, v = a.qkv(blk.norm1(x)).view(4, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-            s = (q @ kk.transpose(-2, -1)) * a.scale
-            p = (s if tokens == "frozen" else s.masked_fill(~alive, float("-inf"))).softmax(-1)
-            x = x + m * a.proj((p @ v).transpose(1, 2).reshape(4, N, -1))
-            x = x + m * blk.mlp(blk.norm2(x))
-            alive = m.flatten().bool()
+            x, alive = eq2_block(blk, x, k, alive, tokens)
         rows = keep[t]
         squared = (x[:, rows] - z_next[:, rows]).pow(2).sum((1, 2))          # Eq. 3's unnormalised norm, per image
         want = (squared / z_next[:, rows].pow(2).sum((1, 2))).mean()        # C4: relative, then averaged
@@ -636,7 +636,7 @@ def alg1_as_written(model, fit, held, s):
             e = slim.layer_error(model, slim.at_layer(held, t), trial, s.tokens, s.error, t, s.batch_size).relative
             if e <= s.eps or r == len(order):
                 break
-            r = min(r + s.r0, len(order))
+            r = min(r + s.r_step, len(order))
         keep = trial
     return keep
 
@@ -678,8 +678,8 @@ def test_alg1_finetunes_only_block_t_and_carries_its_weights_over(monkeypatch):
     monkeypatch.setattr(slim, "finetune_block", spy)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     k_t, info = slim.search_layer(model, t, keep, slim.at_layer(fit, t), slim.at_layer(held, t), s, lambda m: None)
-    assert len(seen) == len(info["trials"]) == len(range(0, N - 3, s.r0)) + 1 and k_t.numel() == N
-    assert [tr["r"] for tr in info["trials"]] == list(range(0, N - 3, s.r0)) + [N - 3]
+    assert len(seen) == len(info["trials"]) == len(range(0, N - 3, s.r_step)) + 1 and k_t.numel() == N
+    assert [tr["r"] for tr in info["trials"]] == list(range(0, N - 3, s.r_step)) + [N - 3]
     for i, (t_, before, after) in enumerate(seen):
         assert t_ == t
         changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -716,7 +716,7 @@ def test_cli_bad_input(tmp_path, capsys):
             slim.cli(list(argv))
         return str(e.value.code)
     assert "--eps must be > 0" in run("--data-path", "x", "--eps", "0")
-    assert "--r0 must be >= 1" in run("--data-path", "x", "--r0", "0")
+    assert "--r-step must be >= 1" in run("--data-path", "x", "--r0", "0")  # the old flag name still works
     assert "--ft-weight-decay must be >= 0" in run("--data-path", "x", "--ft-weight-decay", "-1")
     run("--data-path", "x", "--search", "exact")
     assert "invalid choice: 'exact'" in capsys.readouterr().err
@@ -814,7 +814,7 @@ def test_fast_path_takes_the_candidate_its_rule_names(tokens, eps):
                                    tokens, t, s.score, s.batch_size, s.seed)
         above = set(keep[t].tolist())
         order = [i for i in scores.argsort(descending=True, stable=True).tolist() if i not in above]
-        rs = list(range(0, len(order), s.r0)) + [len(order)]
+        rs = list(range(0, len(order), s.r_step)) + [len(order)]
         masks = [keep[:t - 1] + [torch.tensor(sorted(above | set(order[:r])))] + keep[t:] for r in rs]
         e0 = [slim.layer_error(model, held_t, m, tokens, "next", t, s.batch_size).relative for m in masks]
         i_ok = next((i for i, e in enumerate(e0) if e <= eps), len(rs) - 1)
@@ -1024,7 +1024,7 @@ def test_search_keeps_every_prefix_token_on_every_family(family, error):
     fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32)), 16, workers=0), "fit")
     held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32, 48)), 16, workers=0), "held")
     assert fit.feat.shape == (32, model.cfg.prefix_tokens, SMALL_CFG.embed_dim)
-    s = slim.SearchSettings(eps=0.05 if error == "next" else 0.3, error=error, r0=2, ft_steps=2, score_images=8,
+    s = slim.SearchSettings(eps=0.05 if error == "next" else 0.3, error=error, r_step=2, ft_steps=2, score_images=8,
                             batch_size=16)
     keep = vit.check_keep(slim.search(model, fit, held, s, log=lambda m: None)["keep"], model.cfg)
     P = model.cfg.prefix_tokens

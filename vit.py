@@ -268,8 +268,8 @@ class VisionTransformer(nn.Module):
 class PackedLinear(nn.Module):
     """Inference-only stand-in for a Linear on CPU: each weight (or row block [r0, r1) of it, for the split
     q / kv projections) is reordered once into oneDNN's blocked layout, as torch.compile's CPU freezing does.
-    On our 2-core AMD EPYC this runs DeiT-S's GEMMs 11-32% faster than MKL's sgemm at every token count a
-    slimmed layer keeps (bench/gemm.py; README "Real speed")."""
+    bench/gemm.py times it against MKL's sgemm at the token counts a slimmed layer keeps (results/gemm_cpu.json,
+    docs/speed.md)."""
 
     def __init__(self, lin):
         super().__init__()
@@ -344,10 +344,10 @@ def _checked(keep, cfg):
     out, pos, prev = [], [], torch.arange(N)
     for t, k in enumerate(keep, 1):
         k = torch.as_tensor(k, dtype=torch.long).flatten()
-        P = cfg.prefix_tokens
-        if k.numel() < P or not torch.equal(k[:P], torch.arange(P)):
-            raise UserError(f"masks layer {t} does not keep the prefix tokens {list(range(P))}: every layer must keep "
-                            f"them ({'the class token' if P == 1 else 'the class and distillation tokens'})")
+        n_prefix = cfg.prefix_tokens
+        if k.numel() < n_prefix or not torch.equal(k[:n_prefix], torch.arange(n_prefix)):
+            raise UserError(f"masks layer {t} does not keep the prefix tokens {list(range(n_prefix))}: every layer must "
+                            f"keep them ({'the class token' if n_prefix == 1 else 'the class and distillation tokens'})")
         if k.numel() > 1 and not bool((k[1:] > k[:-1]).all()):
             raise UserError(f"masks layer {t} indices are not sorted and unique: give sorted token indices")
         if k[-1] >= N:

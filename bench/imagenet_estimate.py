@@ -133,7 +133,7 @@ def main():
 
     n_cache = s.fit_images + s.held_images
     trials = args.trials_per_layer or proxy_trials_per_layer()
-    worst = len(range(0, N - 1, slim.default_r0(cfg))) + 1                  # every r of the grid
+    worst = len(range(0, N - 1, slim.default_r_step(cfg))) + 1                  # every r of the grid
 
     def search_layer(n_trials):  # scores, then per candidate r: E before, a block fine-tune, E after
         return (s.score_images * per_image["score (mean over layers)"]
