@@ -119,22 +119,34 @@ def alg1_vs_fast():
 
 
 def fig4():
-    """The eps sweep (bench/eps_sweep.py) beside the paper's Fig. 4 values."""
-    sweep = load("results/fig4.json")
+    """The eps sweep (bench/eps_sweep.py) beside the paper's Fig. 4 values: every finished point of results/fig4/."""
+    folder = os.path.join(ROOT, "results", "fig4")
+    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"eps_[0-9.e-]+\.json", n)) if os.path.isdir(folder) else []
+    if not names:
+        return "*Not run yet: `results/fig4/` holds no point; `python bench/eps_sweep.py` makes them.*"
+    points = [load(f"results/fig4/{n}") for n in names]
+    dense = load("results/cifar10-proxy/report.json")["dense_top1"]
     rows = ["| ε | kept tokens per layer 1..12 | FLOPs saved | top-1 after the search | after the final fine-tune | "
             "dense − this (95% CI) | paper (DeiT-S): top-1 / saved |", "|---|---|---|---|---|---|---|"]
-    for pt in sorted(sweep["points"], key=lambda p: p["eps"]):
+    for pt in sorted(points, key=lambda p: p["eps"]):
         paper = PAPER_FIG4.get(pt["eps"])
         rows.append(f"| {pt['eps']} | {kept(pt['kept_per_layer'])} | {100 * pt['flops_saved']:.1f}% | "
                     f"{pt['top1_searched']:.2f} | {pt['top1']:.2f} | {interval(pt['dense_minus_this'])} | "
                     + (f"{paper[0]} / {paper[1]}% |" if paper else "– |"))
-    return ("\n".join(rows) + f"\n\nDense {sweep['dense_top1']:.2f}%. Search `{sweep['settings']['search']}`, "
-            f"final fine-tune {sweep['final_epochs']:g} epoch at lr {sweep['final_lr']:g} for every point. "
-            "File: `results/fig4.json` (per point: `results/fig4/eps_<ε>.json`; predictions `results/fig4_predictions.npz`).")
+    if os.path.exists(os.path.join(ROOT, "results", "fig4.json")):
+        sweep = load("results/fig4.json")
+        how = (f"Search `{sweep['settings']['search']}`, final fine-tune {sweep['final_epochs']:g} epoch at lr "
+               f"{sweep['final_lr']:g} for every point. File: `results/fig4.json`")
+    else:
+        how = "The sweep is not finished: only the points above exist. Files"
+    return ("\n".join(rows) + f"\n\nDense {dense:.2f}%. {how} (per point: `results/fig4/eps_<ε>.json`; "
+            "predictions `results/fig4_predictions.npz`).")
 
 
 def table3():
     """The learned pyramid against uniform and linear pruning at its FLOPs (bench/table3.py), two seeds."""
+    if not os.path.exists(os.path.join(ROOT, "results", "table3_headline.json")):
+        return "*Not run yet: `results/table3_headline.json` does not exist; `python bench/table3.py` makes it.*"
     res = load("results/table3_headline.json")
     rows = ["| row | seed | kept tokens per layer 1..12 | GFLOPs | top-1 before / after the final fine-tune | "
             "learned − this (95% CI) |", "|---|---|---|---|---|---|"]
@@ -144,6 +156,8 @@ def table3():
         rows.append(f"| {row} | {seed} | {kept(r['kept_per_layer'])} | {r['gflops']:.3f} | "
                     f"{r['top1_before_final_ft']:.2f} / {r['top1']:.2f} | {interval(c) if c else ''} |")
     pooled = "; ".join(f"learned − {row}, both seeds together: {interval(c)}" for row, c in res.get("pooled", {}).items())
+    if not pooled:
+        pooled = "Not every row has run on both seeds yet, so there is no pooled interval"
     return ("\n".join(rows) + f"\n\n{pooled}. Paper (DeiT-S, 2.6 G): learned 79.4 against uniform 77.2. "
             "File: `results/table3_headline.json` (predictions `results/table3_headline_predictions.npz`).")
 
