@@ -526,7 +526,9 @@ def search(model, fit, held, settings, log, state_path=None, stop_after=None, ru
 
 def get_args_parser():
     d = SearchSettings()
-    p = argparse.ArgumentParser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
+    parser = argparse.ArgumentParser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
+    p = parser.add_argument_group("what to slim (a first run needs --data, --data-path and, with --data folder, "
+                                  "--weights)")
     p.add_argument("--data", default="imagenet", choices=["imagenet", "folder"],
                    help="imagenet: DIR/{train,val}/<wnid>; folder: any ImageFolder tree DIR/{train,val}/<class>")
     p.add_argument("--data-path", default=None, help="dataset root holding train/ and val/")
@@ -538,6 +540,7 @@ def get_args_parser():
     p.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (likewise)")
     p.add_argument("--out", default="results/run", help="output folder; a rerun with the same folder resumes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser.add_argument_group("the method (METHOD.md labels)")
     p.add_argument("--tokens", default=None, choices=list(vit.TOKENS),
                    help="what a pruned patch becomes: frozen (the paper's, METHOD.md P1; default for a search) or "
                    "removed (v1, C1); with --eval-only the masks' own, unless given")
@@ -556,6 +559,7 @@ def get_args_parser():
                    "(the default; kept for old commands)")
     p.add_argument("--r-step", "--r0", type=int, default=None, dest="r_step", help="r', tokens added per search "
                    "step (default: 10 of 196 patches, scaled by the patch count)")
+    p = parser.add_argument_group("the search's samples and block fine-tunes (Alg. 1, C5, C6)")
     p.add_argument("--score-images", type=int, default=d.score_images, help="training images the scores average over")
     p.add_argument("--fit-images", type=int, default=d.fit_images, help="cached augmented training images for fine-tuning")
     p.add_argument("--held-images", type=int, default=d.held_images, help="held training images E is measured on")
@@ -568,11 +572,12 @@ def get_args_parser():
                    "fine-tunes of candidates with E0 > eps per layer")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step of the search (global, "
                    "split over the processes) and of evaluation")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="chooses the fit/held images and seeds the fine-tunes")
     p.add_argument("--quality-images", type=int, default=0, help="held images for the score-quality measure per layer (0: off)")
     p.add_argument("--cache-device", default="auto", choices=["auto", "cpu", "cuda"], help="where the dense caches "
                    "go: auto follows the memory plan printed at start (GPU if they fit, else pinned CPU memory)")
-    finetune.add_arguments(p)
+    finetune.add_arguments(parser)
+    p = parser.add_argument_group("running")
     p.add_argument("--workers", type=int, default=None, help="data loading processes per process (default: the CPUs "
                    "shared among this machine's processes, at most 8)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (counted in the log "
@@ -580,7 +585,7 @@ def get_args_parser():
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on the first k val images per class (quick runs)")
     p.add_argument("--eval-only", action="store_true", help="only measure top-1 and FLOPs (dense, or with --masks)")
     p.add_argument("--masks", default=None, help="masks.json for --eval-only (a slimmed checkpoint carries its own)")
-    return p
+    return parser
 
 
 def check_args(args):
