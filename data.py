@@ -106,11 +106,20 @@ def build_dataset(root, split, img_size, train_transform=None, randaugment=False
     return ds
 
 
-def check_classes(ds, num_classes):
-    """The head must have one output per class folder (class index = sorted folder name)."""
+def check_classes(ds, num_classes, model_classes=None):
+    """The class index is the sorted folder name, so a wrong folder shifts every label silently. The head must have
+    one output per class folder of ds; ds's class folders must be those of the sibling train/ (when there is one)
+    and those the checkpoint names (model_classes: a slimmed checkpoint's, else None)."""
     if len(ds.classes) != num_classes:
         raise UserError(f"{ds.root} has {len(ds.classes)} classes but the model's head has {num_classes}: "
                         "use a checkpoint trained on this dataset")
+    train = os.path.join(os.path.dirname(os.path.normpath(ds.root)), "train")
+    for name, classes in (("train/", datasets.folder.find_classes(train)[0] if os.path.isdir(train) else None),
+                          ("the checkpoint", model_classes)):
+        if classes is not None and list(classes) != list(ds.classes):
+            extra, missing = sorted(set(ds.classes) - set(classes)), sorted(set(classes) - set(ds.classes))
+            raise UserError(f"{ds.root} has other class folders than {name} (only here: {extra[:3]}, only in {name}: "
+                            f"{missing[:3]}): the labels would be shifted; give it the same class folders")
 
 
 class SeededView(torch.utils.data.Dataset):

@@ -80,17 +80,18 @@ class SearchSettings:
 #
 # Each score is a pure function of the records of one forward over blocks t..L (vit.VisionTransformer.run_blocks):
 # records[0] is layer t, run dense (every row of Z_{t-1} updated), records[1:] are layers t+1..L under their masks.
-# A record holds P (B, H, n_q, n_keys), the per-head attention of its query rows over its key rows, the global
-# indices of those rows (query_rows = m_l; key_rows = all N under "frozen", the rows alive under "removed"),
-# U (B, H, n_q, d) = P^h |Z_{l-1}| and head_out (B, H, n_q, d). Every score returns (B, N): one value per token.
+# A record is a vit.BlockRecord: P (B, H, n_q, n_keys), the per-head attention of its query rows over its key rows,
+# the global indices of those rows (query_rows = m_l; key_rows = all N under "frozen", the rows alive under
+# "removed"), and for records[0] only, U (B, H, n_q, d) = P^h |Z_{t-1}| and head_out (B, H, n_q, d).
+# Every score returns (B, N): one value per token.
 
 
 def embed_map(rec, N):
     """A record's attention as N x N matrices per head, rows m_l, columns its key rows, zeros elsewhere: diag(m_l) P^h_l
     in the paper's global indexing. (B, H, N, N)."""
-    P = rec["P"].float()
+    P = rec.P.float()
     full = P.new_zeros(P.shape[0], P.shape[1], N, N)
-    full[:, :, rec["query_rows"][:, None], rec["key_rows"][None, :]] = P
+    full[:, :, rec.query_rows[:, None], rec.key_rows[None, :]] = P
     return full
 
 
@@ -101,7 +102,7 @@ def path_sum(records, N):
     records: layers t+1..L. Returns (B, N)."""
     G = None
     for rec in reversed(records):
-        P, rows, keys = rec["P"].float(), rec["query_rows"], rec["key_rows"]
+        P, rows, keys = rec.P.float(), rec.query_rows, rec.key_rows
         inner = P if G is None else G[:, rows][:, :, rows].unsqueeze(1) @ P       # G[m_l, m_l] P^h: (B, H, n_q, n_keys)
         G_keys = torch.einsum("bhqi,bhqj->bij", P, inner)                          # Σ_h P^hᵀ G P^h over key rows
         G = G_keys.new_zeros(P.shape[0], N, N)
@@ -113,31 +114,31 @@ def significance_score(records):
     """Eq. 6 (METHOD.md P3): s_{t,i} = Σ_{head paths} ||A[:, i] U^h_t[i, :]||²_F with U^h_t = P^h_t |Z_{t-1}|, the sum over
     one head per layer t..L. As ||a bᵀ||²_F = ||a||² ||b||², it factors (C3a) into path_sum(layers t+1..L) times
     Σ_h ||U^h_t[i, :]||² (layer t's head). (B, N)."""
-    N = records[0]["U"].shape[2]
-    return path_sum(records[1:], N) * records[0]["U"].float().pow(2).sum(-1).sum(1)
+    N = records[0].U.shape[2]
+    return path_sum(records[1:], N) * records[0].U.float().pow(2).sum(-1).sum(1)
 
 
 def head_mean_score(records):
     """The v1 score (METHOD.md §3, "v1 head-mean"): ||Ā[:, i]||² Σ_h ||U_h[i, :]||² with Ā = Π_{l=t+1..L} diag(m_l) P̄_l,
     P̄ the head-averaged attention, and U_h head h's output after W_o. (B, N)."""
-    N = records[0]["head_out"].shape[2]
+    N = records[0].head_out.shape[2]
     A = None
     for rec in reversed(records[1:]):
         M = embed_map(rec, N).mean(1)                                              # diag(m_l) P̄_l: (B, N, N)
         A = M if A is None else A @ M
-    return A.pow(2).sum(1) * records[0]["head_out"].float().pow(2).sum(-1).sum(1)
+    return A.pow(2).sum(1) * records[0].head_out.float().pow(2).sum(-1).sum(1)
 
 
 def attn_score(records):
     """Fig. 7's "Attn" baseline, read as in METHOD.md §3: the norm of patch i's column of layer t's attention, over
     its queries and heads. (B, N)."""
-    return records[0]["P"].float().pow(2).sum(dim=(1, 2)).sqrt()
+    return records[0].P.float().pow(2).sum(dim=(1, 2)).sqrt()
 
 
 def class_attention_score(records):
     """The class token's head-averaged attention at layer t+1 to each token (EViT's criterion, averaged into a static
     mask). (B, N)."""
-    return embed_map(records[1], records[0]["U"].shape[2]).mean(1)[:, 0]
+    return embed_map(records[1], records[0].U.shape[2]).mean(1)[:, 0]
 
 
 SCORES = {"significance": significance_score, "head-mean": head_mean_score, "attn": attn_score,
@@ -237,7 +238,7 @@ def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
         with autocast(device):
             model.run_blocks(z_in[i:i + batch_size].to(device), keep, tokens, t, records=records)
         total[:N] += SCORES[score](records).sum(0).double().cpu()
-        total[N] += len(records[0]["P"])
+        total[N] += len(records[0].P)
     total = distributed.all_reduce_sum(total)
     return (total[:N] / total[N]).float()
 
@@ -618,8 +619,7 @@ def check_args(args):
             raise UserError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})")
     if args.cache_device == "cuda" and not args.device.startswith("cuda"):
         raise UserError("--cache-device cuda needs --device cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but CUDA is not available here: use --device cpu")
+    distributed.check_device(args.device)
     return args
 
 

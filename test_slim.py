@@ -147,8 +147,8 @@ def test_gathered_forward_equals_the_eq2_reference(seed, tokens, family):
         y = model.run_blocks(model.embed(x), keep, tokens, records=records)
         assert torch.allclose(model.classify(model.features(y)), ref, atol=1e-5)
     n_keys = model.cfg.num_tokens if tokens == "frozen" else keep[-2].numel()
-    assert records[-1]["P"].shape[2:] == (keep[-1].numel(), n_keys)  # kept queries x (all | alive) keys
-    assert torch.equal(records[-1]["query_rows"], keep[-1])
+    assert records[-1].P.shape[2:] == (keep[-1].numel(), n_keys)  # kept queries x (all | alive) keys
+    assert torch.equal(records[-1].query_rows, keep[-1])
 
 
 def test_the_two_semantics_differ():
@@ -440,7 +440,7 @@ def test_eq6_exact_recursion_equals_brute_force_paths(t, tokens):
                 A = D[l - 1] @ maps[l - 1][0][b, h] @ A
             want += torch.stack([torch.outer(A[:, i], U[i]).pow(2).sum() for i in range(N)])
         assert torch.allclose(got[b], want, rtol=1e-4, atol=1e-7), (got[b], want)
-    assert len(records) == L - t + 1 and records[0]["U"].shape == (2, H, N, TINY_CFG.embed_dim)
+    assert len(records) == L - t + 1 and records[0].U.shape == (2, H, N, TINY_CFG.embed_dim)
 
 
 def test_head_mean_score_matches_its_definition():
@@ -729,6 +729,56 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "has no val/ subfolder" in run("--data", "folder", "--data-path", str(tmp_path), "--weights", str(ckpt))
     assert "does not match the model" in run("--data-path", "x", "--model", "deit_small", "--weights", str(ckpt))
     assert "could not download" in run("--data-path", "x", "--weights", "http://127.0.0.1:9/w.pth")
+    sd = vit.VisionTransformer(SMALL_CFG).state_dict()
+    sd["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
+    torch.save({"model": sd}, tmp_path / "nan.pth")
+    assert "has NaN or inf values in 1 tensors (first: blocks.1.mlp.fc1.weight)" in run(
+        "--data-path", "x", "--weights", str(tmp_path / "nan.pth"))
+    assert "--device mps is not a device slim.py runs on" in run("--data-path", "x", "--device", "mps")
+    if not torch.cuda.is_available():  # refused before torchrun's set-up touches CUDA
+        assert "--device cuda but CUDA is not available here" in run("--data-path", "x", "--device", "cuda")
+
+
+def class_folders(root, train, val, per_class=1):
+    """An ImageFolder tree root/{train,val}/<class>/ with per_class tiny images each (None: no such split)."""
+    for split, classes in (("train", train), ("val", val)):
+        for c in classes or []:
+            os.makedirs(root / split / c)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def test_val_classes_that_differ_from_train_or_the_checkpoint_are_refused(tmp_path):
+    """The class index is the sorted folder name: a val folder renamed (cat -> zcat) shifts every label after it,
+    silently. It is refused against train/, and, without train/, against the class names a slimmed checkpoint
+    carries."""
+    names = [f"c{i}" for i in range(10)]
+    renamed = names[:3] + ["zc3"] + names[4:]
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
+    def run(root, weights=ckpt):
+        with pytest.raises(SystemExit) as e:
+            slim.cli(["--eval-only", "--data", "folder", "--data-path", root, "--weights", str(weights), "--workers",
+                      "0", "--out", str(tmp_path / "out")])
+        return str(e.value.code)
+    shifted = class_folders(tmp_path / "shifted", names, renamed)
+    assert "has other class folders than train/ (only here: ['zc3'], only in train/: ['c3'])" in run(shifted)
+    with pytest.raises(SystemExit, match="other class folders than train/"):  # the search path alike
+        slim.cli(["--data", "folder", "--data-path", shifted, "--weights", str(ckpt), "--workers", "0",
+                  "--out", str(tmp_path / "search")])
+    val_only = class_folders(tmp_path / "val_only", None, renamed)
+    slimmed = tmp_path / "slimmed.pth"
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict(), "classes": names}, slimmed)
+    assert vit.load_checkpoint(str(slimmed)).classes == names
+    assert "other class folders than the checkpoint (only here: ['zc3']" in run(val_only, slimmed)
+    same = class_folders(tmp_path / "same", names, names)
+    ok = slim.cli(["--eval-only", "--data", "folder", "--data-path", same, "--weights", str(slimmed), "--workers", "0",
+                   "--out", str(tmp_path / "ok")])
+    assert ok["val_images"] == 10
+    with pytest.raises(SystemExit, match="has no train/ subfolder"):  # the search needs train/, and says so
+        slim.cli(["--data", "folder", "--data-path", val_only, "--weights", str(ckpt), "--workers", "0",
+                  "--out", str(tmp_path / "search")])
 
 
 def test_checked_args_are_complete(tmp_path, monkeypatch):
@@ -753,7 +803,7 @@ def test_docs_tables_come_from_the_results_files():
 
 
 @needs_shared
-def test_cli_end_to_end_on_cifar10_subset(tmp_path):
+def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "128",
             "--held-images", "64", "--score-images", "32", "--ft-steps", "2", "--val-per-class", "10", "--eps", "0.3",
@@ -778,7 +828,9 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path):
                     "--out", str(tmp_path / "ev"), "--val-per-class", "10", "--workers", "1", "--tokens", "removed"])
     assert ev2["tokens"] == "removed" and ev2["gflops"] < ev["gflops"]  # explicit, and logged as such
     assert "searched with tokens='frozen'" in (tmp_path / "ev" / "eval.log").read_text()
-    with pytest.raises(SystemExit, match=r"other settings \(eps 0.3 -> 0.5\)"):  # refused before any caching
+    from pipeline import run
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("the dense model was evaluated before the refusal"))
+    with pytest.raises(SystemExit, match=r"other settings \(eps 0.3 -> 0.5\)"):  # refused before any work
         slim.cli(argv[:-6] + ["--eps", "0.5", "--quality-images", "16", "--workers", "1"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"keep": [[0, 1]] * 3}))

@@ -94,6 +94,20 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight[r0:r1], None if self.bias is None else self.bias[r0:r1])
 
 
+@dataclass
+class BlockRecord:
+    """What one block of run_blocks(..., records=[]) reports to the scores of slim.py: the attention always, the
+    terms of Eq. 6 only where asked (the first block of the run; for every block they would cost as much again)."""
+    P: torch.Tensor                       # (B, H, n_q, n_keys): per-head attention P^h of the query rows over the keys
+    query_rows: torch.Tensor              # (n_q,): global token indices of the rows the block updates (m_l)
+    key_rows: torch.Tensor                # (n_keys,): global token indices of the rows that give keys and values
+    U: torch.Tensor | None = None         # (B, H, n_q, d): U^h = P^h |Z_{l-1}| (Eq. 6; C3b: Z_{l-1} the block input)
+    head_out: torch.Tensor | None = None  # (B, H, n_q, d): what head h adds to the residual (the v1 score's U)
+
+
+RECORD_P, RECORD_ALL = "P", "P, U, head_out"  # what a block is asked to record: Block.forward(record=...)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias):
         super().__init__()
@@ -106,8 +120,9 @@ class Attention(nn.Module):
         """h: (B, n_keys, d) normed rows that give keys and values; idx: (n_q,) positions in h of the rows that get
         queries (None = all). Returns the MSA output of those rows, (B, n_q, d). The q and kv projections are
         split so no FLOP is spent on a query nobody reads (METHOD.md P1: "only the effective patches ...
-        calculate queries"). record: a dict that receives P (B, H, n_q, n_keys), the per-head attention, and (unless
-        it holds "P only") head_out (B, H, n_q, d), head h's output after W_o (the v1 score's U)."""
+        calculate queries"). record: None (fused attention, nothing kept), RECORD_P or RECORD_ALL: then it returns
+        (output, P, head_out), P (B, H, n_q, n_keys) the per-head attention, head_out (B, H, n_q, d) head h's output
+        after W_o (None unless RECORD_ALL)."""
         B, n_keys, d = h.shape
         H, dh = self.num_heads, self.head_dim
         if idx is None:
@@ -121,10 +136,8 @@ class Attention(nn.Module):
         P = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)          # P^h: (B, H, n_q, n_keys)
         o = P @ v                                                           # (B, H, n_q, dh)
         w_o = self.proj.weight.view(d, H, dh).permute(1, 2, 0)              # W_o's columns of head h: (H, dh, d)
-        record["P"] = P
-        if not record.get("P only"):
-            record["head_out"] = o @ w_o                                    # head_out: (B, H, n_q, d)
-        return self.proj(o.transpose(1, 2).reshape(B, -1, d))
+        head_out = o @ w_o if record == RECORD_ALL else None                 # head_out: (B, H, n_q, d)
+        return self.proj(o.transpose(1, 2).reshape(B, -1, d)), P, head_out
 
 
 class Mlp(nn.Module):
@@ -163,18 +176,24 @@ class Block(nn.Module):
         diag(m_l) on the MSA and MLP outputs, Eq. 2). x: (B, n_in, d); idx: positions in x of the updated rows
         (None = all, the dense block). Keys and values come from all n_in rows. tokens (METHOD.md P1 / C1):
         "frozen" returns all n_in rows, the others unchanged; "removed" returns only the idx rows.
-        record: a dict that receives the attention's P and head_out, and U (B, H, n_q, d) = P^h |x|, the
-        paper's U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input)."""
-        a = self.ls1(self.attn(self.norm1(x), idx, record))
-        if record is not None and not record.get("P only"):
-            record["U"] = record["P"] @ x.abs().unsqueeze(1)
-            record["head_out"] = self.ls1(record["head_out"])  # what each head adds to the residual (LayerScale)
+        record: None returns the output only; RECORD_P or RECORD_ALL return (output, P, U, head_out): the
+        attention's P (B, H, n_q, n_keys), and for RECORD_ALL U (B, H, n_q, d) = P^h |x|, the paper's
+        U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input), and head_out (else None)."""
+        if record is None:
+            a = self.ls1(self.attn(self.norm1(x), idx))
+        else:
+            a, P, head_out = self.attn(self.norm1(x), idx, record)
+            a = self.ls1(a)
+            U = P @ x.abs().unsqueeze(1) if record == RECORD_ALL else None
+            head_out = self.ls1(head_out) if record == RECORD_ALL else None  # what each head adds (LayerScale)
         if idx is None:
             y = x + a
-            return y + self.ls2(self.mlp(self.norm2(y)))
-        y = x.index_select(1, idx) + a
-        y = y + self.ls2(self.mlp(self.norm2(y)))
-        return y if tokens == "removed" else x.index_copy(1, idx, y)  # P1: every other row passes on unchanged
+            out = y + self.ls2(self.mlp(self.norm2(y)))
+        else:
+            y = x.index_select(1, idx) + a
+            y = y + self.ls2(self.mlp(self.norm2(y)))
+            out = y if tokens == "removed" else x.index_copy(1, idx, y)  # P1: every other row passes on unchanged
+        return out if record is None else (out, P, U, head_out)
 
 
 class PatchEmbed(nn.Module):
@@ -195,6 +214,7 @@ class VisionTransformer(nn.Module):
         # the masks (and their token semantics) a slimmed checkpoint was saved with (load_checkpoint); forward never
         # reads them: pass keep=model.keep, tokens=model.tokens. normalisation: where cfg.mean/std came from (a line)
         self.keep, self.tokens, self.normalisation = None, None, f"input normalisation mean {cfg.mean}, std {cfg.std}"
+        self.classes = None  # the class folder names a slimmed checkpoint was trained on (checked against val's)
         self.patch_embed = PatchEmbed(cfg)
         d, P = cfg.embed_dim, cfg.prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -228,18 +248,19 @@ class VisionTransformer(nn.Module):
     def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
         """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
         all N rows under "frozen", the rows alive after layer start-1 under "removed". keep: all L layers' masks
-        (None = dense). records: a list to which each block appends a dict with P and the global token indices of its
-        query rows (m_l) and key rows; the first block's also holds head_out and U (Block.forward), all the scores
-        read of layer t (computing them for every layer would cost as much as the attention again)."""
+        (None = dense). records: a list to which each block appends its BlockRecord; the first block's holds U and
+        head_out too, all the scores read of layer t."""
         N = self.cfg.num_tokens
         keep, gather = (None, None) if keep is None else masks_plan(keep, self.cfg, tokens)
         for t in range(start, (self.cfg.depth if end is None else end) + 1):
-            rec = None if records is None else {"P only": t > start}
-            x = self.blocks[t - 1](x, None if gather is None else gather[t - 1], tokens, rec)
-            if rec is not None:
-                rec["query_rows"] = torch.arange(N) if keep is None else keep[t - 1]
-                rec["key_rows"] = torch.arange(N) if keep is None or tokens == "frozen" or t == 1 else keep[t - 2]
-                records.append(rec)
+            idx = None if gather is None else gather[t - 1]
+            if records is None:
+                x = self.blocks[t - 1](x, idx, tokens)
+                continue
+            x, P, U, head_out = self.blocks[t - 1](x, idx, tokens, record=RECORD_ALL if t == start else RECORD_P)
+            query_rows = torch.arange(N) if keep is None else keep[t - 1]
+            key_rows = torch.arange(N) if keep is None or tokens == "frozen" or t == 1 else keep[t - 2]
+            records.append(BlockRecord(P, query_rows, key_rows, U, head_out))
         return x
 
     def features(self, x):
@@ -492,7 +513,12 @@ def load_checkpoint(path_or_url, expect=None):
         if v.shape != own[k].shape:
             raise UserError(f"checkpoint {path_or_url}: {k} has shape {tuple(v.shape)}, model expects "
                             f"{tuple(own[k].shape)}: pass a checkpoint of this architecture")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"checkpoint {path_or_url} has NaN or inf values in {len(bad)} tensors (first: {bad[0]}): "
+                        "it is broken; pass a checkpoint from before the training diverged")
     model.load_state_dict(sd, strict=True)
+    model.classes = ck.get("classes") if isinstance(ck.get("classes"), list) else None
     if ck.get("keep") is not None:  # a slimmed checkpoint; without a "tokens" entry its masks are "frozen" (P1)
         model.keep, model.tokens = check_keep(ck["keep"], cfg), check_tokens(ck.get("tokens", "frozen"))
     model.normalisation = f"input normalisation mean {cfg.mean}, std {cfg.std}: {normalisation}"

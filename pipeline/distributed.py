@@ -19,16 +19,20 @@ gloo on the CPU, NCCL on CUDA. How each stage splits its work over the K process
 Only rank 0 writes files and logs.
 """
 import os
+import re
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vit import UserError
+
 
 def setup(device_arg):
     """Join the process group when torchrun started this process (WORLD_SIZE > 1). Returns the device of this rank:
     cuda:LOCAL_RANK for a CUDA run, else the CPU."""
+    check_device(device_arg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = device_arg.startswith("cuda")
     if world > 1 and not dist.is_initialized():
@@ -39,6 +43,17 @@ def setup(device_arg):
         torch.cuda.set_device(device)
         return device
     return torch.device(device_arg)
+
+
+def check_device(device_arg):
+    """A one-line error for a --device this machine does not have (before torch.cuda raises deep inside)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device_arg):
+        raise UserError(f"--device {device_arg} is not a device slim.py runs on: use cpu, cuda or cuda:N")
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device_arg} but CUDA is not available here: use --device cpu")
+    if ":" in device_arg and int(device_arg.split(":")[1]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device_arg} but this machine has {torch.cuda.device_count()} GPU(s): use "
+                        f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 def progress(*args, **kwargs):

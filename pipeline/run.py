@@ -68,10 +68,11 @@ def evaluate(model, val, keep, tokens, args, bad, name):
     return accuracy(preds, labels), preds, labels
 
 
-def val_dataset(args, cfg):
-    """The val split, checked against the model's classes (--val-per-class: the first k images per class)."""
+def val_dataset(args, cfg, model_classes=None):
+    """The val split, checked against the model's classes and train/'s (--val-per-class: the first k images per
+    class). model_classes: the class names a slimmed checkpoint carries."""
     val = data.build_dataset(args.data_path, "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
-    data.check_classes(val, cfg.num_classes)
+    data.check_classes(val, cfg.num_classes, model_classes)
     return data.subset(val, per_class=args.val_per_class) if args.val_per_class else val
 
 
@@ -92,7 +93,7 @@ def evaluate_only(args, model, bad):
     """--eval-only: top-1 on val and FLOPs of the model as loaded (dense, or a slimmed checkpoint's masks), or with
     --masks; written to OUT/eval.json."""
     cfg = model.cfg
-    val = val_dataset(args, cfg)
+    val = val_dataset(args, cfg, model.classes)
     keep, found, source = model.keep, model.tokens or "frozen", args.weights
     if args.masks:
         (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
@@ -117,13 +118,19 @@ def search_and_finetune(args, model, bad):
     """Algorithm 1 on the training split, then the final fine-tune; top-1 of the dense, searched and slimmed models
     on val (their per-image predictions in predictions.npz). Resumes from --out."""
     t_start, device, cfg, is_main = time.time(), slim.device_of(model), model.cfg, distributed.is_main()
-    val = val_dataset(args, cfg)
+    val = val_dataset(args, cfg, model.classes)
     train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
     data.check_classes(train_aug, cfg.num_classes)
     settings, ft = slim.settings_from_args(args, cfg), finetune.settings_from_args(args)
     run_id = slim.run_identity(args)
     paths = {k: os.path.join(args.out, f) for k, f in (("state", "state.pt"), ("finetune", "finetune.pt"),
                                                       ("report", "report.json"), ("predictions", "predictions.npz"))}
+    # a resume with other settings is refused here, before any work
+    saved = slim.load_state(paths["state"], {**asdict(settings), **run_id})
+    resumed = saved is not None
+    if resumed and ft.epochs > 0 and saved["next"] == 0:
+        finetune.check_resume(paths["finetune"],
+                              {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
     with open_log(args, "log.txt", model) as log:
         log(f"search settings: {json.dumps(asdict(settings))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
         dense_flops = flops.count_flops(cfg)
@@ -141,11 +148,6 @@ def search_and_finetune(args, model, bad):
                 write_atomically(paths["report"], report)
         log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
 
-        saved = slim.load_state(paths["state"], {**asdict(settings), **run_id})  # other settings: refused here
-        resumed = saved is not None
-        if resumed and ft.epochs > 0 and saved["next"] == 0:
-            finetune.check_resume(paths["finetune"],
-                                  {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
         n_fit, n_held = search_set_sizes(settings, len(train_aug))
         if (n_fit, n_held) != (settings.fit_images, settings.held_images):
             log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not "
@@ -190,7 +192,7 @@ def search_and_finetune(args, model, bad):
             name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
             vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, tokens, name=name)
             torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
-                        "tokens": tokens}, os.path.join(args.out, "slimmed.pth"))
+                        "tokens": tokens, "classes": train_aug.classes}, os.path.join(args.out, "slimmed.pth"))
             write_atomically(paths["report"], report)
         log(f"slimmed: top-1 {slimmed_top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs "
             f"counted as {tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
