@@ -1,10 +1,15 @@
 """
-Correctness checks for the patch-slimming reference implementation (arXiv 2106.02852).
+Correctness checks for the patch-slimming reference implementation (arXiv 2106.02852). Run: python -m pytest -q
 
-Three kinds (STYLE.md): parity with an independent implementation (timm's DeiT), invariants of the
-method (keeping every patch changes nothing, the gathered forward equals a dense masked reference,
-FLOPs equal torch's own count, the default search equals Algorithm 1 written independently, masks stay nested), and end-to-end runs on the real CIFAR-10 proxy
-in ../shared (skipped with a reason when ../shared is absent). Run: python -m pytest -q
+The file reads by kind (STYLE.md), a section each, each opening with what it establishes:
+1. parity with independent references: timm's DeiT, the Eq. 2 forward written from its definition, Eq. 6 by
+   brute-force path enumeration, FlopCounterMode, Algorithm 1 written out independently, the paper's numbers;
+2. invariants of the method: keeping every token changes nothing, masks stay nested, a block fine-tune touches
+   only its block, resumed runs reach the uninterrupted result;
+3. bad input: one line naming the problem and the fix;
+4. end-to-end runs of the CLI on the real CIFAR-10 proxy in ../shared (skipped with a reason when ../shared is
+   absent), under torchrun, and at DeiT-S shapes.
+The references and set-ups shared by several tests come first.
 """
 import copy
 import json
@@ -103,7 +108,115 @@ def eq2_block(blk, x, k, alive, tokens, maps=None):
     return x, m.flatten().bool()
 
 
-# ----------------------------------------------------------------------------- vit.py
+# ----------------------------------------------------------------------------- the other references and shared set-ups the tests use
+
+def counted_macs(model, keep, tokens):
+    """torch's own FLOP counter on the real (gathered) forward; it counts 2 FLOPs per MAC."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
+        model(torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size), keep=keep, tokens=tokens)
+    return fc.get_total_flops() / 2
+
+
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+
+
+def alg1_as_written(model, fit, held, s):
+    """Algorithm 1 from the paper's listing (METHOD.md §4), written here independently of slim's two loops: for
+    t = L-1..1, m_t = m_{t+1} ∪ the r best patches for r = 0, r', 2r', ... (at last every patch), fine-tune block t
+    at every r without ever resetting it, stop at the first E_{t+1} <= eps after the fine-tune."""
+    N, L = model.cfg.num_tokens, model.cfg.depth
+    keep = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]                 # m_L = e_0
+    for t in range(L - 1, 0, -1):
+        dense_t = keep[:t - 1] + [torch.arange(N)] + keep[t:]
+        scores = slim.layer_scores(model, fit.z[t - 1][:s.score_images], dense_t, s.tokens, t, s.score,
+                                   s.batch_size, s.seed)
+        above = set(keep[t].tolist())
+        order = [i for i in scores.argsort(descending=True, stable=True).tolist() if i not in above]
+        r = 0
+        while True:
+            trial = keep[:t - 1] + [torch.tensor(sorted(above | set(order[:r])))] + keep[t:]
+            slim.finetune_block(model, t, slim.at_layer(fit, t), trial, s, seed=s.seed + 1000 * t + r, desc="")
+            e = slim.layer_error(model, slim.at_layer(held, t), trial, s.tokens, s.error, t, s.batch_size).relative
+            if e <= s.eps or r == len(order):
+                break
+            r = min(r + s.r_step, len(order))
+        keep = trial
+    return keep
+
+
+FIG5_PYRAMID = [197, 197, 160, 153, 121, 101, 83, 63, 50, 25, 20, 1]  # DeiT-S kept patches, paper's Fig. 5 (approx.)
+
+
+TINY_CFG = vit.ViTConfig(img_size=8, patch_size=4, num_classes=3, embed_dim=8, depth=4, num_heads=2)  # 5 tokens
+
+
+def search_setup(eps, seed=0, tokens="frozen", error="next", **settings):
+    torch.manual_seed(seed)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    imgs = torch.utils.data.TensorDataset(torch.randn(96, 3, 32, 32), torch.zeros(96, dtype=torch.long))
+    fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64)), 32, workers=0), "fit")
+    held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64, 96)), 32, workers=0), "held")
+    s = slim.SearchSettings(**{**dict(tokens=tokens, error=error, eps=eps, r_step=2, ft_steps=3, score_images=16,
+                                      batch_size=32), **settings})
+    return model, fit, held, s
+
+
+# eps where the random tiny model keeps some patches and drops others (frozen rows barely move a random model)
+MID_EPS = {("frozen", "next"): 3e-5, ("removed", "next"): 0.005, ("frozen", "final"): 0.01, ("removed", "final"): 0.3}
+
+
+def class_folders(root, train, val, per_class=1):
+    """An ImageFolder tree root/{train,val}/<class>/ with per_class tiny images each (None: no such split)."""
+    for split, classes in (("train", train), ("val", val)):
+        for c in classes or []:
+            os.makedirs(root / split / c)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def image_folder(root, classes, train_per_class, val_per_class, size=(40, 48), seed=0):
+    """A tiny ImageNet-layout folder (root/{train,val}/<wnid>/*.JPEG) of random images."""
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (size[0] + 4 * i, size[1], 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(d / f"img_{i}.JPEG")
+    return root
+
+
+def small_finetune_setup(seed=0, **settings):
+    torch.manual_seed(seed)
+    student = vit.VisionTransformer(SMALL_CFG).eval()
+    teacher = vit.VisionTransformer(SMALL_CFG).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
+    keep = random_nested_keep(SMALL_CFG, seed=1)
+    s = pipeline_finetune.FinetuneSettings(**{**dict(epochs=2, lr=1e-3, lr_batch=8, batch_size=8, warmup_epochs=0.5,
+                                                     mixup=0.8, cutmix=1.0, distill="hard", label_smoothing=0.1),
+                                              **settings})
+    return student, teacher, keep, ds, s
+
+
+def release_checkpoint(path, preset, num_classes, **config):
+    """A release-format checkpoint ({"model": state_dict}, timm names) of a random model of a preset; with config
+    entries, a "config" dict as well."""
+    cfg = vit.ViTConfig(**{**vit.asdict(vit.PRESETS[preset]), "num_classes": num_classes})
+    torch.manual_seed(0)
+    ck = {"model": vit.VisionTransformer(cfg).state_dict()}
+    if config:
+        ck["config"] = {**vit.asdict(cfg), **config}
+    torch.save(ck, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- parity with independent references
+# Each test compares the code with a reference written here or in another library (timm, FlopCounterMode, a
+# brute-force enumeration, Alg. 1 written out, the paper's own numbers): they establish that the code computes what the paper says.
+
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit3_small_patch16_224",
                                   "deit3_base_patch16_224", "deit_small_distilled_patch16_224"])
@@ -151,68 +264,6 @@ def test_gathered_forward_equals_the_eq2_reference(seed, tokens, family):
     assert torch.equal(records[-1].query_rows, keep[-1])
 
 
-def test_the_two_semantics_differ():
-    """The reference really tells them apart: with masks that prune, frozen and removed give other logits."""
-    torch.manual_seed(0)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
-    x, keep = torch.randn(3, 3, 32, 32), random_nested_keep(SMALL_CFG, 2)
-    with torch.no_grad():
-        assert not torch.allclose(model(x, keep, "frozen"), model(x, keep, "removed"), atol=1e-3)
-
-
-@pytest.mark.parametrize("family", list(FAMILY))
-@pytest.mark.parametrize("tokens", vit.TOKENS)
-def test_keeping_every_token_gives_the_dense_logits_through_the_gather(tokens, family):
-    """Must-hold 2, through the gathered code path, not the dense one: (a) a block called with every index equals
-    the block called with none; (b) masks that keep every token but one patch at the last layer give the dense
-    logits (the heads read only the prefix tokens), through the gather and in the Eq. 2 reference, and the last
-    block returns the rows its semantics says: all N frozen, N - 1 removed."""
-    model = family_model(family)
-    x, N, L = torch.randn(3, 3, 32, 32), model.cfg.num_tokens, model.cfg.depth
-    z = model.embed(x)
-    with torch.no_grad():
-        for blk in model.blocks:
-            assert torch.allclose(blk(z, torch.arange(N), tokens), blk(z), atol=1e-6)
-        all_but_one = [torch.arange(N)] * (L - 1) + [torch.arange(N - 1)]  # the last block skips patch N-1
-        dense, ref = model(x), eq2_reference(model, x, all_but_one, tokens)
-        assert torch.allclose(model(x, all_but_one, tokens), dense, atol=1e-5)  # class token: same as dense
-        assert torch.allclose(ref, dense, atol=1e-5)
-        feats = model.run_blocks(z, all_but_one, tokens)
-        rows = feats.shape[1]
-        assert rows == (N if tokens == "frozen" else N - 1)
-
-
-def test_frozen_rows_pass_through_unchanged():
-    """P1: a patch pruned at layer t keeps its feature from then on, and every row stays in the sequence."""
-    torch.manual_seed(0)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
-    N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
-    keep = [torch.arange(N), torch.tensor([0, 1, 2, 3])] + [torch.tensor([0, 1])] * (L - 2)
-    z = model.embed(torch.randn(2, 3, 32, 32))
-    with torch.no_grad():
-        after_1 = model.run_blocks(z, keep, "frozen", end=1)
-        out = model.run_blocks(z, keep, "frozen")
-    assert out.shape[1] == N
-    assert torch.equal(out[:, 4:], after_1[:, 4:])            # pruned at layer 2: frozen since layer 1's output
-    assert not torch.allclose(out[:, :2], after_1[:, :2])     # kept rows were updated
-
-
-@pytest.mark.parametrize("family", list(FAMILY))
-def test_single_layer_bench_predicts_what_the_model_predicts(family):
-    """bench/single_layer.py's predictions from a cached Z_{t-1}: one class per image, the model's own (a change of
-    the features' shape once made every Fig. 6 point read 10%)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
-    from single_layer import predictions
-    torch.manual_seed(0)
-    cfg = FAMILY[family]
-    model, x, keep = vit.VisionTransformer(cfg).eval(), torch.randn(6, 3, 32, 32), random_nested_keep(cfg, 1)
-    with torch.no_grad():
-        z_in = model.run_blocks(model.embed(x), keep, "frozen", 1, 2)  # Z_2 under keep: the input of block 3
-        expected = model(x, keep, "frozen").argmax(-1).numpy()
-    got = predictions(model, z_in, keep, "frozen", 3, batch_size=4)
-    assert got.shape == (6,) and (got == expected).all()
-
-
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 def test_packed_model_equals_the_plain_one():
     torch.manual_seed(0)
@@ -229,101 +280,6 @@ def test_packed_model_equals_the_plain_one():
         vit.pack_for_cpu(vit.VisionTransformer(SMALL_CFG).to(torch.bfloat16))
 
 
-def test_bad_keep_is_a_clear_error():
-    cfg, N = SMALL_CFG, SMALL_CFG.num_tokens
-    good = random_nested_keep(cfg, 0)
-    cases = {
-        "layers but the model has depth": good[:-1],
-        "does not keep the prefix tokens \\[0\\]": [torch.arange(1, N)] + good[1:],
-        "not sorted and unique": [torch.tensor([0, 3, 2])] + good[1:],
-        "but the model has 17 tokens": [torch.arange(N + 1)] + good[1:],
-        "masks are not nested": [torch.tensor([0, 1])] + [torch.tensor([0, 2])] + good[2:],
-    }
-    model = vit.VisionTransformer(cfg)
-    for msg, keep in cases.items():
-        with pytest.raises(UserError, match=msg):
-            model(torch.randn(1, 3, 32, 32), keep=keep)
-    distilled = FAMILY["distilled"]  # P1 generalised: the distillation token 1 is kept at every layer too
-    good = random_nested_keep(distilled, 0)
-    assert good[-1].tolist() == [0, 1] and all(k[:2].tolist() == [0, 1] for k in good)
-    no_dist = [good[0][good[0] != 1]] + [k[k != 1] for k in good[1:]]
-    with pytest.raises(UserError, match=r"does not keep the prefix tokens \[0, 1\].*class and distillation"):
-        vit.check_keep(no_dist, distilled)
-
-
-@pytest.mark.parametrize("tokens", vit.TOKENS)
-def test_masks_file_roundtrip_and_validation(tmp_path, tokens):
-    keep = random_nested_keep(SMALL_CFG, 1)
-    vit.save_masks(tmp_path / "m.json", keep, SMALL_CFG, tokens, name="small")
-    back, back_tokens = vit.load_masks(tmp_path / "m.json", SMALL_CFG)
-    assert all(torch.equal(a, b) for a, b in zip(keep, back)) and back_tokens == tokens
-    other = vit.ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=2)
-    with pytest.raises(UserError, match="is for 17 tokens but the model has 65"):
-        vit.load_masks(tmp_path / "m.json", other)
-    obj = json.loads((tmp_path / "m.json").read_text())
-    del obj["tokens"]  # a file from before the entry existed means the paper's semantics (issue: "frozen")
-    (tmp_path / "old.json").write_text(json.dumps(obj))
-    assert vit.load_masks(tmp_path / "old.json", SMALL_CFG)[1] == "frozen"
-    obj["tokens"] = "squashed"
-    (tmp_path / "odd.json").write_text(json.dumps(obj))
-    with pytest.raises(UserError, match="unknown token semantics 'squashed'"):
-        vit.load_masks(tmp_path / "odd.json", SMALL_CFG)
-    obj["tokens"], obj["keep"][2], obj["keep"][1] = tokens, [0, 16], [0, 15]
-    (tmp_path / "bad.json").write_text(json.dumps(obj))
-    with pytest.raises(UserError, match="not nested"):
-        vit.load_masks(tmp_path / "bad.json", SMALL_CFG)
-    with pytest.raises(UserError, match="not found"):
-        vit.load_masks(tmp_path / "none.json", SMALL_CFG)
-
-
-def test_slimmed_checkpoint_carries_its_token_semantics(tmp_path):
-    model, keep = vit.VisionTransformer(SMALL_CFG), random_nested_keep(SMALL_CFG, 3)
-    sd = {"model": model.state_dict(), "config": vit.asdict(SMALL_CFG), "keep": [k.tolist() for k in keep]}
-    torch.save({**sd, "tokens": "removed"}, tmp_path / "removed.pth")
-    torch.save(sd, tmp_path / "v1.pth")  # no "tokens" entry
-    assert vit.load_checkpoint(tmp_path / "removed.pth").tokens == "removed"
-    assert vit.load_checkpoint(tmp_path / "v1.pth").tokens == "frozen"
-    assert vit.resolve_tokens("removed", None, "f") == ("removed", None)
-    tokens, note = vit.resolve_tokens("removed", "frozen", "f.json")  # an explicit --tokens: allowed, and said
-    assert tokens == "frozen" and "searched with tokens='removed'" in note
-
-
-def test_checkpoint_errors(tmp_path):
-    model = vit.VisionTransformer(SMALL_CFG)
-    torch.save({"model": model.state_dict()}, tmp_path / "small.pth")
-    loaded = vit.load_checkpoint(tmp_path / "small.pth")  # architecture inferred from shapes
-    assert loaded.cfg.embed_dim == 64 and loaded.cfg.depth == 4 and loaded.cfg.patch_size == 8
-    with pytest.raises(UserError, match=r"does not match the model: .*embed_dim=64 \(expected 384\)"):
-        vit.load_checkpoint(tmp_path / "small.pth", expect=vit.PRESETS["deit_small"])
-    with pytest.raises(UserError, match="not found"):
-        vit.load_checkpoint(tmp_path / "missing.pth")
-    (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="could not be read"):
-        vit.load_checkpoint(tmp_path / "junk.pth")
-    sd = model.state_dict()
-    sd["blocks.0.mlp.fc1.weight"] = sd["blocks.0.mlp.fc1.weight"][:100]
-    torch.save({"model": sd, "config": vit.asdict(SMALL_CFG)}, tmp_path / "bad_shape.pth")
-    with pytest.raises(UserError, match="blocks.0.mlp.fc1.weight has shape"):
-        vit.load_checkpoint(tmp_path / "bad_shape.pth")
-    with pytest.raises(UserError, match="could not download"):  # nothing listens there: offline-like
-        vit.load_checkpoint("http://127.0.0.1:9/deit.pth")
-    with pytest.raises(UserError, match="unknown model"):
-        vit.deit("deit_huge")
-
-
-# ----------------------------------------------------------------------------- flops.py
-
-CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
-
-
-def counted_macs(model, keep, tokens):
-    """torch's own FLOP counter on the real (gathered) forward; it counts 2 FLOPs per MAC."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
-        model(torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size), keep=keep, tokens=tokens)
-    return fc.get_total_flops() / 2
-
-
 @pytest.mark.parametrize("name,seed", [("deit_tiny", s) for s in (None, 0, 1, 2)] +
                          [(n, s) for n in ("deit_tiny_distilled", "deit3_small") for s in (None, 0)])
 @pytest.mark.parametrize("tokens", vit.TOKENS)
@@ -333,9 +289,6 @@ def test_flops_match_torch_counter(seed, tokens, name):
     keep = None if seed is None else random_nested_keep(model.cfg, seed)
     ours, theirs = flops.count_flops(model.cfg, keep, tokens=tokens), counted_macs(model, keep, tokens)
     assert ours == theirs, (ours, theirs)  # to the multiply-add: both count matmuls and convs only (NOT_COUNTED)
-
-
-FIG5_PYRAMID = [197, 197, 160, 153, 121, 101, 83, 63, 50, 25, 20, 1]  # DeiT-S kept patches, paper's Fig. 5 (approx.)
 
 
 @pytest.mark.parametrize("tokens,gflops", [("frozen", "2.66"), ("removed", "2.33")])
@@ -357,43 +310,9 @@ def test_dense_flops_match_paper():
         == [1.3, 4.6, 17.6]
 
 
-# ----------------------------------------------------------------------------- data.py
-
-def test_data_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        data.build_dataset(str(tmp_path / "nope"), "train", 32)
-    with pytest.raises(UserError, match="has no train/ subfolder"):
-        data.build_dataset(str(tmp_path), "train", 32)
-    (tmp_path / "train" / "cls").mkdir(parents=True)
-    with pytest.raises(UserError, match="holds no images"):
-        data.build_dataset(str(tmp_path), "train", 32)
-
-
-def test_odd_image_modes_become_rgb(tmp_path):
-    d = tmp_path / "val" / "a"
-    d.mkdir(parents=True)
-    Image.new("L", (40, 30), 128).save(d / "gray.png")
-    Image.new("CMYK", (32, 32), (0, 0, 0, 0)).save(d / "cmyk.jpg")
-    Image.new("P", (50, 50), 3).save(d / "palette.png")
-    Image.new("RGBA", (32, 32)).save(d / "rgba.png")
-    for size in (32, 224):
-        ds = data.build_dataset(str(tmp_path), "val", size)
-        assert all(ds[i][0].shape == (3, size, size) for i in range(len(ds)))
-
-
 def test_eval_transform_is_deit_recipe_at_224():
     t = data.build_transform(224, train=False).transforms
     assert list(t[0].size) == [256] and t[0].interpolation.value == "bicubic" and list(t[1].size) == [224, 224]
-
-
-def test_subsets_are_deterministic():
-    class DS:
-        targets = [i % 5 for i in range(100)]
-    first = data.subset(DS, per_class=3).indices
-    assert first == sorted(range(15))
-    a, b = data.subset(DS, per_class=4, seed=1).indices, data.subset(DS, per_class=4, seed=1).indices
-    assert a == b and sorted(DS.targets[i] for i in a) == sorted(list(range(5)) * 4)
-    assert data.subset(DS, per_class=4, seed=2).indices != a
 
 
 @needs_shared
@@ -403,11 +322,6 @@ def test_proxy_checkpoint_reproduces_its_val_top1():
     ds = data.build_dataset(CIFAR, "val", model.cfg.img_size)
     top1 = evaluate.evaluate(model, ds, workers=2)
     assert abs(top1 - 100 * ck["val_top1"]) <= 0.2, (top1, ck["val_top1"])
-
-
-# ----------------------------------------------------------------------------- slim.py: scores and search
-
-TINY_CFG = vit.ViTConfig(img_size=8, patch_size=4, num_classes=3, embed_dim=8, depth=4, num_heads=2)  # 5 tokens
 
 
 @pytest.mark.parametrize("tokens", vit.TOKENS)
@@ -541,43 +455,6 @@ def test_spearman():
     assert slim.spearman(a, -a) == pytest.approx(-1.0)
 
 
-def search_setup(eps, seed=0, tokens="frozen", error="next", **settings):
-    torch.manual_seed(seed)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
-    imgs = torch.utils.data.TensorDataset(torch.randn(96, 3, 32, 32), torch.zeros(96, dtype=torch.long))
-    fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64)), 32, workers=0), "fit")
-    held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(64, 96)), 32, workers=0), "held")
-    s = slim.SearchSettings(**{**dict(tokens=tokens, error=error, eps=eps, r_step=2, ft_steps=3, score_images=16,
-                                      batch_size=32), **settings})
-    return model, fit, held, s
-
-
-# eps where the random tiny model keeps some patches and drops others (frozen rows barely move a random model)
-MID_EPS = {("frozen", "next"): 3e-5, ("removed", "next"): 0.005, ("frozen", "final"): 0.01, ("removed", "final"): 0.3}
-
-
-@pytest.mark.parametrize("tokens,error", list(MID_EPS))
-@pytest.mark.parametrize("eps", [1e9, "mid", 1e-6])
-@pytest.mark.parametrize("search", list(slim.SEARCH_LOOPS))
-def test_search_gives_nested_masks_and_reports_the_error_of_what_it_returns(search, eps, tokens, error):
-    eps = MID_EPS[tokens, error] if eps == "mid" else eps
-    model, fit, held, s = search_setup(eps, tokens=tokens, error=error, search=search)
-    state = slim.search(model, fit, held, s, log=lambda m: None)
-    keep = vit.check_keep(state["keep"], SMALL_CFG)  # nested, class token everywhere
-    assert keep[-1].tolist() == [0]                  # m_L = e_0
-    counts = [k.numel() for k in keep]
-    N = SMALL_CFG.num_tokens
-    if eps == 1e9:   # anything goes: only what m_L = e_0 and nesting force is kept
-        assert counts == [1] * SMALL_CFG.depth
-    if eps == 1e-6:  # nothing may change: every patch is kept below the last layer
-        assert counts[:-1] == [N] * (SMALL_CFG.depth - 1)
-    for lay in state["layers"]:  # the reported E is the error of the model the search returns, measured again
-        t = lay["layer"]
-        searched = [torch.arange(N)] * (t - 1) + keep[t - 1:]    # as layer t was searched: layers below dense
-        e = slim.layer_error(model, slim.at_layer(held, t), searched, tokens, error, t, 32)
-        assert (lay["E"], lay["E_abs"]) == (pytest.approx(e.relative, rel=1e-3), pytest.approx(e.absolute, rel=1e-3))
-
-
 @pytest.mark.parametrize("tokens", vit.TOKENS)
 def test_next_layer_error_equals_a_direct_computation(tokens):
     """P4/C4: E_{t+1} is the relative squared error of layer t+1's kept rows when blocks t and t+1, pruned, run on the
@@ -604,43 +481,6 @@ def test_next_layer_error_equals_a_direct_computation(tokens):
     assert slim.layer_error(model, slim.at_layer(cache, t), full, tokens, "next", t, 3).relative < 1e-10
 
 
-@pytest.mark.parametrize("error", list(slim.ERRORS))
-def test_block_finetune_changes_only_block_t(error):
-    model, fit, held, s = search_setup(0.01, error=error)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    N, t = SMALL_CFG.num_tokens, 2
-    keep = [torch.arange(N), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1]), torch.tensor([0])]
-    slim.finetune_block(model, t, slim.at_layer(fit, t), keep, s, seed=0, desc="ft")
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith(f"blocks.{t - 1}.") for k in changed), changed
-    assert all(not p.requires_grad for p in model.parameters())
-
-
-def alg1_as_written(model, fit, held, s):
-    """Algorithm 1 from the paper's listing (METHOD.md §4), written here independently of slim's two loops: for
-    t = L-1..1, m_t = m_{t+1} ∪ the r best patches for r = 0, r', 2r', ... (at last every patch), fine-tune block t
-    at every r without ever resetting it, stop at the first E_{t+1} <= eps after the fine-tune."""
-    N, L = model.cfg.num_tokens, model.cfg.depth
-    keep = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]                 # m_L = e_0
-    for t in range(L - 1, 0, -1):
-        dense_t = keep[:t - 1] + [torch.arange(N)] + keep[t:]
-        scores = slim.layer_scores(model, fit.z[t - 1][:s.score_images], dense_t, s.tokens, t, s.score,
-                                   s.batch_size, s.seed)
-        above = set(keep[t].tolist())
-        order = [i for i in scores.argsort(descending=True, stable=True).tolist() if i not in above]
-        r = 0
-        while True:
-            trial = keep[:t - 1] + [torch.tensor(sorted(above | set(order[:r])))] + keep[t:]
-            slim.finetune_block(model, t, slim.at_layer(fit, t), trial, s, seed=s.seed + 1000 * t + r, desc="")
-            e = slim.layer_error(model, slim.at_layer(held, t), trial, s.tokens, s.error, t, s.batch_size).relative
-            if e <= s.eps or r == len(order):
-                break
-            r = min(r + s.r_step, len(order))
-        keep = trial
-    return keep
-
-
 @pytest.mark.parametrize("tokens", vit.TOKENS)
 def test_default_search_is_alg1_as_written(tokens):
     """Must-hold 1: slim.search's default equals Alg. 1 written independently above, masks and every weight, with
@@ -660,6 +500,148 @@ def test_default_search_is_alg1_as_written(tokens):
         fast_keep = slim.search(fast_model, fit, held, fast, log=lambda m: None)["keep"]
         differ += [k.tolist() for k in fast_keep] != [k.tolist() for k in ref_keep]
     assert differ, "the fast path chose Alg. 1's masks at every eps: the test cannot tell the loops apart"
+
+
+@pytest.mark.parametrize("tokens,eps", [("removed", 0.03), ("frozen", MID_EPS["frozen", "next"])])
+def test_fast_path_takes_the_candidate_its_rule_names(tokens, eps):
+    """Must-hold 2: --search fast against an exhaustive scan of every r, with the rescue branch on. Its rule
+    (slim.search_layer_fast): i_ok = the first r with E0 <= eps, i_ft = the first with E0 <= ft_reach * eps; of
+    i_ft .. i_ok-1 the first ft_tries are fine-tuned from the layer's starting weights, and the first whose E is
+    then <= eps is taken; else i_ok. The reference measures E0 at every r (no bisection). The recorded E must be the
+    error of the weights the layer leaves."""
+    model, fit, held, s = search_setup(eps, tokens=tokens, ft_lr=1e-4, ft_steps=10, search="fast", ft_reach=4.0,
+                                       ft_tries=2)
+    N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
+    keep, rescued = [torch.arange(N)] * (L - 1) + [torch.tensor([0])], 0
+    for t in range(L - 1, 0, -1):
+        fit_t, held_t = slim.at_layer(fit, t), slim.at_layer(held, t)
+        start = copy.deepcopy(model.state_dict())
+        scores = slim.layer_scores(model, fit.z[t - 1][:s.score_images], keep[:t - 1] + [torch.arange(N)] + keep[t:],
+                                   tokens, t, s.score, s.batch_size, s.seed)
+        above = set(keep[t].tolist())
+        order = [i for i in scores.argsort(descending=True, stable=True).tolist() if i not in above]
+        rs = list(range(0, len(order), s.r_step)) + [len(order)]
+        masks = [keep[:t - 1] + [torch.tensor(sorted(above | set(order[:r])))] + keep[t:] for r in rs]
+        e0 = [slim.layer_error(model, held_t, m, tokens, "next", t, s.batch_size).relative for m in masks]
+        i_ok = next((i for i, e in enumerate(e0) if e <= eps), len(rs) - 1)
+        i_ft = next((i for i, e in enumerate(e0) if e <= s.ft_reach * eps), len(rs) - 1)
+        want = i_ok
+        for i in list(range(i_ft, i_ok))[:s.ft_tries]:
+            model.load_state_dict(start)
+            slim.finetune_block(model, t, fit_t, masks[i], s, seed=s.seed + 1000 * t + rs[i], desc="")
+            if slim.layer_error(model, held_t, masks[i], tokens, "next", t, s.batch_size).relative <= eps:
+                want, rescued = i, rescued + 1
+                break
+        model.load_state_dict(start)
+        k_t, info = slim.search_layer(model, t, keep, fit_t, held_t, s, log=lambda m: None)
+        assert k_t.tolist() == masks[want][t - 1].tolist(), (t, rs[want], e0)
+        keep = keep[:t - 1] + [k_t] + keep[t:]
+        assert info["E"] == pytest.approx(slim.layer_error(model, held_t, keep, tokens, "next", t, s.batch_size).relative,
+                                          rel=1e-3)
+    if tokens == "removed":  # where this random model's fine-tunes lower E enough (frozen rows barely move it)
+        assert rescued, "no layer took a candidate rescued by its fine-tune: the rescue branch went untested"
+
+
+@pytest.mark.parametrize("family", list(FAMILY))
+def test_single_layer_bench_predicts_what_the_model_predicts(family):
+    """bench/single_layer.py's predictions from a cached Z_{t-1}: one class per image, the model's own (a change of
+    the features' shape once made every Fig. 6 point read 10%)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    from single_layer import predictions
+    torch.manual_seed(0)
+    cfg = FAMILY[family]
+    model, x, keep = vit.VisionTransformer(cfg).eval(), torch.randn(6, 3, 32, 32), random_nested_keep(cfg, 1)
+    with torch.no_grad():
+        z_in = model.run_blocks(model.embed(x), keep, "frozen", 1, 2)  # Z_2 under keep: the input of block 3
+        expected = model(x, keep, "frozen").argmax(-1).numpy()
+    got = predictions(model, z_in, keep, "frozen", 3, batch_size=4)
+    assert got.shape == (6,) and (got == expected).all()
+
+
+# ----------------------------------------------------------------------------- invariants of the method
+# Properties the method must keep whatever the weights: keeping every token changes nothing, frozen rows pass
+# through, masks nest and hold the prefix tokens, a block fine-tune touches only its block, runs resume to the same result.
+
+
+def test_the_two_semantics_differ():
+    """The reference really tells them apart: with masks that prune, frozen and removed give other logits."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    x, keep = torch.randn(3, 3, 32, 32), random_nested_keep(SMALL_CFG, 2)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, keep, "frozen"), model(x, keep, "removed"), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", list(FAMILY))
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_keeping_every_token_gives_the_dense_logits_through_the_gather(tokens, family):
+    """Must-hold 2, through the gathered code path, not the dense one: (a) a block called with every index equals
+    the block called with none; (b) masks that keep every token but one patch at the last layer give the dense
+    logits (the heads read only the prefix tokens), through the gather and in the Eq. 2 reference, and the last
+    block returns the rows its semantics says: all N frozen, N - 1 removed."""
+    model = family_model(family)
+    x, N, L = torch.randn(3, 3, 32, 32), model.cfg.num_tokens, model.cfg.depth
+    z = model.embed(x)
+    with torch.no_grad():
+        for blk in model.blocks:
+            assert torch.allclose(blk(z, torch.arange(N), tokens), blk(z), atol=1e-6)
+        all_but_one = [torch.arange(N)] * (L - 1) + [torch.arange(N - 1)]  # the last block skips patch N-1
+        dense, ref = model(x), eq2_reference(model, x, all_but_one, tokens)
+        assert torch.allclose(model(x, all_but_one, tokens), dense, atol=1e-5)  # class token: same as dense
+        assert torch.allclose(ref, dense, atol=1e-5)
+        feats = model.run_blocks(z, all_but_one, tokens)
+        rows = feats.shape[1]
+        assert rows == (N if tokens == "frozen" else N - 1)
+
+
+def test_frozen_rows_pass_through_unchanged():
+    """P1: a patch pruned at layer t keeps its feature from then on, and every row stays in the sequence."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(SMALL_CFG).eval()
+    N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
+    keep = [torch.arange(N), torch.tensor([0, 1, 2, 3])] + [torch.tensor([0, 1])] * (L - 2)
+    z = model.embed(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        after_1 = model.run_blocks(z, keep, "frozen", end=1)
+        out = model.run_blocks(z, keep, "frozen")
+    assert out.shape[1] == N
+    assert torch.equal(out[:, 4:], after_1[:, 4:])            # pruned at layer 2: frozen since layer 1's output
+    assert not torch.allclose(out[:, :2], after_1[:, :2])     # kept rows were updated
+
+
+@pytest.mark.parametrize("tokens,error", list(MID_EPS))
+@pytest.mark.parametrize("eps", [1e9, "mid", 1e-6])
+@pytest.mark.parametrize("search", list(slim.SEARCH_LOOPS))
+def test_search_gives_nested_masks_and_reports_the_error_of_what_it_returns(search, eps, tokens, error):
+    eps = MID_EPS[tokens, error] if eps == "mid" else eps
+    model, fit, held, s = search_setup(eps, tokens=tokens, error=error, search=search)
+    state = slim.search(model, fit, held, s, log=lambda m: None)
+    keep = vit.check_keep(state["keep"], SMALL_CFG)  # nested, class token everywhere
+    assert keep[-1].tolist() == [0]                  # m_L = e_0
+    counts = [k.numel() for k in keep]
+    N = SMALL_CFG.num_tokens
+    if eps == 1e9:   # anything goes: only what m_L = e_0 and nesting force is kept
+        assert counts == [1] * SMALL_CFG.depth
+    if eps == 1e-6:  # nothing may change: every patch is kept below the last layer
+        assert counts[:-1] == [N] * (SMALL_CFG.depth - 1)
+    for lay in state["layers"]:  # the reported E is the error of the model the search returns, measured again
+        t = lay["layer"]
+        searched = [torch.arange(N)] * (t - 1) + keep[t - 1:]    # as layer t was searched: layers below dense
+        e = slim.layer_error(model, slim.at_layer(held, t), searched, tokens, error, t, 32)
+        assert (lay["E"], lay["E_abs"]) == (pytest.approx(e.relative, rel=1e-3), pytest.approx(e.absolute, rel=1e-3))
+
+
+@pytest.mark.parametrize("error", list(slim.ERRORS))
+def test_block_finetune_changes_only_block_t(error):
+    model, fit, held, s = search_setup(0.01, error=error)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    N, t = SMALL_CFG.num_tokens, 2
+    keep = [torch.arange(N), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1]), torch.tensor([0])]
+    slim.finetune_block(model, t, slim.at_layer(fit, t), keep, s, seed=0, desc="ft")
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(f"blocks.{t - 1}.") for k in changed), changed
+    assert all(not p.requires_grad for p in model.parameters())
 
 
 def test_alg1_finetunes_only_block_t_and_carries_its_weights_over(monkeypatch):
@@ -692,6 +674,127 @@ def test_alg1_finetunes_only_block_t_and_carries_its_weights_over(monkeypatch):
     assert any(tr["E"] != tr["E0"] for tr in info["trials"])
 
 
+@pytest.mark.parametrize("score", list(slim.SCORES))
+def test_baseline_masks_have_the_asked_counts(score):
+    model, fit, _, s = search_setup(0.3)
+    counts = flops.linear_pyramid(SMALL_CFG, 0.6 * flops.count_flops(SMALL_CFG))
+    keep = slim.masks_for_counts(model, fit.z, counts, "frozen", score, batch_size=32)
+    assert [k.numel() for k in vit.check_keep(keep, SMALL_CFG)] == counts
+    assert counts[-1] == 1 and all(a >= b for a, b in zip(counts, counts[1:]))
+
+
+@pytest.mark.parametrize("family", ["distilled", "deit3"])
+@pytest.mark.parametrize("error", ["next", "final"])
+def test_search_keeps_every_prefix_token_on_every_family(family, error):
+    """P1 generalised: the search keeps every prefix token at every layer and ends with exactly them (m_L)."""
+    model = family_model(family)
+    imgs = torch.utils.data.TensorDataset(torch.randn(48, 3, 32, 32), torch.zeros(48, dtype=torch.long))
+    fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32)), 16, workers=0), "fit")
+    held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32, 48)), 16, workers=0), "held")
+    assert fit.feat.shape == (32, model.cfg.prefix_tokens, SMALL_CFG.embed_dim)
+    s = slim.SearchSettings(eps=0.05 if error == "next" else 0.3, error=error, r_step=2, ft_steps=2, score_images=8,
+                            batch_size=16)
+    keep = vit.check_keep(slim.search(model, fit, held, s, log=lambda m: None)["keep"], model.cfg)
+    P = model.cfg.prefix_tokens
+    assert keep[-1].tolist() == list(range(P)) and all(k[:P].tolist() == list(range(P)) for k in keep)
+    counts = flops.linear_pyramid(model.cfg, 0.6 * flops.count_flops(model.cfg))
+    assert counts[-1] == P and min(counts) == P
+
+
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_masks_file_roundtrip_and_validation(tmp_path, tokens):
+    keep = random_nested_keep(SMALL_CFG, 1)
+    vit.save_masks(tmp_path / "m.json", keep, SMALL_CFG, tokens, name="small")
+    back, back_tokens = vit.load_masks(tmp_path / "m.json", SMALL_CFG)
+    assert all(torch.equal(a, b) for a, b in zip(keep, back)) and back_tokens == tokens
+    other = vit.ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=2)
+    with pytest.raises(UserError, match="is for 17 tokens but the model has 65"):
+        vit.load_masks(tmp_path / "m.json", other)
+    obj = json.loads((tmp_path / "m.json").read_text())
+    del obj["tokens"]  # a file from before the entry existed means the paper's semantics (issue: "frozen")
+    (tmp_path / "old.json").write_text(json.dumps(obj))
+    assert vit.load_masks(tmp_path / "old.json", SMALL_CFG)[1] == "frozen"
+    obj["tokens"] = "squashed"
+    (tmp_path / "odd.json").write_text(json.dumps(obj))
+    with pytest.raises(UserError, match="unknown token semantics 'squashed'"):
+        vit.load_masks(tmp_path / "odd.json", SMALL_CFG)
+    obj["tokens"], obj["keep"][2], obj["keep"][1] = tokens, [0, 16], [0, 15]
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(UserError, match="not nested"):
+        vit.load_masks(tmp_path / "bad.json", SMALL_CFG)
+    with pytest.raises(UserError, match="not found"):
+        vit.load_masks(tmp_path / "none.json", SMALL_CFG)
+
+
+def test_slimmed_checkpoint_carries_its_token_semantics(tmp_path):
+    model, keep = vit.VisionTransformer(SMALL_CFG), random_nested_keep(SMALL_CFG, 3)
+    sd = {"model": model.state_dict(), "config": vit.asdict(SMALL_CFG), "keep": [k.tolist() for k in keep]}
+    torch.save({**sd, "tokens": "removed"}, tmp_path / "removed.pth")
+    torch.save(sd, tmp_path / "v1.pth")  # no "tokens" entry
+    assert vit.load_checkpoint(tmp_path / "removed.pth").tokens == "removed"
+    assert vit.load_checkpoint(tmp_path / "v1.pth").tokens == "frozen"
+    assert vit.resolve_tokens("removed", None, "f") == ("removed", None)
+    tokens, note = vit.resolve_tokens("removed", "frozen", "f.json")  # an explicit --tokens: allowed, and said
+    assert tokens == "frozen" and "searched with tokens='removed'" in note
+
+
+def test_normalisation_comes_from_the_model(tmp_path):
+    """The checkpoint's config sets the input statistics data.py uses; a bare state dict logs ImageNet's as assumed;
+    --mean/--std override, and the log says so."""
+    root = image_folder(tmp_path / "data", classes=10, train_per_class=1, val_per_class=1, size=(32, 32))
+    cfg = replace(SMALL_CFG, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    torch.save({"model": vit.VisionTransformer(cfg).state_dict(), "config": vit.asdict(cfg)}, tmp_path / "c.pth")
+    model = vit.load_checkpoint(tmp_path / "c.pth")
+    assert model.cfg.mean == (0.5, 0.5, 0.5) and "from the checkpoint's config" in model.normalisation
+    ds = data.build_dataset(str(root), "val", 32, mean=model.cfg.mean, std=model.cfg.std)
+    raw = torch.as_tensor(np.array(Image.open(ds.samples[0][0]).convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
+    assert torch.allclose(ds[0][0], (raw / 255 - 0.5) / 0.25, atol=1e-6)
+    argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--workers", "0"]
+    slim.cli(argv + ["--weights", str(tmp_path / "c.pth"), "--out", str(tmp_path / "a")])
+    assert "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25): from the checkpoint's config" in (tmp_path / "a" / "eval.log").read_text()
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, tmp_path / "bare.pth")
+    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b")])
+    assert "std (0.229, 0.224, 0.225): assumed ImageNet's" in (tmp_path / "b" / "eval.log").read_text()
+    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c"), "--mean", "0.4", "0.4",
+                     "0.4", "--std", "0.2", "0.2", "0.2"])
+    assert "mean (0.4, 0.4, 0.4), std (0.2, 0.2, 0.2): from --mean/--std" in (tmp_path / "c" / "eval.log").read_text()
+
+
+def test_subsets_are_deterministic():
+    class DS:
+        targets = [i % 5 for i in range(100)]
+    first = data.subset(DS, per_class=3).indices
+    assert first == sorted(range(15))
+    a, b = data.subset(DS, per_class=4, seed=1).indices, data.subset(DS, per_class=4, seed=1).indices
+    assert a == b and sorted(DS.targets[i] for i in a) == sorted(list(range(5)) * 4)
+    assert data.subset(DS, per_class=4, seed=2).indices != a
+
+
+def test_seeded_view_draws_per_image_and_epoch():
+    ds = data.SeededView(torch.utils.data.TensorDataset(torch.arange(4)), seed=3)
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3)
+    view = data.SeededView(Noisy(), seed=3)
+    a = [view[i] for i in range(4)]
+    torch.manual_seed(123)
+    assert all(torch.equal(x, view[i]) for i, x in enumerate(reversed(a[::-1])))  # independent of order and state
+    view.epoch = 1
+    assert not torch.equal(a[0], view[0]) and len(ds) == 4
+
+
+def test_memory_plan():
+    cfg = vit.PRESETS["deit_small"]
+    place, line = caches.cache_plan(cfg, 512, torch.device("cpu"))
+    assert place.type == "cpu" and "512 images x 13 layers x 197 tokens x 384 in float32 = 1.88 GiB" in line
+    with pytest.raises(UserError, match="do not fit.*--fit-images"):
+        caches.cache_plan(cfg, 10**7, torch.device("cpu"))
+
+
 def test_search_resumes_to_the_same_masks_and_refuses_other_settings(tmp_path):
     model, fit, held, s = search_setup(3e-5)
     whole = slim.search(model, fit, held, s, log=lambda m: None)
@@ -708,6 +811,98 @@ def test_search_resumes_to_the_same_masks_and_refuses_other_settings(tmp_path):
     model, fit, held, s = search_setup(3e-5, tokens="removed")
     with pytest.raises(UserError, match="tokens 'frozen' -> 'removed'"):
         slim.search(model, fit, held, s, log=lambda m: None, state_path=path)
+
+
+def test_final_finetune_resumes_mid_epoch_to_the_uninterrupted_weights(tmp_path):
+    student, teacher, keep, ds, s = small_finetune_setup()
+    whole = pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, None, {}, print, workers=0)
+    assert whole == 10  # 5 steps per epoch (40 images, batch 8, drop last), 2 epochs
+    lines, ckpt = [], str(tmp_path / "finetune.pt")
+    resumed, _, _, _, _ = small_finetune_setup()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline_finetune.finetune(resumed, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
+                                   workers=0, interrupt_at=7)
+    assert torch.load(ckpt, weights_only=False)["step"] == 7 and "interrupted after step 7/10" in lines[-1]
+    again, _, _, _, _ = small_finetune_setup()  # a new process: fresh weights, then the checkpoint
+    assert pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
+                                      workers=0) == 3
+    assert any("resuming the final fine-tune from" in m and "epoch 2, step 2 of 5 (7/10 done)" in m for m in lines)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
+    with pytest.raises(UserError, match=r"other settings \(lr 0.001 -> 0.002"):
+        pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, replace(s, lr=2e-3), ckpt, {"masks": "m"},
+                                   print, workers=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+# What a user can get wrong gets one line naming the problem and the fix (or is handled as documented), never a
+# traceback from deep inside torch and never a silently wrong result.
+
+
+def test_bad_keep_is_a_clear_error():
+    cfg, N = SMALL_CFG, SMALL_CFG.num_tokens
+    good = random_nested_keep(cfg, 0)
+    cases = {
+        "layers but the model has depth": good[:-1],
+        "does not keep the prefix tokens \\[0\\]": [torch.arange(1, N)] + good[1:],
+        "not sorted and unique": [torch.tensor([0, 3, 2])] + good[1:],
+        "but the model has 17 tokens": [torch.arange(N + 1)] + good[1:],
+        "masks are not nested": [torch.tensor([0, 1])] + [torch.tensor([0, 2])] + good[2:],
+    }
+    model = vit.VisionTransformer(cfg)
+    for msg, keep in cases.items():
+        with pytest.raises(UserError, match=msg):
+            model(torch.randn(1, 3, 32, 32), keep=keep)
+    distilled = FAMILY["distilled"]  # P1 generalised: the distillation token 1 is kept at every layer too
+    good = random_nested_keep(distilled, 0)
+    assert good[-1].tolist() == [0, 1] and all(k[:2].tolist() == [0, 1] for k in good)
+    no_dist = [good[0][good[0] != 1]] + [k[k != 1] for k in good[1:]]
+    with pytest.raises(UserError, match=r"does not keep the prefix tokens \[0, 1\].*class and distillation"):
+        vit.check_keep(no_dist, distilled)
+
+
+def test_checkpoint_errors(tmp_path):
+    model = vit.VisionTransformer(SMALL_CFG)
+    torch.save({"model": model.state_dict()}, tmp_path / "small.pth")
+    loaded = vit.load_checkpoint(tmp_path / "small.pth")  # architecture inferred from shapes
+    assert loaded.cfg.embed_dim == 64 and loaded.cfg.depth == 4 and loaded.cfg.patch_size == 8
+    with pytest.raises(UserError, match=r"does not match the model: .*embed_dim=64 \(expected 384\)"):
+        vit.load_checkpoint(tmp_path / "small.pth", expect=vit.PRESETS["deit_small"])
+    with pytest.raises(UserError, match="not found"):
+        vit.load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="could not be read"):
+        vit.load_checkpoint(tmp_path / "junk.pth")
+    sd = model.state_dict()
+    sd["blocks.0.mlp.fc1.weight"] = sd["blocks.0.mlp.fc1.weight"][:100]
+    torch.save({"model": sd, "config": vit.asdict(SMALL_CFG)}, tmp_path / "bad_shape.pth")
+    with pytest.raises(UserError, match="blocks.0.mlp.fc1.weight has shape"):
+        vit.load_checkpoint(tmp_path / "bad_shape.pth")
+    with pytest.raises(UserError, match="could not download"):  # nothing listens there: offline-like
+        vit.load_checkpoint("http://127.0.0.1:9/deit.pth")
+    with pytest.raises(UserError, match="unknown model"):
+        vit.deit("deit_huge")
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        data.build_dataset(str(tmp_path / "nope"), "train", 32)
+    with pytest.raises(UserError, match="has no train/ subfolder"):
+        data.build_dataset(str(tmp_path), "train", 32)
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no images"):
+        data.build_dataset(str(tmp_path), "train", 32)
+
+
+def test_odd_image_modes_become_rgb(tmp_path):
+    d = tmp_path / "val" / "a"
+    d.mkdir(parents=True)
+    Image.new("L", (40, 30), 128).save(d / "gray.png")
+    Image.new("CMYK", (32, 32), (0, 0, 0, 0)).save(d / "cmyk.jpg")
+    Image.new("P", (50, 50), 3).save(d / "palette.png")
+    Image.new("RGBA", (32, 32)).save(d / "rgba.png")
+    for size in (32, 224):
+        ds = data.build_dataset(str(tmp_path), "val", size)
+        assert all(ds[i][0].shape == (3, size, size) for i in range(len(ds)))
 
 
 def test_cli_bad_input(tmp_path, capsys):
@@ -737,16 +932,6 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "--device mps is not a device slim.py runs on" in run("--data-path", "x", "--device", "mps")
     if not torch.cuda.is_available():  # refused before torchrun's set-up touches CUDA
         assert "--device cuda but CUDA is not available here" in run("--data-path", "x", "--device", "cuda")
-
-
-def class_folders(root, train, val, per_class=1):
-    """An ImageFolder tree root/{train,val}/<class>/ with per_class tiny images each (None: no such split)."""
-    for split, classes in (("train", train), ("val", val)):
-        for c in classes or []:
-            os.makedirs(root / split / c)
-            for i in range(per_class):
-                Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / f"{i}.png")
-    return str(root)
 
 
 def test_val_classes_that_differ_from_train_or_the_checkpoint_are_refused(tmp_path):
@@ -794,12 +979,71 @@ def test_checked_args_are_complete(tmp_path, monkeypatch):
     assert parse(["--data-path", "x", "--search", "fast"]).search == "fast"
 
 
-def test_docs_tables_come_from_the_results_files():
-    """The result tables of the README and docs/ are what bench/report.py generates from results/ (no number typed
-    by hand): editing a results file, or a table, without the other fails here."""
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "report.py"),
-                           "--check"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+def test_unreadable_files_are_one_line_or_skipped(tmp_path):
+    root = image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=3)
+    good = (root / "val" / "n00000000" / "img_0.JPEG").read_bytes()
+    (root / "val" / "n00000000" / "truncated.JPEG").write_bytes(good[:len(good) // 2])
+    (root / "val" / "n00000001" / "notes.JPEG").write_bytes(b"this is not an image")
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": vit.VisionTransformer(vit.ViTConfig(**{**vit.asdict(SMALL_CFG), "num_classes": 2})).state_dict()},
+               ckpt)
+    argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--workers", "1"]
+    with pytest.raises(SystemExit) as e:
+        slim.cli(argv + ["--out", str(tmp_path / "a")])
+    msg = str(e.value.code)
+    assert "\n" not in msg and "is not a readable image" in msg and "--skip-bad-images" in msg
+    assert "truncated.JPEG" in msg or "notes.JPEG" in msg
+    result = slim.cli(argv + ["--out", str(tmp_path / "b"), "--skip-bad-images"])
+    on_disk = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert result["val_images"] == on_disk["val_images"] == 6 and on_disk["skipped_images"] == 2
+    assert sorted(os.path.basename(p) for p in on_disk["skipped_files"]) == ["notes.JPEG", "truncated.JPEG"]
+    assert "skipped 2 unreadable image files" in (tmp_path / "b" / "eval.log").read_text()
+
+
+def test_final_finetune_steps_through_batches_of_unreadable_files():
+    """With --skip-bad-images a batch whose every file is unreadable still counts as a step (a data-parallel step is
+    taken on every rank), so an epoch ends where it should instead of looping; a large --seed is fine."""
+    student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0, seed=0)
+
+    class MostlyBad(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i] if i < 6 else data.BadFile(f"img_{i}.JPEG", "OSError: image file is truncated")
+    bad = data.BadFiles(skip=True)
+    s = replace(s, seed=12_345_678)
+    assert pipeline_finetune.finetune(student, teacher, keep, "frozen", MostlyBad(), s, None, {}, print, workers=0,
+                                      bad=bad) == 10
+    assert len(bad.paths) == 34
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.50 GiB")
+    monkeypatch.setattr(pipeline_run, "cache_search_sets", no_memory)  # where a too-large cache would run out
+    root = image_folder(tmp_path / "data", classes=10, train_per_class=2, val_per_class=1, size=(32, 32))
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        slim.cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(tmp_path / "o"),
+                  "--workers", "0"])
+    assert str(e.value.code).startswith("error: out of memory on cpu: pass a smaller --batch-size")
+    assert "--cache-device cpu" in str(e.value.code)
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(tmp_path):
+    student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0)
+    with torch.no_grad():
+        student.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="loss is not finite at epoch 1, step 0"):
+        pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, str(tmp_path / "ft.pt"), {}, print, workers=0)
+    assert not (tmp_path / "ft.pt").exists()
+
+
+# ----------------------------------------------------------------------------- end-to-end runs
+# The CLI as a user runs it: on the CIFAR-10 proxy, under torchrun with two processes, at DeiT-S shapes with a killed
+# fine-tune, on DeiT-III and distilled checkpoints; and the documents' tables against the results files.
 
 
 @needs_shared
@@ -837,171 +1081,6 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="masks have 3 layers but the model has depth 12"):
         slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--masks", str(bad),
                   "--out", str(tmp_path / "ev2")])
-
-
-@pytest.mark.parametrize("score", list(slim.SCORES))
-def test_baseline_masks_have_the_asked_counts(score):
-    model, fit, _, s = search_setup(0.3)
-    counts = flops.linear_pyramid(SMALL_CFG, 0.6 * flops.count_flops(SMALL_CFG))
-    keep = slim.masks_for_counts(model, fit.z, counts, "frozen", score, batch_size=32)
-    assert [k.numel() for k in vit.check_keep(keep, SMALL_CFG)] == counts
-    assert counts[-1] == 1 and all(a >= b for a, b in zip(counts, counts[1:]))
-
-
-@pytest.mark.parametrize("tokens,eps", [("removed", 0.03), ("frozen", MID_EPS["frozen", "next"])])
-def test_fast_path_takes_the_candidate_its_rule_names(tokens, eps):
-    """Must-hold 2: --search fast against an exhaustive scan of every r, with the rescue branch on. Its rule
-    (slim.search_layer_fast): i_ok = the first r with E0 <= eps, i_ft = the first with E0 <= ft_reach * eps; of
-    i_ft .. i_ok-1 the first ft_tries are fine-tuned from the layer's starting weights, and the first whose E is
-    then <= eps is taken; else i_ok. The reference measures E0 at every r (no bisection). The recorded E must be the
-    error of the weights the layer leaves."""
-    model, fit, held, s = search_setup(eps, tokens=tokens, ft_lr=1e-4, ft_steps=10, search="fast", ft_reach=4.0,
-                                       ft_tries=2)
-    N, L = SMALL_CFG.num_tokens, SMALL_CFG.depth
-    keep, rescued = [torch.arange(N)] * (L - 1) + [torch.tensor([0])], 0
-    for t in range(L - 1, 0, -1):
-        fit_t, held_t = slim.at_layer(fit, t), slim.at_layer(held, t)
-        start = copy.deepcopy(model.state_dict())
-        scores = slim.layer_scores(model, fit.z[t - 1][:s.score_images], keep[:t - 1] + [torch.arange(N)] + keep[t:],
-                                   tokens, t, s.score, s.batch_size, s.seed)
-        above = set(keep[t].tolist())
-        order = [i for i in scores.argsort(descending=True, stable=True).tolist() if i not in above]
-        rs = list(range(0, len(order), s.r_step)) + [len(order)]
-        masks = [keep[:t - 1] + [torch.tensor(sorted(above | set(order[:r])))] + keep[t:] for r in rs]
-        e0 = [slim.layer_error(model, held_t, m, tokens, "next", t, s.batch_size).relative for m in masks]
-        i_ok = next((i for i, e in enumerate(e0) if e <= eps), len(rs) - 1)
-        i_ft = next((i for i, e in enumerate(e0) if e <= s.ft_reach * eps), len(rs) - 1)
-        want = i_ok
-        for i in list(range(i_ft, i_ok))[:s.ft_tries]:
-            model.load_state_dict(start)
-            slim.finetune_block(model, t, fit_t, masks[i], s, seed=s.seed + 1000 * t + rs[i], desc="")
-            if slim.layer_error(model, held_t, masks[i], tokens, "next", t, s.batch_size).relative <= eps:
-                want, rescued = i, rescued + 1
-                break
-        model.load_state_dict(start)
-        k_t, info = slim.search_layer(model, t, keep, fit_t, held_t, s, log=lambda m: None)
-        assert k_t.tolist() == masks[want][t - 1].tolist(), (t, rs[want], e0)
-        keep = keep[:t - 1] + [k_t] + keep[t:]
-        assert info["E"] == pytest.approx(slim.layer_error(model, held_t, keep, tokens, "next", t, s.batch_size).relative,
-                                          rel=1e-3)
-    if tokens == "removed":  # where this random model's fine-tunes lower E enough (frozen rows barely move it)
-        assert rescued, "no layer took a candidate rescued by its fine-tune: the rescue branch went untested"
-
-
-# ----------------------------------------------------------------------------- ImageNet at scale: processes, resume, bad input
-
-def image_folder(root, classes, train_per_class, val_per_class, size=(40, 48), seed=0):
-    """A tiny ImageNet-layout folder (root/{train,val}/<wnid>/*.JPEG) of random images."""
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = torch.randint(0, 256, (size[0] + 4 * i, size[1], 3), generator=g, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(d / f"img_{i}.JPEG")
-    return root
-
-
-def test_unreadable_files_are_one_line_or_skipped(tmp_path):
-    root = image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=3)
-    good = (root / "val" / "n00000000" / "img_0.JPEG").read_bytes()
-    (root / "val" / "n00000000" / "truncated.JPEG").write_bytes(good[:len(good) // 2])
-    (root / "val" / "n00000001" / "notes.JPEG").write_bytes(b"this is not an image")
-    ckpt = tmp_path / "small.pth"
-    torch.save({"model": vit.VisionTransformer(vit.ViTConfig(**{**vit.asdict(SMALL_CFG), "num_classes": 2})).state_dict()},
-               ckpt)
-    argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--workers", "1"]
-    with pytest.raises(SystemExit) as e:
-        slim.cli(argv + ["--out", str(tmp_path / "a")])
-    msg = str(e.value.code)
-    assert "\n" not in msg and "is not a readable image" in msg and "--skip-bad-images" in msg
-    assert "truncated.JPEG" in msg or "notes.JPEG" in msg
-    result = slim.cli(argv + ["--out", str(tmp_path / "b"), "--skip-bad-images"])
-    on_disk = json.loads((tmp_path / "b" / "eval.json").read_text())
-    assert result["val_images"] == on_disk["val_images"] == 6 and on_disk["skipped_images"] == 2
-    assert sorted(os.path.basename(p) for p in on_disk["skipped_files"]) == ["notes.JPEG", "truncated.JPEG"]
-    assert "skipped 2 unreadable image files" in (tmp_path / "b" / "eval.log").read_text()
-
-
-def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.50 GiB")
-    monkeypatch.setattr(pipeline_run, "cache_search_sets", no_memory)  # where a too-large cache would run out
-    root = image_folder(tmp_path / "data", classes=10, train_per_class=2, val_per_class=1, size=(32, 32))
-    ckpt = tmp_path / "small.pth"
-    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
-    with pytest.raises(SystemExit) as e:
-        slim.cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(tmp_path / "o"),
-                  "--workers", "0"])
-    assert str(e.value.code).startswith("error: out of memory on cpu: pass a smaller --batch-size")
-    assert "--cache-device cpu" in str(e.value.code)
-
-
-def test_memory_plan():
-    cfg = vit.PRESETS["deit_small"]
-    place, line = caches.cache_plan(cfg, 512, torch.device("cpu"))
-    assert place.type == "cpu" and "512 images x 13 layers x 197 tokens x 384 in float32 = 1.88 GiB" in line
-    with pytest.raises(UserError, match="do not fit.*--fit-images"):
-        caches.cache_plan(cfg, 10**7, torch.device("cpu"))
-
-
-def small_finetune_setup(seed=0, **settings):
-    torch.manual_seed(seed)
-    student = vit.VisionTransformer(SMALL_CFG).eval()
-    teacher = vit.VisionTransformer(SMALL_CFG).eval()
-    ds = torch.utils.data.TensorDataset(torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
-    keep = random_nested_keep(SMALL_CFG, seed=1)
-    s = pipeline_finetune.FinetuneSettings(**{**dict(epochs=2, lr=1e-3, lr_batch=8, batch_size=8, warmup_epochs=0.5,
-                                                     mixup=0.8, cutmix=1.0, distill="hard", label_smoothing=0.1),
-                                              **settings})
-    return student, teacher, keep, ds, s
-
-
-def test_final_finetune_resumes_mid_epoch_to_the_uninterrupted_weights(tmp_path):
-    student, teacher, keep, ds, s = small_finetune_setup()
-    whole = pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, None, {}, print, workers=0)
-    assert whole == 10  # 5 steps per epoch (40 images, batch 8, drop last), 2 epochs
-    lines, ckpt = [], str(tmp_path / "finetune.pt")
-    resumed, _, _, _, _ = small_finetune_setup()
-    with pytest.raises(KeyboardInterrupt):
-        pipeline_finetune.finetune(resumed, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
-                                   workers=0, interrupt_at=7)
-    assert torch.load(ckpt, weights_only=False)["step"] == 7 and "interrupted after step 7/10" in lines[-1]
-    again, _, _, _, _ = small_finetune_setup()  # a new process: fresh weights, then the checkpoint
-    assert pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
-                                      workers=0) == 3
-    assert any("resuming the final fine-tune from" in m and "epoch 2, step 2 of 5 (7/10 done)" in m for m in lines)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
-    with pytest.raises(UserError, match=r"other settings \(lr 0.001 -> 0.002"):
-        pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, replace(s, lr=2e-3), ckpt, {"masks": "m"},
-                                   print, workers=0)
-
-
-def test_non_finite_loss_stops_without_a_checkpoint(tmp_path):
-    student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0)
-    with torch.no_grad():
-        student.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
-    with pytest.raises(UserError, match="loss is not finite at epoch 1, step 0"):
-        pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, str(tmp_path / "ft.pt"), {}, print, workers=0)
-    assert not (tmp_path / "ft.pt").exists()
-
-
-def test_seeded_view_draws_per_image_and_epoch():
-    ds = data.SeededView(torch.utils.data.TensorDataset(torch.arange(4)), seed=3)
-
-    class Noisy(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            return torch.rand(3)
-    view = data.SeededView(Noisy(), seed=3)
-    a = [view[i] for i in range(4)]
-    torch.manual_seed(123)
-    assert all(torch.equal(x, view[i]) for i, x in enumerate(reversed(a[::-1])))  # independent of order and state
-    view.epoch = 1
-    assert not torch.equal(a[0], view[0]) and len(ds) == 4
 
 
 @needs_shared
@@ -1065,38 +1144,6 @@ def test_dress_rehearsal_at_deit_small_shapes_with_a_killed_finetune(tmp_path):
     assert "holds a final fine-tune made with other settings (lr 5e-05 -> 0.0001)" in refused.stderr
 
 
-# ----------------------------------------------------------------------------- the DeiT family through the method
-
-@pytest.mark.parametrize("family", ["distilled", "deit3"])
-@pytest.mark.parametrize("error", ["next", "final"])
-def test_search_keeps_every_prefix_token_on_every_family(family, error):
-    """P1 generalised: the search keeps every prefix token at every layer and ends with exactly them (m_L)."""
-    model = family_model(family)
-    imgs = torch.utils.data.TensorDataset(torch.randn(48, 3, 32, 32), torch.zeros(48, dtype=torch.long))
-    fit = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32)), 16, workers=0), "fit")
-    held = caches.cache_dense(model, data.loader(torch.utils.data.Subset(imgs, range(32, 48)), 16, workers=0), "held")
-    assert fit.feat.shape == (32, model.cfg.prefix_tokens, SMALL_CFG.embed_dim)
-    s = slim.SearchSettings(eps=0.05 if error == "next" else 0.3, error=error, r_step=2, ft_steps=2, score_images=8,
-                            batch_size=16)
-    keep = vit.check_keep(slim.search(model, fit, held, s, log=lambda m: None)["keep"], model.cfg)
-    P = model.cfg.prefix_tokens
-    assert keep[-1].tolist() == list(range(P)) and all(k[:P].tolist() == list(range(P)) for k in keep)
-    counts = flops.linear_pyramid(model.cfg, 0.6 * flops.count_flops(model.cfg))
-    assert counts[-1] == P and min(counts) == P
-
-
-def release_checkpoint(path, preset, num_classes, **config):
-    """A release-format checkpoint ({"model": state_dict}, timm names) of a random model of a preset; with config
-    entries, a "config" dict as well."""
-    cfg = vit.ViTConfig(**{**vit.asdict(vit.PRESETS[preset]), "num_classes": num_classes})
-    torch.manual_seed(0)
-    ck = {"model": vit.VisionTransformer(cfg).state_dict()}
-    if config:
-        ck["config"] = {**vit.asdict(cfg), **config}
-    torch.save(ck, path)
-    return path
-
-
 @pytest.mark.parametrize("preset", ["deit3_small", "deit_small_distilled"])
 def test_cli_search_and_eval_on_deit3_and_distilled_release_checkpoints(tmp_path, preset):
     """A tiny full CLI run (random release-format weights at 224 px, a tiny ImageNet-layout folder): search, then
@@ -1123,41 +1170,9 @@ def test_cli_search_and_eval_on_deit3_and_distilled_release_checkpoints(tmp_path
     assert "from the checkpoint's config" in (tmp_path / "ev" / "eval.log").read_text()  # slimmed.pth carries it
 
 
-def test_normalisation_comes_from_the_model(tmp_path):
-    """The checkpoint's config sets the input statistics data.py uses; a bare state dict logs ImageNet's as assumed;
-    --mean/--std override, and the log says so."""
-    root = image_folder(tmp_path / "data", classes=10, train_per_class=1, val_per_class=1, size=(32, 32))
-    cfg = replace(SMALL_CFG, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    torch.save({"model": vit.VisionTransformer(cfg).state_dict(), "config": vit.asdict(cfg)}, tmp_path / "c.pth")
-    model = vit.load_checkpoint(tmp_path / "c.pth")
-    assert model.cfg.mean == (0.5, 0.5, 0.5) and "from the checkpoint's config" in model.normalisation
-    ds = data.build_dataset(str(root), "val", 32, mean=model.cfg.mean, std=model.cfg.std)
-    raw = torch.as_tensor(np.array(Image.open(ds.samples[0][0]).convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
-    assert torch.allclose(ds[0][0], (raw / 255 - 0.5) / 0.25, atol=1e-6)
-    argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--workers", "0"]
-    slim.cli(argv + ["--weights", str(tmp_path / "c.pth"), "--out", str(tmp_path / "a")])
-    assert "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25): from the checkpoint's config" in (tmp_path / "a" / "eval.log").read_text()
-    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, tmp_path / "bare.pth")
-    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b")])
-    assert "std (0.229, 0.224, 0.225): assumed ImageNet's" in (tmp_path / "b" / "eval.log").read_text()
-    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c"), "--mean", "0.4", "0.4",
-                     "0.4", "--std", "0.2", "0.2", "0.2"])
-    assert "mean (0.4, 0.4, 0.4), std (0.2, 0.2, 0.2): from --mean/--std" in (tmp_path / "c" / "eval.log").read_text()
-
-
-def test_final_finetune_steps_through_batches_of_unreadable_files():
-    """With --skip-bad-images a batch whose every file is unreadable still counts as a step (a data-parallel step is
-    taken on every rank), so an epoch ends where it should instead of looping; a large --seed is fine."""
-    student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0, seed=0)
-
-    class MostlyBad(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(ds)
-
-        def __getitem__(self, i):
-            return ds[i] if i < 6 else data.BadFile(f"img_{i}.JPEG", "OSError: image file is truncated")
-    bad = data.BadFiles(skip=True)
-    s = replace(s, seed=12_345_678)
-    assert pipeline_finetune.finetune(student, teacher, keep, "frozen", MostlyBad(), s, None, {}, print, workers=0,
-                                      bad=bad) == 10
-    assert len(bad.paths) == 34
+def test_docs_tables_come_from_the_results_files():
+    """The result tables of the README and docs/ are what bench/report.py generates from results/ (no number typed
+    by hand): editing a results file, or a table, without the other fails here."""
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "report.py"),
+                           "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
