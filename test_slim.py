@@ -1170,6 +1170,18 @@ def test_cli_search_and_eval_on_deit3_and_distilled_release_checkpoints(tmp_path
     assert "from the checkpoint's config" in (tmp_path / "ev" / "eval.log").read_text()  # slimmed.pth carries it
 
 
+def test_every_results_file_the_documents_name_exists():
+    """A number in README.md or docs/ names its results file: each file named there (a path under results/ with an
+    extension, or a folder written with its trailing slash) must be in the tree. Output paths in commands
+    (`--out results/x`) and git-ignored weights (*.pth) are not results files."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    docs = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(root, "docs")))
+    named = {(doc, m) for doc in docs for m in re.findall(r"results/[\w./-]*(?:\.(?:json|npz|png|md|log|txt)\b|/)",
+                                                            open(os.path.join(root, doc)).read())}
+    missing = [f"{doc}: {path}" for doc, path in sorted(named) if not os.path.exists(os.path.join(root, path))]
+    assert len(named) > 30 and not missing, missing
+
+
 def test_docs_tables_come_from_the_results_files():
     """The result tables of the README and docs/ are what bench/report.py generates from results/ (no number typed
     by hand): editing a results file, or a table, without the other fails here."""
