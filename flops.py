@@ -51,12 +51,44 @@ def layer_flops(cfg, counts, tokens="frozen"):
             for n_keys, n in zip(key_counts(cfg, counts, tokens), counts)]
 
 
-def count_flops(cfg, keep=None, counts=None, tokens="frozen"):
-    """Total MACs of the model: patch embedding + blocks + head. Give keep (indices) or counts (sizes)."""
+def count_flops(cfg, keep=None, counts=None, tokens="frozen", predictor_width=0):
+    """Total MACs of the model: patch embedding + blocks + head. Give keep (indices) or counts (sizes).
+    predictor_width > 0: a DPS-ViT with the kept counts `counts` per image, its predictors G included."""
     counts = kept_counts(cfg, keep) if counts is None else counts
     embed = (cfg.num_tokens - cfg.prefix_tokens) * 3 * cfg.patch_size ** 2 * cfg.embed_dim  # one conv step per patch
     head = cfg.prefix_tokens * cfg.embed_dim * cfg.num_classes   # the class head, and head_dist of a distilled DeiT
-    return embed + sum(layer_flops(cfg, counts, tokens)) + head
+    g = sum(predictor_flops(cfg, counts, predictor_width)) if predictor_width else 0
+    return embed + sum(layer_flops(cfg, counts, tokens)) + head + g
+
+
+def predictor_flops(cfg, counts, width):
+    """Per-layer MACs of DPS-ViT's predictors (slim.Predictor, METHOD.md P6/C8), the same under both semantics. G_t runs
+    where layer t has a choice, P < n_t < n_{t-1} (n_0 = N), on the n_{t-1} - P candidate patches: each through the
+    linear d -> width and the readout width -> 1, and their pooled mean once through the context's d -> width."""
+    P, d, prev, out = cfg.prefix_tokens, cfg.embed_dim, cfg.num_tokens, []
+    for n in counts:
+        out.append((prev - P) * (d * width + width) + d * width if P < n < prev else 0)
+        prev = n
+    return out
+
+
+def scaled_counts(cfg, counts, target, tokens="frozen", predictor_width=0):
+    """DPS-ViT's counts at other FLOPs: each layer's kept patches n_t - P scaled by one factor a <= 1 (rounded, so
+    they stay non-increasing), a bisected so that the total MACs, predictors included, come closest to target."""
+    P = cfg.prefix_tokens
+
+    def at(a):
+        return [P + round(a * (n - P)) for n in counts]
+
+    def cost(a):
+        return count_flops(cfg, counts=at(a), tokens=tokens, predictor_width=predictor_width)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # FLOPs grow with a (but for the step where a layer starts to choose and its G comes in)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) < target else (lo, mid)
+    return min((at(lo), at(hi)), key=lambda c: abs(count_flops(cfg, counts=c, tokens=tokens,
+                                                                  predictor_width=predictor_width) - target))
 
 
 def linear_pyramid(cfg, target, tokens="frozen"):
@@ -96,17 +128,26 @@ def main(args):
         (keep, found), source = load_masks(args.masks, cfg), args.masks
     elif model is not None and model.keep is not None:
         keep, found, source = model.keep, model.tokens, args.weights
+    dynamic = model.dynamic if model is not None else None  # a DPS-ViT checkpoint: its counts, predictors included
+    if dynamic and args.masks:
+        raise UserError(f"{args.weights} is a DPS-ViT checkpoint, whose images choose their own masks: drop --masks")
+    if dynamic:
+        found, source = dynamic["tokens"], args.weights
     tokens, note = resolve_tokens(found, args.tokens, source)
     if note:
         print(note)
-    counts = kept_counts(cfg, keep)
+    counts = list(dynamic["counts"]) if dynamic else kept_counts(cfg, keep)
     per_layer = layer_flops(cfg, counts, tokens)
     dense = count_flops(cfg)
     print(f"tokens: {tokens} ({'pruned patches stay keys/values, METHOD.md P1' if tokens == 'frozen' else 'pruned patches leave the sequence, METHOD.md C1'})")
     print(f"{'layer':>5} {'keys':>5} {'updated':>7} {'GFLOPs':>8}")
     for t, (n_keys, n, f) in enumerate(zip(key_counts(cfg, counts, tokens), counts, per_layer), 1):
         print(f"{t:>5} {n_keys:>5} {n:>7} {f / 1e9:>8.4f}")
-    total = count_flops(cfg, counts=counts, tokens=tokens)
+    width = dynamic["width"] if dynamic else 0
+    if dynamic:
+        print(f"DPS-ViT: each image keeps its own tokens, the counts above; predictors G (width {width}): "
+              f"{sum(predictor_flops(cfg, counts, width)) / 1e9:.4f} GFLOPs, in the total")
+    total = count_flops(cfg, counts=counts, tokens=tokens, predictor_width=width)
     print(f"total {total / 1e9:.3g} GFLOPs (dense {dense / 1e9:.3g} G, {100 * (1 - total / dense):.1f}% fewer)")
     print(NOT_COUNTED)
     return total

@@ -5,6 +5,8 @@ significance scores, the top-down mask search of the paper's Algorithm 1 with pe
     python slim.py --data imagenet --data-path /path/to/imagenet               # slim the released DeiT-S
     python slim.py --data folder --data-path DIR --weights ckpt.pth --out OUT  # any ImageFolder + DeiT ckpt
     python slim.py --eval-only --data ... [--masks OUT/masks.json]             # top-1 and FLOPs -> OUT/eval.json
+    python slim.py --dynamic --from OUT                                        # DPS-ViT -> OUT/dynamic.pth (docs/dynamic.md)
+    python slim.py --export onnx --weights OUT/slimmed.pth                     # -> OUT/slimmed.onnx (pipeline/export.py)
     torchrun --nproc_per_node 8 slim.py --data imagenet --data-path DIR        # the same run on 8 GPUs
 
 Under torchrun every stage splits its images over the processes and every process reaches the one-process
@@ -39,6 +41,7 @@ from collections import namedtuple
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+import torch.nn as nn
 
 import data
 import vit
@@ -99,15 +102,28 @@ def path_sum(records, N):
     """Σ over every path of heads (one head per layer t+1..L) of ||A[:, i]||², A = Π_{l=t+1..L} diag(m_l) P^h_l,
     evaluated exactly by the recursion of METHOD.md C3a: G ← Σ_h (D_L P^h_L)ᵀ(D_L P^h_L), then for l = L-1 .. t+1
     G ← Σ_h (D_l P^h_l)ᵀ G (D_l P^h_l); the path sum of token i is G[i, i]. Cost H·n_l·N² per layer and image.
-    records: layers t+1..L. Returns (B, N)."""
+    records: layers t+1..L (per-image masks, DPS-ViT: each record embedded whole by per_image_map). Returns (B, N)."""
     G = None
     for rec in reversed(records):
+        rec = rec if rec.query_rows.dim() == 1 else per_image_map(rec, N)
         P, rows, keys = rec.P.float(), rec.query_rows, rec.key_rows
         inner = P if G is None else G[:, rows][:, :, rows].unsqueeze(1) @ P       # G[m_l, m_l] P^h: (B, H, n_q, n_keys)
         G_keys = torch.einsum("bhqi,bhqj->bij", P, inner)                          # Σ_h P^hᵀ G P^h over key rows
         G = G_keys.new_zeros(P.shape[0], N, N)
         G[:, keys[:, None], keys[None, :]] = G_keys
     return G.diagonal(dim1=1, dim2=2)
+
+
+def per_image_map(rec, N):
+    """A record of per-image masks (query_rows (B, n_q); key_rows (N,) or (B, n_keys)) as embed_map's diag(m_l) P^h_l
+    per image, with every row and column: a BlockRecord with P (B, H, N, N) and query and key rows all N."""
+    P = rec.P.float()
+    B, H, n_q, n_keys = P.shape
+    keys = rec.key_rows.to(P.device).expand(B, -1)
+    cols = P.new_zeros(B, H, n_q, N).scatter_(3, keys[:, None, None].expand(-1, H, n_q, -1), P)
+    full = P.new_zeros(B, H, N, N).scatter_(2, rec.query_rows.to(P.device)[:, None, :, None].expand(-1, H, -1, N), cols)
+    every = torch.arange(N, device=P.device)
+    return vit.BlockRecord(full, every, every)
 
 
 def significance_score(records):
@@ -522,6 +538,58 @@ def search(model, fit, held, settings, log, state_path=None, stop_after=None, ru
     return state
 
 
+# ----------------------------------------------------------------------------- DPS-ViT (Sec. 4.4, METHOD.md P6, C8)
+#
+# The dynamic variant: each image chooses its own patches. The model that runs these pieces, the fit and the CLI's
+# --dynamic are in pipeline/dynamic.py; the per-image gathered forward is vit.py's.
+
+
+class Predictor(nn.Module):
+    """G_t (P6): the candidate rows of block t's input Z_{t-1} -> their predicted scores ŝ_t. The paper names only "a
+    down-sampling layer, linear layer and activation functions", after FBS; [C] here: the down-sampling is FBS's
+    average pooling, over the candidate patches, into one context vector of the image; one linear layer maps each
+    candidate's normed features plus that context to `width` units (default d/8: 24 for DeiT-Ti, 48 for DeiT-S); GELU;
+    a linear readout gives the score. About d·width MACs per candidate, 1% of a block's per-row cost
+    (flops.predictor_flops); DynamicViT's PredictorLG (d -> d -> d/2 -> d/4 -> 2) costs some 13 times more."""
+
+    def __init__(self, dim, width):
+        super().__init__()
+        self.norm, self.fc, self.context = nn.LayerNorm(dim), nn.Linear(dim, width), nn.Linear(dim, width, bias=False)
+        self.act, self.readout = nn.GELU(), nn.Linear(width, 1)
+
+    def forward(self, z):
+        """z: (B, n, d), the candidates' rows of Z_{t-1} -> ŝ (B, n)."""
+        h = self.norm(z)
+        return self.readout(self.act(self.fc(h) + self.context(h.mean(1, keepdim=True)))).squeeze(-1)
+
+
+def predicted_layers(cfg, counts):
+    """The layers t that hold a G_t: P < n_t < N (a layer that keeps every token, or only the prefix tokens, never
+    chooses). At inference G_t runs only where it has a choice, n_t < n_{t-1}."""
+    return [t for t, n in enumerate(counts, 1) if cfg.prefix_tokens < n < cfg.num_tokens]
+
+
+def dynamic_choice(G, x, prev, n, prefix, tokens):
+    """C8's keep rule at layer t: the prefix tokens and the n - prefix patches of m_{t-1} that G (a Predictor) ranks
+    highest, so m_t ⊆ m_{t-1} per image by construction. x: block t's input, (B, N, d) under "frozen", (B, n_{t-1}, d)
+    (the rows of m_{t-1}) under "removed"; prev: (B, n_{t-1}) m_{t-1}, sorted. Returns the (B, n) positions of m_t
+    among m_{t-1}, sorted (m_t = prev.gather(1, positions))."""
+    s_hat = G(vit.take_rows(x, prev[:, prefix:]) if tokens == "frozen" else x[:, prefix:])
+    top = s_hat.topk(n - prefix, dim=1).indices.sort(1).values
+    return torch.cat([torch.arange(prefix, device=x.device).expand(x.shape[0], -1), prefix + top], 1)
+
+
+def top_k_listmle(s_hat, s, k):
+    """[C] G's loss (P6 says only "trained to fit s_l"): top-k ListMLE (Xia et al., NeurIPS 2009), the negative
+    log-likelihood of the true order's first k places under the Plackett-Luce model of ŝ. Rank-aware because only the
+    order of the patches decides what is kept (Eq. 6's values span orders of magnitude over images and layers, which a
+    regression would chase), and only its first k places (k = n_t - P): below the cut the order is never used.
+    s_hat, s: (B, n) predicted and exact scores of the candidates. Mean over images and places."""
+    ranked = s_hat.gather(1, s.argsort(dim=1, descending=True, stable=True))  # ŝ in the true order
+    rest = ranked.flip(1).logcumsumexp(1).flip(1)                              # log Σ_{j >= i} exp ŝ_(j)
+    return (rest - ranked)[:, :k].mean()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -578,6 +646,8 @@ def get_args_parser():
     p.add_argument("--cache-device", default="auto", choices=["auto", "cpu", "cuda"], help="where the dense caches "
                    "go: auto follows the memory plan printed at start (GPU if they fit, else pinned CPU memory)")
     finetune.add_arguments(parser)
+    from pipeline import dynamic  # imported here, not at the top: pipeline/dynamic.py imports this module
+    dynamic.add_arguments(parser)
     p = parser.add_argument_group("running")
     p.add_argument("--workers", type=int, default=None, help="data loading processes per process (default: the CPUs "
                    "shared among this machine's processes, at most 8)")
@@ -586,6 +656,8 @@ def get_args_parser():
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on the first k val images per class (quick runs)")
     p.add_argument("--eval-only", action="store_true", help="only measure top-1 and FLOPs (dense, or with --masks)")
     p.add_argument("--masks", default=None, help="masks.json for --eval-only (a slimmed checkpoint carries its own)")
+    p.add_argument("--export", default=None, choices=["onnx"], help="write --weights (with its masks) as an ONNX "
+                   "file to --out (default: the checkpoint's folder) and stop (pipeline/export.py)")
     return parser
 
 
@@ -672,14 +744,21 @@ def machine():
 def main(args):
     """The CLI (get_args_parser): --eval-only measures a model; otherwise Algorithm 1, then the final fine-tune.
     pipeline/run.py runs each path stage by stage."""
-    from pipeline import run  # imported here, not at the top: pipeline/run.py imports this module
+    from pipeline import dynamic, run  # imported here, not at the top: they import this module
+    if args.export:  # no data, no device: the checkpoint to an ONNX file (pipeline/export.py)
+        from pipeline import export
+        return export.main(args, default_out=get_args_parser().get_default("out"))
     device = distributed.setup(args.device)  # joins the process group under torchrun (pipeline/distributed.py)
+    if args.dynamic or args.dynamic_from:  # DPS-ViT from a finished static run: its data and weights the defaults
+        dynamic.complete_args(args, get_args_parser())
     args = check_args(args)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bad = data.BadFiles(skip=args.skip_bad_images)
     model = load_model(args).to(device)
+    if args.dynamic or model.dynamic is not None:  # DPS-ViT (Sec. 4.4): its fit and fine-tune, or --eval-only of a dynamic.pth
+        return dynamic.main(args, model, bad)
     return run.evaluate_only(args, model, bad) if args.eval_only else run.search_and_finetune(args, model, bad)
 
 

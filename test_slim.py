@@ -1188,3 +1188,707 @@ def test_docs_tables_come_from_the_results_files():
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "report.py"),
                            "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------- ToMe and EViT, the comparison methods (bench/peers.py)
+# The peers (METHOD.md §8) match references written here: dense at no reduction, ToMe's merge, EViT's fusion, FLOPs.
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+import peers  # noqa: E402
+
+PEER_SETTINGS = [peers.ToMe(r=2), peers.ToMe(r=3, inflect=-1), peers.ToMe(r=8), peers.EViT(0.5, (2, 3)),
+                 peers.EViT(0.3, (1, 2, 4)), peers.EViT(0.7, (2,), "sum")]  # r = 8 is capped at half the tokens
+
+
+def plain_attention(q, k, v):
+    """softmax(q k^T / sqrt(dh)) v, written out: (B, H, n, dh) each."""
+    return ((q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_peers_that_reduce_nothing_give_the_dense_logits(family):
+    """Must-hold 1: ToMe with r = 0 and EViT with keep rate 1 (at every layer) are vit.py's dense forward."""
+    model, img = family_model(family), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(img)
+        for peer in (peers.ToMe(r=0), peers.EViT(1.0, (1, 2, 3, 4))):
+            assert torch.allclose(peers.PeerModel(model, peer)(img), dense, atol=1e-5), peer
+
+
+def tome_merge_reference(x, size, metric, r, protected):
+    """ToMe's merge written from its paper, one image at a time: A = even positions, B = odd; each A token but the class
+    token points to its most cosine-similar B token other than the distillation token; the r A tokens with the most
+    similar partners join them, by the size-weighted mean. Output order: the A tokens that stay, then B, with the
+    distillation token (B's first) put second."""
+    out_x, out_size = [], []
+    for xb, sb, mb in zip(x, size, metric):
+        A, Bs = list(range(0, len(xb), 2)), list(range(1, len(xb), 2))
+        partners = [b for b in Bs if not (protected == 2 and b == 1)]
+        cos = lambda i, j: float(mb[i] @ mb[j] / (mb[i].norm() * mb[j].norm()))  # noqa: E731
+        edges = {i: max(partners, key=lambda j: cos(i, j)) for i in A if i != 0}
+        merged = sorted(edges, key=lambda i: -cos(i, edges[i]))[:r]
+        total = {j: sb[j] * xb[j] for j in Bs}
+        weight = {j: sb[j].clone() for j in Bs}
+        for i in merged:
+            total[edges[i]] = total[edges[i]] + sb[i] * xb[i]
+            weight[edges[i]] = weight[edges[i]] + sb[i]
+        order = [(i, None) for i in A if i not in merged] + [(None, j) for j in Bs]
+        if protected == 2:
+            order = order[:1] + [(None, 1)] + [o for o in order[1:] if o != (None, 1)]
+        out_x.append(torch.stack([xb[i] if j is None else total[j] / weight[j] for i, j in order]))
+        out_size.append(torch.stack([sb[i] if j is None else weight[j] for i, j in order]))
+    return torch.stack(out_x), torch.stack(out_size)
+
+
+@pytest.mark.parametrize("protected", [1, 2])
+def test_tome_merge_conserves_the_size_weighted_sum_and_matches_its_definition(protected):
+    """Must-hold 2 (merge): after one merge of r tokens, sum(size x) and sum(size) are what they were, the prefix tokens
+    are untouched, and the result is the reference merge written above from the paper."""
+    g = torch.Generator().manual_seed(protected)
+    x, metric = torch.randn(3, 13, 6, generator=g), torch.randn(3, 13, 4, generator=g)
+    size = torch.randint(1, 5, (3, 13, 1), generator=g).float()
+    match = peers.bipartite_soft_matching(metric, 4, protected)
+    merged, merged_size = peers.merge_wavg(x, size, match, protected)
+    assert merged.shape == (3, 9, 6) and merged_size.shape == (3, 9, 1)
+    assert torch.allclose((merged * merged_size).sum(1), (x * size).sum(1), atol=1e-5)
+    assert torch.equal(merged_size.sum(1), size.sum(1))
+    assert torch.allclose(merged[:, :protected], x[:, :protected], atol=1e-6)  # x size / size: rounding only
+    ref_x, ref_size = tome_merge_reference(x, size, metric, 4, protected)
+    assert torch.allclose(merged, ref_x, atol=1e-6) and torch.equal(merged_size, ref_size)
+    assert (peers.bipartite_soft_matching(metric[:, :3], 4, protected) is None) == (protected == 2)  # r <= (n - P) // 2
+
+
+def test_proportional_attention_is_attention_over_repeated_tokens():
+    """Must-hold 2 (attention): with unit sizes (or none) it is softmax(q k^T / sqrt(dh)) v written out; with size s_j
+    it is plain attention over a sequence where key/value j appears s_j times (the reason for log(size))."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    plain = plain_attention(q, k, v)
+    assert torch.allclose(peers.proportional_attention(q, k, v, torch.ones(2, 5, 1)), plain, atol=1e-6)
+    assert torch.allclose(peers.proportional_attention(q, k, v, None), plain, atol=1e-6)
+    size = torch.tensor([[1, 3, 2, 1, 4], [2, 1, 1, 5, 1]]).float()[..., None]
+    for b in range(2):
+        rep = torch.repeat_interleave(torch.arange(5), size[b, :, 0].long())
+        expected = plain_attention(q[b:b + 1], k[b:b + 1, :, rep], v[b:b + 1, :, rep])
+        assert torch.allclose(peers.proportional_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], size[b:b + 1]), expected,
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY)
+@pytest.mark.parametrize("fuse", ["mean", "sum"])
+def test_evit_fused_token_is_the_attention_weighted_mean_of_the_dropped_tokens(family, fuse):
+    """Must-hold 3: EViT pruning at layer 2 equals a reference written here: attention written out, the head-averaged
+    class-token attention, the ceil(rate m) patches with the most of it kept, the others fused by a loop into their
+    attention-weighted mean (METHOD.md §8; "sum": the released code's weighted sum), then the MLP and dense blocks."""
+    model, img = family_model(family), torch.randn(2, 3, 32, 32)
+    P, rate = model.cfg.prefix_tokens, 0.4
+    with torch.no_grad():
+        x = model.blocks[0](model.embed(img))
+        blk = model.blocks[1]
+        B, n, d = x.shape
+        H = blk.attn.num_heads
+        q, k, v = blk.attn.qkv(blk.norm1(x)).view(B, n, 3, H, d // H).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) / (d // H) ** 0.5).softmax(-1)
+        y = x + blk.ls1(blk.attn.proj((attn @ v).transpose(1, 2).reshape(B, n, d)))
+        cls = attn[:, :, 0, P:].mean(1)
+        m = n - P
+        n_keep = int(np.ceil(rate * m))
+        rows = []
+        for b in range(B):
+            order = sorted(range(m), key=lambda i: -float(cls[b, i]))
+            fused, weight = torch.zeros(d), 0.0
+            for i in order[n_keep:]:
+                fused, weight = fused + cls[b, i] * y[b, P + i], weight + cls[b, i]
+            fused = fused / weight if fuse == "mean" else fused
+            rows.append(torch.cat([y[b, :P], y[b, [P + i for i in sorted(order[:n_keep])]], fused[None]]))
+        z = torch.stack(rows)
+        z = z + blk.ls2(blk.mlp(blk.norm2(z)))
+        for blk in model.blocks[2:]:
+            z = blk(z)
+        expected = model.classify(model.norm(z[:, :P]))
+        got = peers.PeerModel(model, peers.EViT(rate, (2,), fuse))(img)
+    assert z.shape[1] == P + n_keep + 1
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY)
+@pytest.mark.parametrize("peer", PEER_SETTINGS, ids=lambda p: p.describe())
+def test_peer_flops_match_torch_counter(family, peer):
+    """Must-hold 4: the closed form equals what the peer's real forward executes (FlopCounterMode), every family."""
+    model = family_model(family)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
+        peers.PeerModel(model, peer)(torch.randn(1, 3, 32, 32))
+    assert peers.peer_flops(model.cfg, peer) == fc.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_peer_budget_search_lands_closest_at_or_below(family):
+    """at_gflops takes the setting closest at or below the budget: the next more expensive one (r - 1; a slightly larger
+    keep rate) costs more than the budget; searching ToMe's schedule too lands no farther; an unreachable budget is a
+    one-line error."""
+    cfg = FAMILY[family]
+    dense = flops.count_flops(cfg)
+    for fraction in (0.55, 0.7, 0.85):
+        target = fraction * dense / 1e9
+        tome = peers.at_gflops(cfg, "tome", target)
+        assert peers.peer_flops(cfg, tome) <= target * 1e9
+        assert tome.r == 0 or peers.peer_flops(cfg, peers.ToMe(r=tome.r - 1)) > target * 1e9
+        scheduled = peers.at_gflops(cfg, "tome", target, inflect=None)  # constant r among the schedules searched
+        assert peers.peer_flops(cfg, tome) <= peers.peer_flops(cfg, scheduled) <= target * 1e9
+        evit = peers.at_gflops(cfg, "evit", target, layers=(2, 3))
+        assert peers.peer_flops(cfg, evit) <= target * 1e9
+        assert evit.rate == 1 or peers.peer_flops(cfg, peers.EViT(evit.rate + 1e-6, (2, 3))) > target * 1e9
+    with pytest.raises(UserError, match="costs .* more than"):
+        peers.at_gflops(cfg, "evit", 0.6 * dense / 1e9, layers=(3, 4))  # layers 1, 2 dense: >= 0.68
+
+
+def test_peer_models_run_through_the_final_finetune_and_evaluation():
+    """PeerModel is what pipeline/finetune.py and pipeline/evaluate.py run: light_finetune trains the wrapped weights
+    under the peer's forward, predict gives one class per image; masks and bad settings are one-line errors."""
+    torch.manual_seed(0)
+    student, teacher = vit.VisionTransformer(SMALL_CFG).eval(), vit.VisionTransformer(SMALL_CFG).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    for peer in (peers.ToMe(r=3), peers.EViT(0.5, (2, 3))):
+        model = peers.PeerModel(copy.deepcopy(student), peer)
+        before = copy.deepcopy(model.model.state_dict())
+        assert pipeline_finetune.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
+                                                workers=0) == 2
+        assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+        preds, labels = evaluate.predict(model, ds, workers=0)
+        assert preds.shape == labels.shape == (16,)
+        with pytest.raises(UserError, match="takes no masks"):
+            model(torch.randn(1, 3, 32, 32), keep=random_nested_keep(SMALL_CFG, 0))
+    for bad in (peers.EViT(0.0), peers.EViT(1.5), peers.EViT(0.5, (5,)), peers.ToMe(r=-1), peers.ToMe(r=2, inflect=2)):
+        with pytest.raises(UserError):
+            peers.PeerModel(student, bad)
+
+
+# ----------------------------------------------------------------------------- export, speed in every runtime, the GPU check
+# The ONNX file computes PyTorch's logits and only flops.py's FLOPs; CUDA agrees with the CPU; gpu_check.sh runs; docs from results.
+import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+from pipeline import export as pipeline_export  # noqa: E402
+
+REPO = os.path.dirname(os.path.abspath(slim.__file__))
+
+with warnings.catch_warnings():  # no pytest ini file (the design card: no new top-level files) registers the marker
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    cuda = pytest.mark.cuda  # the CUDA tests bench/gpu_check.sh selects with pytest -m cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (bench/gpu_check.sh runs these "
+                                "on a GPU machine)")
+needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+                                reason="the export extra is not installed: pip install -r requirements-export.txt")
+
+
+def onnx_macs(path):
+    """Multiply-adds of the MatMul, Gemm and Conv nodes of an ONNX file at batch 1, read off the shapes onnx's own
+    shape inference gives every tensor (independent of flops.py)."""
+    import onnx
+    m = onnx.load(path)
+    for v in (m.graph.input[0], m.graph.output[0]):  # the dynamic batch dimension, fixed to 1
+        v.type.tensor_type.shape.dim[0].Clear()
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    del m.graph.value_info[:]
+    m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+    shapes = {i.name: list(i.dims) for i in m.graph.initializer}
+    for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    total = 0
+    for n in m.graph.node:
+        if n.op_type in ("MatMul", "Gemm", "Conv"):
+            a, w, y = shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]
+            assert None not in a + w + y, f"{n.op_type} {n.name} has an unknown dimension: {a} {w} {y}"
+            trans_a = any(at.name == "transA" and at.i for at in n.attribute)
+            inner = {"MatMul": a[-1], "Gemm": a[0] if trans_a else a[-1], "Conv": math.prod(w[1:])}[n.op_type]
+            total += math.prod(y) * inner  # every output element sums `inner` products
+    return total
+
+
+DEIT_S_MASKS = {  # the paper's budget at DeiT-S shapes, as bench/speed.py times it: Fig. 5 frozen, 2.6 G removed
+    "frozen": FIG5_PYRAMID, "removed": flops.linear_pyramid(vit.PRESETS["deit_small"], 2.6e9, "removed")}
+
+
+@pytest.fixture(scope="module")
+def deit_small_onnx(tmp_path_factory):
+    """DeiT-S (random weights, 224 px) exported slimmed under both semantics: {tokens: (path, keep)}."""
+    torch.manual_seed(0)
+    model = vit.deit("deit_small").eval()
+    folder, out = tmp_path_factory.mktemp("onnx"), {}
+    for tokens in vit.TOKENS:
+        keep = scattered_masks(DEIT_S_MASKS[tokens], 197, seed=1)
+        out[tokens] = (pipeline_export.export_onnx(model, str(folder / f"{tokens}.onnx"), keep, tokens), keep)
+    return model, out
+
+
+def scattered_masks(counts, N, seed):
+    """Nested masks with these kept counts, the patches of each layer a random subset of the layer before's."""
+    g, prev, keep = torch.Generator().manual_seed(seed), torch.arange(N), []
+    for n in counts:
+        prev = torch.cat([prev[:1], prev[1:][torch.randperm(len(prev) - 1, generator=g)[:n - 1]]]).sort().values
+        keep.append(prev)
+    return keep
+
+
+@needs_onnx
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_onnx_matches_pytorch_and_the_eq2_reference_at_deit_small_shapes(deit_small_onnx, tokens):
+    """onnxruntime on the exported file gives vit.py's logits to 1e-4 and the Eq. 2 reference's (written in this file)
+    at any batch size; the masks are constants, the batch dimension is dynamic, and the metadata says how to feed it."""
+    import onnx
+    model, files = deit_small_onnx
+    path, keep = files[tokens]
+    session = pipeline_export.ort_session(path)
+    for batch in (2, 3):
+        img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+        got = torch.from_numpy(session.run(["logits"], {"img": img.numpy()})[0])
+        with torch.no_grad():
+            ref = eq2_reference(model, img, keep, tokens)
+            assert (got - model(img, keep=keep, tokens=tokens)).abs().max() < 1e-4
+        assert (got - ref).abs().max() < 1e-4 and ref.abs().max() > 1e-2  # logits well above the tolerance
+    proto = onnx.load(path, load_external_data=False)
+    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][0]  # batch: a named, free dimension
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 224, 224]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["mean"]) == list(vit.IMAGENET_MEAN) and json.loads(meta["std"]) == list(vit.IMAGENET_STD)
+    assert meta["img_size"] == "224" and "CenterCrop(size=(224, 224)" in meta["eval_transform"]
+    assert json.loads(meta["kept_per_layer"]) == DEIT_S_MASKS[tokens] and meta["tokens"] == tokens
+
+
+@needs_onnx
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_onnx_graph_computes_only_the_flops_flops_py_counts(deit_small_onnx, tokens):
+    """The exported graph's multiply-adds (MatMul, Gemm and Conv, from onnx's shape inference) equal flops.py's count:
+    no query, attention row, W_o or MLP row is computed for a patch a layer does not update (P1), and under "removed"
+    no key or value for a patch that left (C1)."""
+    model, files = deit_small_onnx
+    path, keep = files[tokens]
+    assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens=tokens)
+
+
+def slimmed_proxy(tmp_path, masks):
+    """The proxy checkpoint with the masks of a committed run, saved as slim.py saves slimmed.pth."""
+    ck = torch.load(PROXY_CKPT, map_location="cpu", weights_only=False)
+    cfg = vit.load_checkpoint(PROXY_CKPT).cfg
+    keep, tokens = vit.load_masks(masks, cfg)
+    path = tmp_path / f"slimmed_{tokens}.pth"
+    torch.save({"model": ck["model"], "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep], "tokens": tokens,
+                "classes": sorted(os.listdir(os.path.join(CIFAR, "val")))}, path)
+    return path, keep, tokens
+
+
+@needs_shared
+@needs_onnx
+@pytest.mark.parametrize("masks", ["results/cifar10-proxy/masks.json", "results/cifar10-proxy-v1/masks.json"])
+def test_export_cli_on_the_proxy_matches_pytorch_on_real_images(tmp_path, capsys, masks):
+    """`python slim.py --export onnx --weights OUT/slimmed.pth` on the trained proxy with the masks of a committed run
+    (frozen, the headline's; removed, v1's): OUT/slimmed.onnx, whose logits on real CIFAR-10 val images are PyTorch's
+    to 1e-4, with the checkpoint's normalisation and classes in its metadata; the dense checkpoint exports too
+    (checked once, with the frozen masks). Both graphs hold the multiply-adds flops.py counts."""
+    import onnx
+    path, keep, tokens = slimmed_proxy(tmp_path, os.path.join(REPO, masks))
+    written = slim.cli(["--export", "onnx", "--weights", str(path)])
+    assert written == str(tmp_path / f"slimmed_{tokens}.onnx") and f"tokens {tokens}" in capsys.readouterr().out
+    model = vit.load_checkpoint(PROXY_CKPT)
+    val = data.build_dataset(CIFAR, "val", 32, mean=model.cfg.mean, std=model.cfg.std)
+    img = torch.stack([val[i][0] for i in range(0, 5000, 250)])  # 20 images, 2 per class
+    got = torch.from_numpy(pipeline_export.ort_session(written).run(["logits"], {"img": img.numpy()})[0])
+    with torch.no_grad():
+        assert (got - model(img, keep=keep, tokens=tokens)).abs().max() < 1e-4
+        assert (got - eq2_reference(model, img, keep, tokens)).abs().max() < 1e-3  # another summation order
+    meta = {p.key: p.value for p in onnx.load(written).metadata_props}
+    assert json.loads(meta["mean"]) == list(model.cfg.mean) and meta["img_size"] == "32"
+    assert json.loads(meta["classes"])[0] == "airplane" and meta["tokens"] == tokens
+    if tokens == "removed":
+        return
+    dense = slim.cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path / "dense")])
+    assert dense == str(tmp_path / "dense" / "deit_tiny_p4_cifar10.onnx")
+    got = pipeline_export.ort_session(dense).run(["logits"], {"img": img.numpy()})[0]
+    with torch.no_grad():
+        assert (torch.from_numpy(got) - model(img)).abs().max() < 1e-4
+    assert onnx_macs(dense) == flops.count_flops(model.cfg) and onnx_macs(written) == flops.count_flops(
+        model.cfg, keep, tokens=tokens)
+
+
+def test_export_bad_input_is_one_line(tmp_path, monkeypatch):
+    """A masks file instead of a slimmed model, a checkpoint that is no DeiT, no --weights, a DPS-ViT checkpoint (per-image
+    masks: no static graph), a missing extra: each a one-line error naming the fix. The main path never imports the
+    extra."""
+    keep = random_nested_keep(SMALL_CFG, 1)
+    vit.save_masks(tmp_path / "masks.json", keep, SMALL_CFG, "frozen")
+    with pytest.raises(SystemExit, match=r"masks.json is a masks file, not a model: pass the slimmed.pth beside it"):
+        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "masks.json")])
+    (tmp_path / "masks.pth").write_text((tmp_path / "masks.json").read_text())
+    with pytest.raises(SystemExit, match=r"holds JSON \(a masks file\?\), not a model"):
+        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "masks.pth")])
+    torch.save({"model": {"conv1.weight": torch.zeros(8, 3, 3, 3)}}, tmp_path / "resnet.pth")
+    with pytest.raises(SystemExit, match="not a DeiT/timm ViT state dict"):
+        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "resnet.pth")])
+    with pytest.raises(SystemExit, match="--export needs --weights"):
+        slim.cli(["--export", "onnx"])
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict(), "dynamic": {"counts": [17, 9, 5, 1]}},
+               tmp_path / "dynamic.pth")
+    with pytest.raises(SystemExit, match="is a DPS-ViT checkpoint .* the export writes static masks only"):
+        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "dynamic.pth")])
+    torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, tmp_path / "small.pth")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(SystemExit, match=r"needs the optional packages onnx, onnxscript \(onnxscript is missing\): "
+                                         r"pip install -r requirements-export.txt"):
+        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "small.pth")])
+    code = ("import sys, slim, flops, data; from pipeline import run; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnx', 'onnxscript', 'onnxruntime'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-500:]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_cuda_slimmed_forward_equals_the_cpu_forward(tokens):
+    """The gathered forward on CUDA: float32 (TF32 off) equals the CPU's to float rounding; under bfloat16 autocast
+    (what slim.py runs on CUDA) to bfloat16's precision; for every family and random nested masks."""
+    for family in FAMILY:
+        model = family_model(family)
+        keep = random_nested_keep(model.cfg, seed=2)
+        img = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(img, keep=keep, tokens=tokens)
+            on_gpu = copy.deepcopy(model).cuda()
+            matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                fp32 = on_gpu(img.cuda(), keep=keep, tokens=tokens).cpu()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+            with evaluate.autocast(torch.device("cuda")):
+                bf16 = on_gpu(img.cuda(), keep=keep, tokens=tokens).float().cpu()
+        scale = ref.abs().max()
+        assert (fp32 - ref).abs().max() <= 1e-4 * max(1.0, scale), family
+        assert (bf16 - ref).abs().max() <= 3e-2 * scale, family  # bfloat16: 8 bits of mantissa, 12 layers deep at most
+        assert (bf16 - ref).abs().max() > 0  # autocast did run in bfloat16
+
+
+@cuda
+@needs_cuda
+def test_cuda_block_finetune_follows_the_cpu_one(monkeypatch):
+    """The search's block fine-tune (C5) on CUDA: only block t moves; in float32 (autocast and TF32 off) it takes the
+    CPU's steps to float rounding; under bfloat16 autocast (what slim.py runs on CUDA) E_{t+1} falls as on the CPU and
+    the update points the CPU's way. Masks where E is large (tokens removed), so the steps are not noise."""
+    model, fit, held, s = search_setup(eps=0.01, tokens="removed")
+    s = replace(s, ft_steps=20)
+    t, keep = 2, random_nested_keep(SMALL_CFG, seed=5)
+
+    def finetuned(device):
+        m = copy.deepcopy(model).to(device)
+        slim.finetune_block(m, t, slim.at_layer(fit, t), keep, s, seed=0, desc="")
+        e = slim.layer_error(m, slim.at_layer(held, t), keep, s.tokens, s.error, t, s.batch_size).relative
+        return {k: v.cpu() for k, v in m.state_dict().items()}, e
+
+    start = model.state_dict()
+    before = slim.layer_error(model, slim.at_layer(held, t), keep, s.tokens, s.error, t, s.batch_size).relative
+    cpu_sd, e_cpu = finetuned("cpu")
+    bf16_sd, e_bf16 = finetuned("cuda")
+    update = {name: torch.cat([(sd[k] - start[k]).flatten() for k in start]) for name, sd in (("cpu", cpu_sd),
+                                                                                                ("bf16", bf16_sd))}
+    moved = [k for k in start if not torch.equal(start[k], bf16_sd[k])]
+    assert moved and all(k.startswith(f"blocks.{t - 1}.") for k in moved)
+    assert e_cpu < before and e_bf16 < before and abs(e_bf16 - e_cpu) <= 0.1 * (before - e_cpu)
+    assert torch.nn.functional.cosine_similarity(update["cpu"], update["bf16"], dim=0) > 0.99
+    monkeypatch.setattr(slim, "autocast", lambda device: contextlib.nullcontext())  # float32 on CUDA
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fp32_sd, e_fp32 = finetuned("cuda")
+    gap = torch.cat([(fp32_sd[k] - cpu_sd[k]).flatten() for k in start]).norm()
+    assert gap <= 1e-3 * update["cpu"].norm() and abs(e_fp32 - e_cpu) <= 1e-4 * e_cpu
+
+
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --cpu-smoke: the GPU check's four steps at tiny size on the CPU, so that the script cannot rot
+    unseen: the CUDA tests are selected by their marker (and skip here), the search and final fine-tune run through
+    slim.py, torchrun is skipped with a line saying why, the speed bench times both semantics beside the paper's V100
+    figure; one JSON holds it all."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out), "--cpu-smoke"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    steps = res["steps"]
+    assert res["mode"] == "cpu smoke" and res["failed"] == [] and list(steps) == ["cuda-tests", "search", "torchrun", "speed"]
+    cases = steps["cuda-tests"]["cases"]
+    assert len(cases) == 3 and any("block_finetune" in c for c in cases)
+    assert set(cases.values()) == ({"passed"} if torch.cuda.is_available() else {"skipped"})
+    assert steps["search"]["status"] == "passed" and steps["search"]["slimmed_gflops"] < steps["search"]["dense_gflops"]
+    assert steps["search"]["kept_per_layer"][-1] == 1 and steps["search"]["slimmed_top1"] is not None
+    assert steps["torchrun"]["status"].startswith("skipped: ") and "2 are needed" in steps["torchrun"]["status"]
+    speed = steps["speed"]["speedup"]
+    assert set(speed) == {"frozen", "removed"} and set(speed["frozen"]["eager"]) == {"batch 1", "batch 4"}
+    assert 1 < speed["frozen"]["flops_ratio"] and steps["speed"]["paper_v100"]["slimmed_img_s"] == 1321
+    assert "paper, V100: 940 -> 1321 img/s, 1.41x" in proc.stdout
+
+
+def test_speed_table_in_the_docs_is_rendered_from_its_results_file(tmp_path):
+    """docs/speed.md's every-runtime table is what bench/report.py renders from its results file, with the CPU model
+    name and the runtimes' versions the file records; a number changed in the file changes the table."""
+    spec = importlib.util.spec_from_file_location("bench_report", os.path.join(REPO, "bench", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    with open(os.path.join(REPO, "docs", "speed.md")) as f:
+        block = re.search(r"<!-- bench/report.py:speed-runtimes -->\n(.*?)<!-- /bench/report.py -->", f.read(), re.S)
+    with open(os.path.join(REPO, report.SPEED_RUNTIMES)) as f:
+        res = json.load(f)
+    assert block and block.group(1) == report.speed_runtimes() + "\n"
+    table = block.group(1)
+    assert res["machine"]["cpu"] in table and res["machine"]["cpu"] != "x86_64"  # the model name, not the arch
+    assert all(f"{k} {v}" in table for k, v in res["versions"].items()) and {"torch", "onnxruntime"} <= set(res["versions"])
+    assert set(res["runtimes"]) == {"eager", "packed", "compile", "onnxruntime"} and res["command"] in table
+    row = res["rows"]["onnxruntime slimmed frozen"]
+    line = f"| onnxruntime | slimmed frozen | {res['semantics']['frozen']['gflops']:.2f} | {row['batch 1']['ms']:.1f} |"
+    assert line in table
+    row["batch 1"]["ms"] += 10
+    (tmp_path / "speed.json").write_text(json.dumps(res))
+    assert line not in report.speed_runtimes(str(tmp_path / "speed.json"))
+
+
+# ----------------------------------------------------------------------------- DPS-ViT, the dynamic variant (Sec. 4.4, METHOD.md P6, C8)
+# Per-image masks equal their references and are checked, G's FLOPs and per-image Eq. 6 targets are exact, the CLI runs.
+from pipeline import dynamic as pipeline_dynamic  # noqa: E402
+
+
+def per_image_keep(cfg, counts, batch, seed):
+    """Random per-image nested masks with fixed counts: image b's m_t is the prefix tokens and a random counts[t-1] - P
+    of its own m_{t-1}'s patches. A list of (batch, n_t) index tensors."""
+    g, P = torch.Generator().manual_seed(seed), cfg.prefix_tokens
+    images = []
+    for _ in range(batch):
+        prev, ks = torch.arange(cfg.num_tokens), []
+        for n in counts:
+            prev = torch.cat([prev[:P], prev[P:][torch.randperm(prev.numel() - P, generator=g)[:n - P]]]).sort().values
+            ks.append(prev)
+        images.append(ks)
+    return [torch.stack([ks[t] for ks in images]) for t in range(len(counts))]
+
+
+def eq2_reference_per_image(model, img, keep, tokens):
+    """Eq. 2 with a per-image diag(m), written from its definition: every one of the N rows of every image computed
+    densely, block t's MSA and MLP outputs multiplied by image b's own m_t; under "removed" (C1) image b's keys
+    restricted to its rows alive after layer t-1. keep: (B, n_t) per layer."""
+    x = model.embed(img)
+    B, N, d = x.shape
+    alive = torch.ones(B, N, dtype=torch.bool)
+    for blk, k in zip(model.blocks, keep):
+        a, m = blk.attn, torch.zeros(B, N).scatter_(1, k, 1.0).unsqueeze(-1)   # diag(m_t) of each image
+        q, kk, v = a.qkv(blk.norm1(x)).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        s = (q @ kk.transpose(-2, -1)) * a.scale
+        p = (s if tokens == "frozen" else s.masked_fill(~alive[:, None, None, :], float("-inf"))).softmax(-1)
+        x = x + m * blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, N, d)))
+        x = x + m * blk.ls2(blk.mlp(blk.norm2(x)))
+        alive = m.squeeze(-1).bool()
+    return model.classify(model.norm(x[:, :model.cfg.prefix_tokens]))
+
+
+def dps_counts(cfg):
+    """Kept counts for the 4-layer test models: every token, then 12 of 16 patches, 6, the prefix tokens alone."""
+    P = cfg.prefix_tokens
+    return [cfg.num_tokens, P + 12, P + 6, P]
+
+
+@pytest.mark.parametrize("family", list(FAMILY))
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_per_image_forward_equals_static_and_the_per_image_eq2_reference(tokens, family):
+    """Must-hold 1: with the same indices for every image the per-image forward equals the static one; with each
+    image's own indices it equals Eq. 2 with a per-image diag(m), and image b's output is the static forward of
+    image b alone with b's masks."""
+    model, x = family_model(family, 1), torch.randn(3, 3, 32, 32)
+    shared = random_nested_keep(model.cfg, 2)
+    own = per_image_keep(model.cfg, dps_counts(model.cfg), 3, seed=3)
+    assert not torch.equal(own[2][0], own[2][1])  # the images really keep different patches
+    with torch.no_grad():
+        static = model(x, keep=shared, tokens=tokens)
+        assert torch.allclose(model(x, keep=[k.expand(3, -1) for k in shared], tokens=tokens), static, atol=1e-6)
+        out = model(x, keep=own, tokens=tokens)
+        ref = eq2_reference_per_image(model, x, own, tokens)
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+        for b in range(3):
+            alone = model(x[b:b + 1], keep=[k[b] for k in own], tokens=tokens)
+            assert torch.allclose(out[b:b + 1], alone, atol=1e-5)
+        records = []
+        model.run_blocks(model.embed(x), own, tokens, records=records)
+    assert torch.equal(records[2].query_rows, own[2]) and records[2].P.shape[:3] == (3, model.cfg.num_heads, own[2].shape[1])
+
+
+@pytest.mark.parametrize("family", list(FAMILY))
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+def test_dps_keeps_the_prefix_and_the_patches_g_ranks_highest_among_the_previous_layer(tokens, family):
+    """The keep rule (C8): at each layer with a G, image b keeps the prefix tokens and the n_t - P patches of its own
+    m_{t-1} with the highest ŝ that G_t gives their rows of Z_{t-1}, recomputed here from the static per-image
+    forward; the dynamic forward is that per-image forward with the masks it chose."""
+    model, x = family_model(family, 4), torch.randn(4, 3, 32, 32)
+    cfg, P = model.cfg, model.cfg.prefix_tokens
+    dyn = pipeline_dynamic.DynamicSlimmed(model, dps_counts(cfg), tokens).eval()
+    assert sorted(int(t) for t in dyn.predictors) == [2, 3]
+    with torch.no_grad():
+        out, keep = dyn.run_blocks(model.embed(x))
+        assert torch.allclose(dyn.classify(model.features(out)), model(x, keep=keep, tokens=tokens), atol=1e-6)
+        assert not torch.equal(keep[2][0], keep[2][1])
+        for t in (2, 3):
+            z = model.run_blocks(model.embed(x), keep, tokens, end=t - 1)  # Z_{t-1} as the dynamic forward saw it
+            for b in range(4):
+                prev = keep[t - 2][b]
+                rows = z[b, prev[P:]] if tokens == "frozen" else z[b, P:]
+                s_hat = dyn.predictors[str(t)](rows[None])[0]
+                best = set(prev[P:][s_hat.argsort(descending=True)[:dyn.counts[t - 1] - P]].tolist())
+                assert keep[t - 1][b, :P].tolist() == list(range(P)) and set(keep[t - 1][b, P:].tolist()) == best
+    assert [k.shape[1] for k in keep] == dps_counts(cfg)
+
+
+def test_per_image_masks_are_checked():
+    """Must-hold 2: per-image masks must hold the prefix tokens, be sorted, fit the model and the batch, and be nested
+    per image; each failure is a one-line error naming the image and the fix."""
+    cfg = SMALL_CFG
+    good = per_image_keep(cfg, dps_counts(cfg), 2, seed=0)
+    not_nested = [k.clone() for k in good]
+    dropped = next(i for i in range(1, 17) if i not in good[1][1].tolist())
+    not_nested[2][1, -1] = dropped  # image 1's layer 3 takes a patch its layer 2 dropped
+    not_nested[2][1] = not_nested[2][1].sort().values
+    no_prefix, unsorted, too_big = ([k.clone() for k in good] for _ in range(3))
+    no_prefix[1][0, 0] = good[0][0, -1]
+    unsorted[1][1, 1:3] = unsorted[1][1, 1:3].flip(0)
+    too_big[0] = torch.arange(1, 18).expand(2, -1).clone()
+    too_big[0][:, 0] = 0
+    cases = {"not nested: image 1's layer 3 keeps tokens \\[" + str(dropped): not_nested,
+             "layer 2 do not keep the prefix tokens \\[0\\] in image 0": no_prefix,
+             "layer 2, image 1: indices are not sorted": unsorted,
+             "token index 17 but the model has 17 tokens": too_big,
+             "per-image masks for 2 images but the batch has 3": good}
+    model = vit.VisionTransformer(cfg)
+    for msg, keep in cases.items():
+        with pytest.raises(UserError, match=msg):
+            model(torch.randn(3 if "batch has 3" in msg else 2, 3, 32, 32), keep=keep)
+    with pytest.raises(UserError, match="non-increasing counts"):
+        pipeline_dynamic.DynamicSlimmed(model, [17, 6, 12, 1])
+    with pytest.raises(UserError, match="chooses its own masks"):
+        pipeline_dynamic.DynamicSlimmed(model, dps_counts(cfg))(torch.randn(1, 3, 32, 32), keep=good)
+
+
+@pytest.mark.parametrize("name,tokens", [("deit_tiny", "frozen"), ("deit_tiny", "removed"), ("deit_tiny_distilled", "frozen")])
+def test_dps_flops_with_g_match_torch_counter(name, tokens):
+    """Must-hold 3: flops.py's count of the dynamic forward, G included, equals FlopCounterMode's on the real forward
+    (a pyramid with a layer that keeps its candidates, where G does not run); G costs under 2% of the dense DeiT-S at
+    the Fig. 5 pyramid; counts scaled to 2.4/2.6 of the FLOPs (the paper's DPS/PS ratio) get there."""
+    cfg = vit.PRESETS[name]
+    counts = [n - 1 + cfg.prefix_tokens for n in FIG5_PYRAMID]
+    counts[4] = counts[3]  # layer 5 keeps every candidate: no choice, so G_5 is not run nor counted
+    dyn = pipeline_dynamic.DynamicSlimmed(vit.deit(name), counts, tokens).eval()
+    ours = flops.count_flops(cfg, counts=counts, tokens=tokens, predictor_width=dyn.width)
+    assert ours == counted_macs(dyn, None, tokens), (ours, counted_macs(dyn, None, tokens))
+    g = flops.predictor_flops(cfg, counts, dyn.width)
+    assert sum(g) == ours - flops.count_flops(cfg, counts=counts, tokens=tokens) and g[4] == 0 and min(g[2:4]) > 0
+    small = vit.PRESETS["deit_small"]
+    assert sum(flops.predictor_flops(small, FIG5_PYRAMID, small.embed_dim // 8)) < 0.02 * flops.count_flops(small)
+    scaled = flops.scaled_counts(cfg, counts, 2.4 / 2.6 * flops.count_flops(cfg, counts=counts, tokens=tokens), tokens,
+                                 dyn.width)
+    ratio = flops.count_flops(cfg, counts=scaled, tokens=tokens, predictor_width=dyn.width) / flops.count_flops(
+        cfg, counts=counts, tokens=tokens)
+    assert abs(ratio - 2.4 / 2.6) < 0.005 and all(a >= b for a, b in zip(scaled, scaled[1:]))
+
+
+@pytest.mark.parametrize("tokens", vit.TOKENS)
+@pytest.mark.parametrize("t", [1, 2])
+def test_per_image_eq6_target_is_the_static_score_of_each_image_alone(t, tokens):
+    """Must-hold 4: the per-image target of layer t (layer t updating every row, layers above pruned per image by
+    their G) equals, image by image, the averaged static score (slim.layer_scores, checked against brute-force
+    paths above) of a batch holding that image alone, with its own masks as static masks."""
+    model = family_model("distilled", 5)
+    dyn = pipeline_dynamic.DynamicSlimmed(model, dps_counts(model.cfg), tokens).eval()
+    with torch.no_grad():
+        z = model.run_blocks(model.embed(torch.randn(3, 3, 32, 32)), end=t - 1)  # Z_{t-1}, layers 1..t-1 dense
+        target = pipeline_dynamic.dynamic_targets(dyn, z, t)
+        _, keep = dyn.run_blocks(z, t, records=[])
+    N = model.cfg.num_tokens
+    assert keep[0].shape == (3, N) and not torch.equal(keep[1][0], keep[1][1])
+    for b in range(3):
+        static_keep = [torch.arange(N)] * t + [k[b] for k in keep[1:]]
+        alone = slim.layer_scores(model, z[b:b + 1], static_keep, tokens, t, "significance", batch_size=1)
+        assert torch.allclose(target[b], alone, rtol=1e-4, atol=1e-30), (target[b], alone)
+
+
+def test_fit_loss_and_measures_match_their_definitions():
+    """The top-k ListMLE against the Plackett-Luce likelihood written as a loop; the per-image Spearman against
+    slim.spearman; the top-k recall against sets; and a G fitted with the loss ranks a learnable target well."""
+    g = torch.Generator().manual_seed(0)
+    s_hat, s, k = torch.randn(3, 9, generator=g), torch.rand(3, 9, generator=g), 4
+    nll = 0.0
+    for b in range(3):
+        order = s[b].argsort(descending=True)
+        for j in range(k):
+            rest = s_hat[b, order[j:]]
+            nll -= (s_hat[b, order[j]] - rest.exp().sum().log()).item()
+    assert slim.top_k_listmle(s_hat, s, k).item() == pytest.approx(nll / (3 * k), rel=1e-5)
+    rho = pipeline_dynamic.rank_correlation(s_hat, s)
+    assert all(rho[b].item() == pytest.approx(slim.spearman(s_hat[b], s[b]), abs=1e-6) for b in range(3))
+    recall = pipeline_dynamic.top_k_recall(s_hat, s, k)
+    for b in range(3):
+        found = set(s_hat[b].topk(k).indices.tolist()) & set(s[b].topk(k).indices.tolist())
+        assert recall[b].item() == pytest.approx(len(found) / k)
+    torch.manual_seed(0)  # a target G can express: the feature a fixed direction reads, per image
+    G, z, w = slim.Predictor(16, 8), torch.randn(128, 12, 16), torch.randn(16)
+    target = (z @ w).exp()
+    opt = torch.optim.AdamW(G.parameters(), lr=1e-2)
+    before = pipeline_dynamic.rank_correlation(G(z).detach(), target).mean()
+    for _ in range(150):
+        opt.zero_grad()
+        slim.top_k_listmle(G(z), target, 4).backward()
+        opt.step()
+    after = pipeline_dynamic.rank_correlation(G(z).detach(), target).mean()
+    assert after > 0.8 and after > before + 0.3, (before, after)
+
+
+@needs_shared
+def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
+    """Must-hold 5: a tiny static run, then `--dynamic --from OUT` (fit, fine-tune with G frozen, evaluation), its
+    --eval-only, its resume and its refusals, on the CIFAR-10 proxy."""
+    out = tmp_path / "run"
+    common = ["--val-per-class", "3", "--workers", "1", "--batch-size", "32"]
+    slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "64",
+              "--held-images", "32", "--score-images", "16", "--ft-steps", "1", "--eps", "0.01", "--r-step", "16",
+              *common])
+    argv = ["--dynamic", "--from", str(out), "--fit-images", "64", "--held-images", "32", "--predictor-steps", "5",
+            "--final-epochs", "0.0013", "--flops-ratio", "0.95", *common]
+    t0, cpu0 = time.time(), time.process_time()
+    report = slim.cli(argv)
+    seconds = min(time.time() - t0, time.process_time() - cpu0)  # CPU time where other jobs share the cores
+    on_disk = json.loads((out / "dynamic.json").read_text())
+    cfg = vit.load_checkpoint(PROXY_CKPT).cfg
+    static_counts = [k.numel() for k in vit.load_masks(out / "masks.json", cfg)[0]]
+    assert on_disk["dynamic_top1"] == report["dynamic_top1"] and on_disk["static_kept_per_layer"] == static_counts
+    counts = on_disk["kept_per_layer"]
+    assert counts != static_counts and on_disk["layers"] and all(-1 <= lay["spearman"] <= 1 for lay in on_disk["layers"])
+    assert on_disk["gflops"] == pytest.approx(flops.count_flops(cfg, counts=counts, predictor_width=24) / 1e9)
+    assert on_disk["gflops"] == pytest.approx(0.95 * on_disk["static_gflops"], rel=0.02)
+    assert seconds < 60, seconds
+    dyn = pipeline_dynamic.DynamicSlimmed.from_checkpoint(vit.load_checkpoint(out / "dynamic.pth"))
+    slimmed = vit.load_checkpoint(out / "slimmed.pth")
+    for name, p in dyn.predictors.named_parameters():  # G frozen in the fine-tune: exactly the fitted predictor
+        assert torch.equal(p, torch.load(out / "dynamic_state.pt", weights_only=False)["predictors"][name])
+    assert any(not torch.equal(p, q) for p, q in zip(dyn.vit.parameters(), slimmed.parameters()))  # the network moved
+    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"),
+                   "--out", str(tmp_path / "ev"), *common])
+    assert ev["top1"] == pytest.approx(on_disk["dynamic_top1"]) and ev["gflops"] == pytest.approx(on_disk["gflops"])
+    again = slim.cli(argv)  # the same command resumes: nothing is fitted or fine-tuned again
+    assert again["dynamic_top1"] == pytest.approx(on_disk["dynamic_top1"])
+    assert "the predictor fit in" in (out / "dynamic_log.txt").read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(steps 5 -> 6\)"):
+        slim.cli([a if a != "5" else "6" for a in argv])
+    with pytest.raises(SystemExit, match="drop --masks"):
+        slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"),
+                  "--masks", str(out / "masks.json"), "--out", str(tmp_path / "ev")])
+    with pytest.raises(SystemExit, match="is a DPS-ViT checkpoint: evaluate it with --eval-only"):
+        slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"), "--out",
+                  str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match="has no report.json"):
+        slim.cli(["--dynamic", "--from", str(tmp_path / "ev")])
+    with pytest.raises(SystemExit, match="--dynamic needs --from OUT"):
+        slim.cli(["--dynamic", "--data", "folder", "--data-path", CIFAR])

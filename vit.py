@@ -108,6 +108,21 @@ class BlockRecord:
 RECORD_P, RECORD_ALL = "P", "P, U, head_out"  # what a block is asked to record: Block.forward(record=...)
 
 
+def take_rows(x, idx):
+    """Rows idx of x (B, n, d): idx (n_q,), the same rows for every image (the static masks), or (B, n_q), each image
+    its own (DPS-ViT's per-image masks, METHOD.md P6/C8). (B, n_q, d)."""
+    if idx.dim() == 1:
+        return x.index_select(1, idx)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def put_rows(x, idx, y):
+    """x (B, n, d) with its rows idx (as take_rows) replaced by y (B, n_q, d): P1's write-back of the updated rows."""
+    if idx.dim() == 1:
+        return x.index_copy(1, idx, y)
+    return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), y)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias):
         super().__init__()
@@ -118,17 +133,17 @@ class Attention(nn.Module):
 
     def forward(self, h, idx=None, record=None):
         """h: (B, n_keys, d) normed rows that give keys and values; idx: (n_q,) positions in h of the rows that get
-        queries (None = all). Returns the MSA output of those rows, (B, n_q, d). The q and kv projections are
-        split so no FLOP is spent on a query nobody reads (METHOD.md P1: "only the effective patches ...
-        calculate queries"). record: None (fused attention, nothing kept), RECORD_P or RECORD_ALL: then it returns
-        (output, P, head_out), P (B, H, n_q, n_keys) the per-head attention, head_out (B, H, n_q, d) head h's output
-        after W_o (None unless RECORD_ALL)."""
+        queries (None = all; or (B, n_q), each image its own, take_rows). Returns the MSA output of those rows,
+        (B, n_q, d). The q and kv projections are split so no FLOP is spent on a query nobody reads (METHOD.md P1:
+        "only the effective patches ... calculate queries"). record: None (fused attention, nothing kept), RECORD_P
+        or RECORD_ALL: then it returns (output, P, head_out), P (B, H, n_q, n_keys) the per-head attention, head_out
+        (B, H, n_q, d) head h's output after W_o (None unless RECORD_ALL)."""
         B, n_keys, d = h.shape
         H, dh = self.num_heads, self.head_dim
         if idx is None:
             q, k, v = self.qkv(h).view(B, n_keys, 3, H, dh).permute(2, 0, 3, 1, 4)
         else:
-            q = self.qkv(h.index_select(1, idx), rows=(0, d)).view(B, -1, H, dh).transpose(1, 2)
+            q = self.qkv(take_rows(h, idx), rows=(0, d)).view(B, -1, H, dh).transpose(1, 2)
             k, v = self.qkv(h, rows=(d, 3 * d)).view(B, n_keys, 2, H, dh).permute(2, 0, 3, 1, 4)
         if record is None:  # the fast path: fused attention, nothing stored
             o = F.scaled_dot_product_attention(q, k, v)                     # (B, H, n_q, dh)
@@ -174,8 +189,9 @@ class Block(nn.Module):
     def forward(self, x, idx=None, tokens="frozen", record=None):
         """One pre-norm block, Y = X + MSA(LN1(X)), Z = Y + MLP(LN2(Y)), updating only the rows idx (the paper's
         diag(m_l) on the MSA and MLP outputs, Eq. 2). x: (B, n_in, d); idx: positions in x of the updated rows
-        (None = all, the dense block). Keys and values come from all n_in rows. tokens (METHOD.md P1 / C1):
-        "frozen" returns all n_in rows, the others unchanged; "removed" returns only the idx rows.
+        (None = all, the dense block; (n_q,), or (B, n_q) per image). Keys and values come from all n_in rows.
+        tokens (METHOD.md P1 / C1): "frozen" returns all n_in rows, the others unchanged; "removed" returns only the
+        idx rows.
         record: None returns the output only; RECORD_P or RECORD_ALL return (output, P, U, head_out): the
         attention's P (B, H, n_q, n_keys), and for RECORD_ALL U (B, H, n_q, d) = P^h |x|, the paper's
         U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input), and head_out (else None)."""
@@ -190,9 +206,9 @@ class Block(nn.Module):
             y = x + a
             out = y + self.ls2(self.mlp(self.norm2(y)))
         else:
-            y = x.index_select(1, idx) + a
+            y = take_rows(x, idx) + a
             y = y + self.ls2(self.mlp(self.norm2(y)))
-            out = y if tokens == "removed" else x.index_copy(1, idx, y)  # P1: every other row passes on unchanged
+            out = y if tokens == "removed" else put_rows(x, idx, y)  # P1: every other row passes on unchanged
         return out if record is None else (out, P, U, head_out)
 
 
@@ -215,6 +231,7 @@ class VisionTransformer(nn.Module):
         # reads them: pass keep=model.keep, tokens=model.tokens. normalisation: where cfg.mean/std came from (a line)
         self.keep, self.tokens, self.normalisation = None, None, f"input normalisation mean {cfg.mean}, std {cfg.std}"
         self.classes = None  # the class folder names a slimmed checkpoint was trained on (checked against val's)
+        self.dynamic = None  # a DPS-ViT checkpoint's predictors G and counts (pipeline/dynamic.py)
         self.patch_embed = PatchEmbed(cfg)
         d, P = cfg.embed_dim, cfg.prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -248,10 +265,19 @@ class VisionTransformer(nn.Module):
     def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
         """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
         all N rows under "frozen", the rows alive after layer start-1 under "removed". keep: all L layers' masks
-        (None = dense). records: a list to which each block appends its BlockRecord; the first block's holds U and
-        head_out too, all the scores read of layer t."""
+        (None = dense); an entry (B, n_t) gives each image its own m_t (DPS-ViT, METHOD.md P6/C8: the counts n_t
+        fixed per layer, the masks nested per image). records: a list to which each block appends its BlockRecord;
+        the first block's holds U and head_out too, all the scores read of layer t (per-image masks: query_rows and,
+        under "removed", key_rows (B, n) too)."""
         N = self.cfg.num_tokens
         keep, gather = (None, None) if keep is None else masks_plan(keep, self.cfg, tokens)
+        if keep is not None and keep[0].dim() == 2:  # per-image masks: one row of indices per image of x
+            if keep[0].shape[0] != x.shape[0]:
+                raise UserError(f"per-image masks for {keep[0].shape[0]} images but the batch has {x.shape[0]}: give "
+                                "each layer's kept indices as (batch, n_t)")
+            gather = [None if g is None else g.to(x.device) for g in gather]
+        elif gather is not None and x.device.type != "cpu":  # CUDA's index_select/index_copy need the index on x's device
+            gather = [None if g is None else g.to(x.device) for g in gather]
         for t in range(start, (self.cfg.depth if end is None else end) + 1):
             idx = None if gather is None else gather[t - 1]
             if records is None:
@@ -349,11 +375,12 @@ def masks_plan(keep, cfg, tokens):
     """(kept indices, gather) for the forward: gather[t-1] is the index block t selects its updated rows with:
     under "frozen" the global indices m_t themselves (the sequence keeps all N rows), under "removed" the positions
     of m_t among the rows alive before the layer; None for a layer that updates every row it receives (the dense
-    block, exactly)."""
-    keep, positions = _checked(keep, cfg)
+    block, exactly). Per-image masks (an entry (B, n_t)) give (B, n_t) indices, one row per image."""
+    per_image = any(isinstance(k, torch.Tensor) and k.dim() == 2 for k in keep)
+    keep, positions = _checked_per_image(keep, cfg) if per_image else _checked(keep, cfg)
     if check_tokens(tokens) == "removed":
         return keep, positions
-    return keep, [None if k.numel() == cfg.num_tokens else k for k in keep]
+    return keep, [None if k.shape[-1] == cfg.num_tokens else k for k in keep]
 
 
 def _checked(keep, cfg):
@@ -381,6 +408,46 @@ def _checked(keep, cfg):
                             f"layer {t - 1} dropped (a patch pruned once is never updated again)")
         out.append(k)
         pos.append(None if k.numel() == prev.numel() else p)
+        prev = k
+    return out, pos
+
+
+def _checked_per_image(keep, cfg):
+    """_checked for per-image masks (DPS-ViT, METHOD.md P6/C8): keep[t-1] is (B, n_t), row b image b's m_t (a 1-D
+    entry is shared by every image), the count n_t the same for every image of a layer. Each image's masks must be
+    sorted, hold the prefix tokens and be nested. Returns ((B, n_t) indices, (B, n_t) positions in the layer before's
+    or None) per layer."""
+    N, L, n_prefix = cfg.num_tokens, cfg.depth, cfg.prefix_tokens
+    if len(keep) != L:
+        raise UserError(f"masks have {len(keep)} layers but the model has depth {L}: use masks made for this model")
+    B, device = next((k.shape[0], k.device) for k in keep if isinstance(k, torch.Tensor) and k.dim() == 2)
+    out, pos, prev = [], [], torch.arange(N, device=device).expand(B, N)
+    for t, k in enumerate(keep, 1):
+        k = torch.as_tensor(k, dtype=torch.long, device=device)
+        k = k.expand(B, -1) if k.dim() == 1 else k
+        if k.dim() != 2 or k.shape[0] != B:
+            raise UserError(f"per-image masks layer {t} have shape {tuple(k.shape)}, not ({B}, n_t): every layer keeps "
+                            "the same number of tokens in each image (METHOD.md C8)")
+        bad = (k[:, :n_prefix] != torch.arange(n_prefix, device=device)).any(1) if k.shape[1] >= n_prefix else None
+        if bad is None or bool(bad.any()):
+            raise UserError(f"per-image masks layer {t} do not keep the prefix tokens {list(range(n_prefix))} in image "
+                            f"{0 if bad is None else int(bad.nonzero()[0])}: every layer must keep them in every image")
+        bad = (k[:, 1:] <= k[:, :-1]).any(1)
+        if bool(bad.any()):
+            raise UserError(f"per-image masks layer {t}, image {int(bad.nonzero()[0])}: indices are not sorted and "
+                            "unique; give each image's kept token indices sorted")
+        if bool((k[:, -1] >= N).any()):
+            raise UserError(f"per-image masks layer {t} have token index {int(k.max())} but the model has {N} tokens: "
+                            "use masks made for this model")
+        p = torch.searchsorted(prev.contiguous(), k.contiguous())  # each kept token's place in m_{t-1}
+        found = prev.gather(1, p.clamp(max=prev.shape[1] - 1)) == k
+        if not bool(found.all()):
+            b = int((~found).any(1).nonzero()[0])
+            raise UserError(f"per-image masks are not nested: image {b}'s layer {t} keeps tokens "
+                            f"{k[b][~found[b]][:5].tolist()} that its layer {t - 1} dropped (a patch pruned once is "
+                            "never updated again)")
+        out.append(k)
+        pos.append(None if k.shape[1] == prev.shape[1] else p)
         prev = k
     return out, pos
 
@@ -519,6 +586,7 @@ def load_checkpoint(path_or_url, expect=None):
                         "it is broken; pass a checkpoint from before the training diverged")
     model.load_state_dict(sd, strict=True)
     model.classes = ck.get("classes") if isinstance(ck.get("classes"), list) else None
+    model.dynamic = ck.get("dynamic") if isinstance(ck.get("dynamic"), dict) else None  # DPS-ViT: pipeline/dynamic.py
     if ck.get("keep") is not None:  # a slimmed checkpoint; without a "tokens" entry its masks are "frozen" (P1)
         model.keep, model.tokens = check_keep(ck["keep"], cfg), check_tokens(ck.get("tokens", "frozen"))
     model.normalisation = f"input normalisation mean {cfg.mean}, std {cfg.std}: {normalisation}"

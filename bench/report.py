@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stats import compare  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/results.md"]
+DOCS = ["README.md", "docs/results.md", "docs/speed.md", "docs/peers.md"]
 PAPER_BUDGET = {"flops_saved": 0.436, "top1_drop": 0.4}  # DeiT-S: 4.6 G -> 2.6 G, 79.8 -> 79.4 (Table 1)
 PAPER_FIG4 = {0.005: (79.8, 21), 0.01: (79.7, 32), 0.02: (79.4, 44), 0.03: (78.9, 49), 0.04: (78.4, 53),
               0.05: (78.0, 54)}
@@ -181,7 +181,256 @@ def fast_path_era():
     return "\n".join(rows)
 
 
-BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "fast-path-era": fast_path_era}
+SPEED_RUNTIMES = "results/speed_runtimes_deit_small_cpu_float32.json"  # bench/speed.py's every-runtime run
+
+
+def times(x):
+    return f"{x:.2f}×"
+
+
+def speed_runtimes(path=SPEED_RUNTIMES):
+    """bench/speed.py's run of every runtime (eager, packed, torch.compile, onnxruntime): per model its batch-1 latency
+    and largest-batch throughput; per semantics and runtime the speed-ups beside the FLOPs ratio; the targets; the
+    absolute figure against timm's dense DeiT-S. The machine (CPU model name) and the runtimes' versions, from the file."""
+    if not os.path.exists(os.path.join(ROOT, path)):
+        return f"*Not run yet: `{path}` does not exist; `python bench/speed.py` makes it.*"
+    res = load(path)
+    mach, versions, batches = res["machine"], res["versions"], sorted(res["batches"])
+    big = batches[-1]
+    head = (f"`{res['command']}` (`{path}`): {res['model']}, random weights, {res['dtype']}, {res['threads']} threads "
+            f"on {mach['cpu']} ({mach['cores']} cores); " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    if res.get("note"):
+        head += f" **{res['note']}**"
+    gflops = {"dense": res["dense_gflops"], **{f"slimmed {t}": s["gflops"] for t, s in res["semantics"].items()}}
+    rows = ["| runtime | model | GFLOPs | " + " | ".join(
+        f"batch {b}: ms per call" if b == 1 else f"batch {b}: images/s" for b in batches) + " |",
+        "|---|---|---|" + "---|" * len(batches)]
+    for label, by_batch in res["rows"].items():
+        runtime, model = ("timm (eager)", "dense") if label == "timm dense" else label.split(" ", 1)
+        cells = [f"{by_batch[f'batch {b}']['ms']:.1f}" if b == 1 else f"{by_batch[f'batch {b}']['images_per_s']:.1f}"
+                 for b in batches]
+        rows.append(f"| {runtime} | {model} | {gflops[model]:.2f} | " + " | ".join(cells) + " |")
+    table2 = ["| semantics | FLOPs ratio | runtime | " + " | ".join(
+        f"batch {b}: speed-up (paired) · of the FLOPs ratio" for b in reversed(batches)) + " |",
+        "|---|---|---|" + "---|" * len(batches)]
+    verdicts = []
+    for tokens, sem in res["semantics"].items():
+        for runtime, by_batch in sem["speedup"].items():
+            cells = [f"{times(v['speedup'])} ({times(v['paired'])}) · {v['of_flops_ratio']:.2f}"
+                     for v in (by_batch[f"batch {b}"] for b in reversed(batches))]
+            table2.append(f"| {tokens} | {sem['flops_ratio']:.2f} | {runtime} | " + " | ".join(cells) + " |")
+        missed = [f"{rt} {sp[f'batch {big}']['of_flops_ratio']:.3f}" for rt, sp in sem["speedup"].items()
+                  if sp[f"batch {big}"]["of_flops_ratio"] < res["targets"]["batch_of_flops_ratio"]]
+        line = (f"- **{tokens}** ({sem['masks']}, kept tokens per layer {kept(sem['kept_per_layer'])}, "
+                f"{sem['gflops']:.2f} G): batch {big} ≥ {res['targets']['batch_of_flops_ratio']} of the FLOPs ratio in "
+                "every runtime: " + ("met" if not missed else f"missed in {', '.join(missed)}"))
+        if 1 in batches:
+            best = max(sem["speedup"], key=lambda rt: sem["speedup"][rt]["batch 1"]["speedup"])
+            b1 = sem["speedup"][best]["batch 1"]
+            line += (f"; batch 1 ≥ {res['targets']['b1_speedup']}× in a runtime: "
+                     f"{'met' if b1['speedup'] >= res['targets']['b1_speedup'] else 'missed'} (best: {best}, "
+                     f"{times(b1['speedup'])}, {b1['of_flops_ratio']:.2f} of the FLOPs ratio; the aim is "
+                     f"{res['targets']['b1_aim_of_flops_ratio']})")
+        verdicts.append(line + ".")
+    out = [head, "", *rows, "", *table2, "", *verdicts]
+    if res.get("absolute"):
+        a = res["absolute"]
+        out.append(f"- **Absolute**: the fastest slimmed DeiT-S, `{a['fastest_slimmed']}`, runs "
+                   f"{a['images_per_s']:.1f} images/s at batch {a['batch']}: {times(a['over_timm'])} timm's dense "
+                   f"DeiT-S in PyTorch eager ({a['timm_dense_eager_images_per_s']:.1f} images/s), in the same rounds.")
+    p = res["paper_v100"]
+    out.append(f"- The paper: {p['dense_img_s']} → {p['slimmed_img_s']} images/s on a V100 (batch not stated), "
+               f"{times(p['speedup'])} for a FLOPs ratio of {p['flops_ratio']:.2f}.")
+    for runtime, why in res["runtimes_not_timed"].items():
+        out.append(f"- Not timed: {runtime} ({why}).")
+    return "\n".join(out)
+
+
+def speed_profile(path=SPEED_RUNTIMES):
+    """Where batch-1 time goes in each runtime (bench/speed.py's profile: onnxruntime's profiler, torch.profiler)."""
+    if not os.path.exists(os.path.join(ROOT, path)):
+        return f"*Not run yet: `{path}` does not exist; `python bench/speed.py` makes it.*"
+    res = load(path)
+    if not res["profile_b1"]:
+        return f"*`{path}` holds no profile (it was run with --profile-calls 0 or without batch 1).*"
+    cats = ["matmul", "attention", "gather", "write-back", "layer norm", "other"]
+    rows = ["| runtime | model | profiled ms per call | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
+    for label, prof in res["profile_b1"].items():
+        runtime, model = ("timm (eager)", "dense") if label == "timm dense" else label.split(" ", 1)
+        rows.append(f"| {runtime} | {model} | {prof['total_ms']:.1f} | " + " | ".join(
+            f"{prof['by_category'].get(c, 0.0):.2f}" for c in cats) + " |")
+    return ("\n".join(rows) + f"\n\nBatch 1, milliseconds per call summed over the operators of each kind (self time; "
+            "onnxruntime: its profiler's kernel time per node; the others: torch.profiler, whose own overhead is in "
+            f"the total). Compiled graphs fuse norms and element-wise work into kernels counted as other. File: `{path}` "
+            "(`profile_b1`, with each model's slowest operators).")
+
+
+def speed_eager(path="results/speed_deit_small_cpu_float32.json"):
+    """The eager-only run before the runtimes were added (bench/speed.py of that time): both semantics at the paper's
+    budget, plain and oneDNN-prepacked."""
+    res = load(path)
+    rows = ["| model | GFLOPs | images/s (batch 32) | batch-1 latency (median) |", "|---|---|---|---|"]
+    gflops = {"dense": res["dense_gflops"], **{f"slimmed {t}": s["gflops"] for t, s in res["semantics"].items()}}
+    for label, r in res["rows"].items():
+        model = label.split(" ", 1)[1]
+        rows.append(f"| {label} | {gflops[model]:.2f} | {r['images_per_s']:.1f} | {r['latency_ms_b1']:.1f} ms |")
+    table2 = ["| semantics | masks | FLOPs ratio | batch 32 | of the FLOPs ratio | batch 1 | batch 32 packed | "
+              "batch 1 packed (paired) |", "|---|---|---|---|---|---|---|---|"]
+    for tokens, s in res["semantics"].items():
+        table2.append(f"| {tokens} | {kept(s['kept_per_layer'])} | {s['flops_ratio']:.2f} | {times(s['speedup_batch'])} "
+                      f"| {s['speedup_batch'] / s['flops_ratio']:.2f} | {times(s['speedup_b1'])} | "
+                      f"{times(s['speedup_batch_packed'])} | {times(s['speedup_b1_packed'])} "
+                      f"({times(s['speedup_b1_packed_paired'])}) |")
+    return ("\n".join(rows) + "\n\n" + "\n".join(table2) + f"\n\n`vit.py` dense runs at {res['ours_over_timm']:.2f} "
+            f"of timm's throughput. `{res['command']}` with the code of that time, torch {res['torch']}, "
+            f"{res['threads']} threads, {res['cores']} cores (the file records `{res['cpu']}`, not the CPU model). "
+            f"File: `{path}`.")
+
+
+V1_SPEED = {"DeiT-S 224": "results/speed_repeats/deit_small_run2.json",
+            "proxy": "results/speed_deit_tiny_p4_cifar10_cpu_float32.json"}
+
+
+def speed_v1():
+    """The v1 runs (tokens removed): DeiT-S (run 2 of four) and the proxy, plain and packed, against timm."""
+    rows = ["| model | GFLOPs | images/s | batch-1 latency (median; fastest) |", "|---|---|---|---|"]
+    names = {"timm dense": "{m}, timm (reference)", "vit.py dense": "{m}, `vit.py` dense",
+             "vit.py slimmed": "{m}, `vit.py` {pyramid}", "packed dense": "{m}, `vit.py` dense, packed",
+             "packed slimmed": "{m}, `vit.py` {short}, packed"}
+    for m, path in V1_SPEED.items():
+        res = load(path)
+        short = "slimmed" if m == "proxy" else "pyramid"
+        pyramid = "slimmed (the v1 run's masks)" if m == "proxy" else f"pyramid {kept(res['kept_per_layer'])}"
+        r = res["rows"]
+        for label in names:
+            if label not in r:
+                continue
+            gf = res["gflops"]["slimmed" if "slimmed" in label else "dense"]
+            cell = f"{r[label]['images_per_s']:.3g} (batch {res['batch']})"
+            if "slimmed" in label:
+                base = r[label.replace("slimmed", "dense")]
+                cell += f": **{times(r[label]['images_per_s'] / base['images_per_s'])}**"
+                lat = (f"{r[label]['latency_ms_b1']:.1f} ms: **{times(base['latency_ms_b1'] / r[label]['latency_ms_b1'])}**"
+                       f"; {r[label]['latency_ms_b1_min']:.1f}")
+            else:
+                if label == "vit.py dense" and "timm dense" in r:
+                    cell += f": {r[label]['images_per_s'] / r['timm dense']['images_per_s']:.2f}× timm"
+                lat = f"{r[label]['latency_ms_b1']:.1f} ms; {r[label]['latency_ms_b1_min']:.1f}"
+            rows.append(f"| {names[label].format(m=m, pyramid=pyramid, short=short)} | {gf:.2f} | {cell} | {lat} |"
+                        if gf >= 1 else f"| {names[label].format(m=m, pyramid=pyramid, short=short)} | {gf:.3f} | "
+                        f"{cell} | {lat} |")
+    return "\n".join(rows) + "\n\nFiles: " + ", ".join(f"`{p}`" for p in V1_SPEED.values()) + "."
+
+
+def speed_v1_repeats():
+    """The v1 DeiT-S command run four times on one day (results/speed_repeats/)."""
+    rows = ["| run | batch 32 | batch 32, packed | batch 1 | batch 1, packed (median of per-round ratios) | vit.py / timm |",
+            "|---|---|---|---|---|---|"]
+    for i in range(1, 5):
+        r = load(f"results/speed_repeats/deit_small_run{i}.json")
+        rows.append(f"| {i} | {times(r['speedup_batch'])} | {times(r['speedup_batch_packed'])} | {times(r['speedup_b1'])} "
+                    f"| {times(r['speedup_b1_packed'])} ({times(r['speedup_b1_packed_paired'])}) | {r['ours_over_timm']:.2f} |")
+    return "\n".join(rows) + "\n\nFiles: `results/speed_repeats/deit_small_run1.json` … `deit_small_run4.json`."
+
+
+PEERS = "results/peers.json"
+PEERS_SPEED = "results/peers_speed_deit_small_cpu_float32.json"
+PEER_ROWS = ["patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid"]  # bench/peers_compare.py
+
+
+def with_p(c):
+    return f"{interval(c)}; p = {c['mcnemar_p']:.2g}"
+
+
+def peers_off_the_shelf():
+    """bench/peers_compare.py off the shelf: every method on the dense proxy weights at each budget, paired against
+    patch slimming's row of the same budget on the same val images."""
+    if not os.path.exists(os.path.join(ROOT, PEERS)):
+        return f"*Not run yet: `{PEERS}` does not exist; `python bench/peers_compare.py` makes it.*"
+    res = load(PEERS)
+    depth = len(res["budgets"][next(iter(res["budgets"]))]["rows"]["patch slimming"]["tokens_per_layer"])
+    rows = [f"| budget | method | setting | GFLOPs | tokens per layer 1..{depth} | top-1 off the shelf | patch slimming − "
+            "this, points (95% paired bootstrap; McNemar p) |", "|---|---|---|---|---|---|---|",
+            f"| | dense | | {res['dense_gflops']:.3f} | {kept([res['num_tokens']] * depth)} | {res['dense']['top1']:.2f} | |"]
+    after_search = []
+    for budget, b in res["budgets"].items():
+        for name in PEER_ROWS:
+            r = b["rows"].get(name)
+            if r is None:
+                continue
+            if "unreachable" in r:
+                rows.append(f"| {budget} | {name} | cannot reach this budget: {r['unreachable'].split(': ask')[0]} "
+                            "| | | | |")
+                continue
+            setting = {"patch slimming": r.get("source", ""), "linear pyramid": "flops.linear_pyramid, patches by "
+                       "Eq. 6"}.get(name, r.get("setting", ""))
+            vs = with_p(r["ps_minus_this"]) if "ps_minus_this" in r else \
+                f"(the reference) − dense: {with_p(r['ps_minus_dense'])}" if "ps_minus_dense" in r else "(the reference)"
+            label = f"**{name}**" if name == "patch slimming" else name
+            rows.append(f"| {budget} | {label} | {setting} | {r['gflops']:.4f} | {kept(r['tokens_per_layer'])} | "
+                        f"{r['top1']:.2f} | {vs} |")
+            if name == "patch slimming":
+                after_search.append(f"{budget}: {r['top1_after_search']:.2f}")
+    return ("\n".join(rows) + f"\n\nTokens per layer: the rows each block updates (patch slimming and the linear pyramid, "
+            f"frozen patches, METHOD.md P1) or the tokens each block's attention runs on (ToMe, EViT, which remove). "
+            f"Patch slimming's own top-1 after its search (Alg. 1 with its block fine-tuning), for context: "
+            f"{'; '.join(after_search)}. {res['val_images']} val images. GFLOPs: {res['flops_note']}. "
+            f"File: `{PEERS}` (predictions `results/peers_predictions.npz`); "
+            f"command{'s' if len(res['commands']) > 1 else ''}: {', '.join(f'`{c}`' for c in res['commands'])}.")
+
+
+def peers_finetuned():
+    """bench/peers_compare.py --finetune: the headline's final fine-tune for every row at the headline budget."""
+    if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
+        return ("*Not run yet: `python bench/peers_compare.py --finetune --seeds 0 1` adds it to "
+                f"`{PEERS}` (about 15 minutes per row and seed on 2 cores).*")
+    res = load(PEERS)
+    budget, b = next(iter(res["budgets"].items()))
+    ft = res["finetune"]
+    seeds = [f"seed {s}" for s in ft["seeds"]]
+    rows = ["| method | GFLOPs | " + " | ".join(f"{s}: top-1 | {s}: patch slimming − this" for s in seeds) +
+            " | seeds together: patch slimming − this |", "|---|---|" + "---|---|" * len(seeds) + "---|"]
+    for name in PEER_ROWS:
+        r = b["rows"].get(name, {})
+        done = r.get("finetuned")
+        if not done:
+            continue
+        cells = []
+        for s in seeds:
+            e = done.get(s)
+            cells += [f"{e['top1']:.2f}" if e else "not run", with_p(e["ps_minus_this"]) if e and "ps_minus_this" in e
+                      else ("(the reference)" if e else "")]
+        pooled = interval(r["finetuned_pooled"]) if "finetuned_pooled" in r else ""
+        label = f"**{name}**" if name == "patch slimming" else name
+        rows.append(f"| {label} | {r['gflops']:.4f} | " + " | ".join(cells) + f" | {pooled} |")
+    sources = sorted({e["source"] for r in b["rows"].values() for e in r.get("finetuned", {}).values() if "source" in e})
+    return ("\n".join(rows) + f"\n\nAt {budget}: {ft['epochs']:g} epoch{'s' if ft['epochs'] != 1 else ''} at lr "
+            f"{ft['lr']:g}, batch {ft['batch_size']}, the light recipe with soft distillation from the dense model "
+            f"(pipeline/finetune.py), the same as the headline's. {res['val_images']} val images. File: `{PEERS}`"
+            + (f"; rows read from other runs: {', '.join(f'`{s}`' for s in sources)}." if sources else "."))
+
+
+def peers_speed(path=PEERS_SPEED):
+    """bench/peers_speed.py: real speed of each method at the same GFLOPs, DeiT-S shapes."""
+    if not os.path.exists(os.path.join(ROOT, path)):
+        return "*Not run yet: `python bench/peers_speed.py` makes its results file (run it on a quiet machine).*"
+    res = load(path)
+    rows = [f"| method | setting | GFLOPs | images/s (batch {res['batch']}) | × dense | batch-1 latency | × dense "
+            "(paired) |", "|---|---|---|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        rows.append(f"| {name} | {r['setting']} | {r['gflops']:.2f} | {r['images_per_s']:.1f} | "
+                    f"{times(r['speedup_batch'])} | {r['latency_ms_b1']:.1f} ms | {times(r['speedup_b1'])} "
+                    f"({times(r['speedup_b1_paired'])}) |")
+    m = res["machine"]
+    return ("\n".join(rows) + f"\n\n`{res['command']}` (`{path}`): {res['model']}, random weights, {res['dtype']}, "
+            f"{m['threads']} threads on {m['cpu']} ({m['cores']} cores), torch {m['torch']}; {res['repeats']} rounds "
+            "at the batch, 5 times as many at batch 1, interleaved; medians.")
+
+
+BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "fast-path-era": fast_path_era,
+          "speed-runtimes": speed_runtimes, "speed-profile": speed_profile, "speed-eager": speed_eager,
+          "speed-v1": speed_v1, "speed-v1-repeats": speed_v1_repeats,
+          "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
 
 

@@ -153,10 +153,11 @@ def save_checkpoint(path, student, opt, step, settings):
 
 
 def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
-             interrupt_at=None):
+             interrupt_at=None, frozen=None):
     """Fine-tune `student` (with masks keep under `tokens`) end to end on train_ds with recipe s (FinetuneSettings).
     ckpt_path: the checkpoint it resumes from and writes (None: none); made_with: what else identifies the run
     (masks, weights), compared on resume. interrupt_at (tests): behave as if interrupted after that many steps.
+    frozen: a submodule of student the fine-tune leaves as it is (DPS-ViT's predictors G, pipeline/dynamic.py).
     Returns the number of steps run in this call."""
     device, world, rank = next(student.parameters()).device, distributed.world_size(), distributed.rank()
     if s.batch_size % world:
@@ -170,9 +171,11 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     steps_per_epoch = sampler.num_samples // per_rank
     total = max(1, round(s.epochs * steps_per_epoch))
     warmup = round(s.warmup_epochs * steps_per_epoch)
-    for p in student.parameters():
+    fixed = set() if frozen is None else set(frozen.parameters())
+    trained = [p for p in student.parameters() if p not in fixed]
+    for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
     step, settings = 0, {**asdict(s), **made_with}
     saved = check_resume(ckpt_path, settings)
     if saved:
@@ -275,15 +278,16 @@ def add_arguments(parser):
                    "and logits; hard: DeiT's hard distillation; none: labels only")
 
 
-def settings_from_args(args):
-    """FinetuneSettings of the CLI: the recipe (--recipe, default "deit" on ImageNet, "light" elsewhere), each
-    field overridden by its flag when given."""
-    recipe = RECIPES[args.recipe or ("deit" if args.data == "imagenet" else "light")]
+def settings_from_args(args, base=None):
+    """FinetuneSettings of the CLI: the recipe (--recipe, default "deit" on ImageNet, "light" elsewhere; or base, the
+    settings a dynamic run takes from its static run), each field overridden by its flag when given."""
+    if args.recipe or base is None:
+        base = RECIPES[args.recipe or ("deit" if args.data == "imagenet" else "light")]
     flags = {"epochs": args.final_epochs, "lr": args.final_lr, "batch_size": args.final_batch_size,
              "warmup_epochs": args.warmup_epochs, "label_smoothing": args.smoothing, "randaugment": args.randaugment,
              "mixup": args.mixup, "cutmix": args.cutmix, "erase": args.reprob, "distill": args.distill,
              "seed": args.seed}
-    return replace(recipe, **{k: v for k, v in flags.items() if v is not None})
+    return replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
 def light_finetune(student, teacher, keep, tokens, train_ds, epochs, lr, batch_size, seed, log, workers=2):

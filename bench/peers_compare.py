@@ -1,0 +1,305 @@
+"""
+ToMe and EViT beside patch slimming (arXiv 2106.02852; METHOD.md §8) on the CIFAR-10 proxy, on the same pretrained
+weights, at equal GFLOPs with each method under its own exact count (flops.py, bench/peers.py): at the headline's
+FLOPs and at other budgets taken from Fig. 4's points (results/fig4/eps_<eps>.json). Per row: top-1 off the shelf
+(no fine-tuning) with a paired interval against patch slimming on the same val images (bench/stats.py: paired
+bootstrap, McNemar); with --finetune, the headline's final fine-tune for every row at the headline budget (the light
+recipe at the reference's epochs and lr, distillation from the dense model), per seed, against patch slimming's
+final fine-tune of the same seed.
+
+Rows at each budget:
+- patch slimming: at the headline budget, the masks Alg. 1 searched (REFERENCE/masks.json) on the dense weights (the
+  slimmed weights are not committed); at a Fig. 4 budget, that point's kept counts with the patches chosen by Eq. 6
+  top-down on the dense weights (slim.masks_for_counts: Fig. 4 keeps counts, not masks). Its top-1 after the search
+  (block fine-tuning included) and after the final fine-tune are read from the run's files;
+- ToMe with constant r (its default), ToMe with its r schedule searched too (an integer r lands far from some
+  budgets), and EViT (keep rate at layers 4, 7, 10): the setting closest at or below the budget (peers.at_gflops);
+  a budget a peer cannot reach is recorded as such;
+- the linear pyramid (flops.linear_pyramid) with patches chosen by Eq. 6, built as bench/table3.py builds it (its
+  fine-tuned rows are read from that script's results when they hold the same counts).
+
+    python bench/peers_compare.py                          # off the shelf, full val, headline + Fig. 4 eps 0.001, 0.005
+    python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (about 15 min per row and seed
+                                                           #   on 2 cores)
+Every row is written as it finishes and skipped when the results file already holds it (a rerun resumes). Writes
+OUT.json (results/peers.json) and OUT_predictions.npz (per-image predicted classes, "labels"); docs/peers.md is
+rendered from them by bench/report.py.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flops  # noqa: E402
+import slim  # noqa: E402
+from pipeline.caches import cache_dense  # noqa: E402
+from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
+from pipeline.finetune import light_finetune  # noqa: E402
+import vit  # noqa: E402
+from vit import UserError  # noqa: E402
+import peers  # noqa: E402
+from stats import compare, compare_seeds, describe  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PS, TOME, TOME_SCHEDULE, EVIT, LINEAR = "patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid"
+FINETUNED = (TOME, TOME_SCHEDULE, EVIT, LINEAR)  # the rows --finetune can run
+
+
+def key(*parts):
+    """A predictions-file key: budget, row and suffix joined, spaces as underscores."""
+    return "__".join(parts).replace(" ", "_")
+
+
+def eq6_masks(model, train_eval, counts, tokens, seed, score_images):
+    """Masks with the given kept counts, patches chosen by Eq. 6 top-down on score images drawn with seed: the
+    baseline masks of bench/table3.py, built the same way (same images for the same seed)."""
+    perm = torch.randperm(len(train_eval), generator=torch.Generator().manual_seed(seed)).tolist()
+    cache = cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:score_images]), 64),
+                        "cache score images")
+    return slim.masks_for_counts(model, cache.z, counts, tokens, "significance", seed)
+
+
+def peer_at(cfg, row, gflops, flags):
+    """The peer setting of a row at a budget: ToMe (its --tome-inflect schedule, or its schedule searched too), or
+    EViT. flags: peers.settings_from_args."""
+    if row == EVIT:
+        return peers.at_gflops(cfg, "evit", gflops, **flags["evit"])
+    return peers.at_gflops(cfg, "tome", gflops, inflect=flags["tome"]["inflect"] if row == TOME else None)
+
+
+def same_as_table3(table3, seed, counts, epochs, lr, score_images):
+    """Whether bench/table3.py's results hold this fine-tuned linear pyramid: the same counts and seed, its default
+    512 score images (so the same masks), the same epochs and lr."""
+    return bool(table3) and table3["rows"].get(f"linear seed {seed}", {}).get("kept_per_layer") == counts and \
+        table3.get("final_epochs") == epochs and table3.get("final_lr") == lr and score_images == 512 and \
+        "--score-images" not in table3["command"]
+
+
+def budgets_of(args, reference):
+    """[(name, GFLOPs, patch slimming's row source)] for the headline and each --fig4-eps point."""
+    out = [(f"{reference['slimmed_gflops']:.3f} G", reference["slimmed_gflops"],
+            {"masks": os.path.join(args.reference[0], "masks.json"), "top1_after_search": reference["searched_top1"],
+             "source": f"{os.path.relpath(args.reference[0], ROOT)}/ (the headline; masks as searched)"})]
+    for eps in args.fig4_eps:
+        path = os.path.join(ROOT, "results", "fig4", f"eps_{eps}.json")
+        if not os.path.exists(path):
+            raise UserError(f"{path} does not exist: pass --fig4-eps values that bench/eps_sweep.py has run")
+        pt = json.load(open(path))
+        out.append((f"{pt['gflops']:.3f} G", pt["gflops"],
+                    {"counts": pt["kept_per_layer"], "top1_after_search": pt["top1_searched"],
+                     "source": f"results/fig4/eps_{eps}.json (Fig. 4, eps {eps}: its counts, patches by Eq. 6)"}))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser("ToMe and EViT beside patch slimming at equal GFLOPs on the CIFAR-10 proxy")
+    p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy"),
+                                                      os.path.join(ROOT, "results", "cifar10-proxy-seed1")],
+                   help="slim.py output folders, one per seed: the first sets the budget and the masks")
+    p.add_argument("--fig4-eps", type=float, nargs="*", default=[0.001, 0.005], help="other budgets: Fig. 4's points")
+    p.add_argument("--finetune", action="store_true", help="also the fine-tuned column at the headline budget")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tune seeds (with --finetune)")
+    p.add_argument("--finetune-rows", nargs="+", default=list(FINETUNED), choices=FINETUNED, metavar="ROW",
+                   help=f"rows to fine-tune (default: all of {', '.join(FINETUNED)})")
+    p.add_argument("--final-epochs", type=float, default=None, help="default: the reference's (the headline: 1)")
+    p.add_argument("--final-lr", type=float, default=None, help="default: the reference's (the headline: 3e-4)")
+    p.add_argument("--val-per-class", type=int, default=None, help="evaluate on the first N val images of each class "
+                   "(a quick check; default: the whole val set)")
+    p.add_argument("--score-images", type=int, default=512, help="images for the Eq. 6 scores of the baseline masks")
+    peers.add_arguments(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "peers"))
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    missing = [r for r in args.reference if not os.path.exists(os.path.join(r, "report.json"))]
+    if missing:
+        raise UserError(f"{missing[0]}/report.json does not exist: pass --reference folders written by slim.py (the "
+                        "README's first command writes results/cifar10-proxy)")
+    references = [json.load(open(os.path.join(r, "report.json"))) for r in args.reference]
+    reference = references[0]
+    weights, data_path, tokens = reference["weights"], reference["args"]["data_path"], reference["tokens"]
+    ft = reference["final_finetune"]
+    epochs = ft["epochs"] if args.final_epochs is None else args.final_epochs
+    lr = ft["lr"] if args.final_lr is None else args.final_lr
+    dense = vit.load_checkpoint(os.path.join(ROOT, weights))  # the reference's path, relative to the repository
+    cfg = dense.cfg
+    val = data.build_dataset(os.path.join(ROOT, data_path), "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
+    positions = np.arange(len(val))
+    if args.val_per_class:
+        val = data.subset(val, per_class=args.val_per_class)
+        positions = np.asarray(val.indices)
+    train_eval = data.build_dataset(os.path.join(ROOT, data_path), "train", cfg.img_size, train_transform=False,
+                                    mean=cfg.mean, std=cfg.std)
+    res = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else {"budgets": {}}
+    if res.get("val_images", len(positions)) != len(positions):
+        raise UserError(f"{args.out}.json holds rows on {res['val_images']} val images, not {len(positions)}: pass "
+                        "the same --val-per-class, or another --out")
+    flags = peers.settings_from_args(args)
+    peers.check_peer(peers.ToMe(**flags["tome"]), cfg), peers.check_peer(peers.EViT(**flags["evit"]), cfg)
+    stored_flags = json.loads(json.dumps(flags))  # as the results file holds them (tuples as lists)
+    if res.get("peer_flags", stored_flags) != stored_flags:
+        raise UserError(f"{args.out}.json holds rows made with {res['peer_flags']}, not {stored_flags}: pass the same "
+                        "--tome-inflect, --evit-layers and --evit-fuse, or another --out")
+    res["peer_flags"] = stored_flags
+    if args.finetune and res.get("finetune", {}).get("epochs", epochs) != epochs:
+        raise UserError(f"{args.out}.json holds fine-tuned rows of {res['finetune']['epochs']} epochs, not {epochs}: "
+                        "pass the same --final-epochs, or another --out")
+    command = " ".join(["python bench/peers_compare.py"] + sys.argv[1:])
+    res.update(val_images=len(positions), num_tokens=cfg.num_tokens, tokens=tokens, weights=weights,
+               reference=[os.path.relpath(r, ROOT) for r in args.reference], dense_gflops=flops.count_flops(cfg) / 1e9,
+               machine=slim.machine(),
+               flops_note=flops.NOT_COUNTED + "; ToMe's matching and EViT's fused token counted (matmuls)")
+    res["commands"] = sorted(set(res.get("commands", [])) | {command})
+    preds_path = args.out + "_predictions.npz"
+    os.makedirs(os.path.dirname(os.path.abspath(preds_path)), exist_ok=True)
+
+    def stored(name):
+        with np.load(preds_path) as f:
+            return f[name], f["labels"]
+
+    def save():
+        json.dump(res, open(args.out + ".json", "w"), indent=1)
+
+    if "dense" not in res:
+        t0 = time.time()
+        preds, labels = predict(dense, val, workers=args.workers, desc="eval dense")
+        save_predictions(preds_path, labels=labels, dense=preds)
+        res["dense"] = {"top1": accuracy(preds, labels), "gflops": res["dense_gflops"],
+                        "seconds": round(time.time() - t0), "machine": slim.machine()}
+        save()
+    print(f"dense: top-1 {res['dense']['top1']:.2f}%, {res['dense_gflops']:.3f} GFLOPs", flush=True)
+
+    for budget, gflops, ps in budgets_of(args, reference):
+        rows = res["budgets"].setdefault(budget, {"target_gflops": gflops, "rows": {}})["rows"]
+        for row in (PS, TOME, TOME_SCHEDULE, EVIT, LINEAR):
+            if row in rows:
+                continue
+            t0, entry, keep, model = time.time(), {}, None, dense
+            if row == PS:
+                if "masks" in ps:
+                    keep, found = vit.load_masks(ps["masks"], cfg)
+                    assert found == tokens, (found, tokens)
+                else:
+                    keep = eq6_masks(dense, train_eval, ps["counts"], tokens, 0, args.score_images)
+                entry = {"source": ps["source"], "top1_after_search": ps["top1_after_search"]}
+            elif row == LINEAR:
+                keep = eq6_masks(dense, train_eval, flops.linear_pyramid(cfg, gflops * 1e9, tokens), tokens, 0,
+                                 args.score_images)
+            else:
+                try:
+                    peer = peer_at(cfg, row, gflops, flags)
+                except UserError as e:  # the budget is out of this peer's reach: recorded, not an error
+                    rows[row] = {"unreachable": str(e)}
+                    save()
+                    print(f"{budget} {row}: {e}", flush=True)
+                    continue
+                model = peers.PeerModel(dense, peer)
+                entry = {"setting": peer.describe(), "gflops": peers.peer_flops(cfg, peer) / 1e9,
+                         "tokens_per_layer": [n for n, _ in peers.tokens_per_layer(cfg, peer)]}
+            if keep is not None:
+                entry.update(tokens_per_layer=flops.kept_counts(cfg, keep),
+                             gflops=flops.count_flops(cfg, keep, tokens=tokens) / 1e9)
+            preds, labels = predict(model, val, keep, tokens, workers=args.workers, desc=f"eval {budget} {row}")
+            save_predictions(preds_path, labels=labels, **{key(budget, row): preds})
+            entry.update(top1=accuracy(preds, labels), seconds=round(time.time() - t0), command=command,
+                         machine=slim.machine())
+            if row != PS:
+                ps_preds, _ = stored(key(budget, PS))
+                entry["ps_minus_this"] = compare(ps_preds == labels.numpy(), preds.numpy() == labels.numpy())
+            rows[row] = entry
+            save()
+            versus = f"; patch slimming minus this {describe(entry['ps_minus_this'])}" if row != PS else ""
+            print(f"{budget} {row}: top-1 {entry['top1']:.2f}%, {entry['gflops']:.4f} GFLOPs{versus}", flush=True)
+        if PS in rows and "ps_minus_dense" not in rows[PS]:  # the dense model against patch slimming, paired
+            ps_preds, labels = stored(key(budget, PS))
+            dense_preds, _ = stored("dense")
+            rows[PS]["ps_minus_dense"] = compare(ps_preds == labels, dense_preds == labels)
+            save()
+
+    if args.finetune:
+        finetune_rows(args, res, references, cfg, dense, val, positions, train_eval, tokens, epochs, lr, ft, command,
+                      preds_path, save)
+    save()
+    print(f"wrote {args.out}.json and {preds_path}")
+
+
+def finetune_rows(args, res, references, cfg, dense, val, positions, train_eval, tokens, epochs, lr, ft, command,
+                  preds_path, save):
+    """The fine-tuned column at the headline budget: every row but patch slimming (whose final fine-tune is the
+    reference run's own), each seed, against patch slimming's final fine-tune of the same seed; then the seeds
+    together (images resampled jointly)."""
+    weights = os.path.join(ROOT, res["weights"])
+    budget = next(iter(res["budgets"]))
+    rows = res["budgets"][budget]["rows"]
+    res["finetune"] = {"epochs": epochs, "lr": lr, "batch_size": ft["batch_size"], "recipe": "light",
+                       "distill": "soft (the dense model)", "seeds": args.seeds}
+    ps_by_seed = {}  # patch slimming's final fine-tune: the reference runs' own predictions ("slimmed")
+    for folder, rep in zip(args.reference, references):
+        with np.load(os.path.join(folder, "predictions.npz")) as f:
+            ps_by_seed[rep["settings"]["seed"]] = (f["slimmed"][positions], f["labels"][positions])
+    rows[PS]["finetuned"] = {f"seed {s}": {"top1": 100 * float((ps == labels).mean()),
+                                           "source": os.path.relpath(folder, ROOT) + "/predictions.npz"}
+                             for (s, (ps, labels)), folder in zip(ps_by_seed.items(), args.reference)}
+    table3_path = os.path.join(ROOT, "results", "table3_headline.json")
+    table3 = json.load(open(table3_path)) if os.path.exists(table3_path) else None
+    train_aug = data.build_dataset(os.path.join(ROOT, references[0]["args"]["data_path"]), "train", cfg.img_size,
+                                   mean=cfg.mean, std=cfg.std)
+    for row in args.finetune_rows:
+        entry = rows.get(row, {})
+        if "unreachable" in entry:
+            continue
+        done = entry.setdefault("finetuned", {})
+        for seed in args.seeds:
+            name = f"seed {seed}"
+            if name in done:
+                continue
+            t0 = time.time()
+            reused = row == LINEAR and same_as_table3(table3, seed, entry["tokens_per_layer"], epochs, lr,
+                                                      args.score_images)
+            if reused:  # the same masks construction and fine-tune, already run by bench/table3.py
+                with np.load(os.path.join(ROOT, "results", "table3_headline_predictions.npz")) as f:
+                    after = torch.from_numpy(f[f"linear_seed_{seed}"][positions].astype(np.int64))
+                labels = torch.from_numpy(ps_by_seed[seed][1].astype(np.int64))
+                done[name] = {"source": "results/table3_headline.json (bench/table3.py: the same masks and fine-tune)"}
+            else:
+                student, keep = vit.load_checkpoint(weights), None
+                if row == LINEAR:
+                    keep = eq6_masks(student, train_eval, entry["tokens_per_layer"], tokens, seed, args.score_images)
+                else:
+                    student = peers.PeerModel(student, peer_at(cfg, row, res["budgets"][budget]["target_gflops"],
+                                                               peers.settings_from_args(args)))
+                light_finetune(student, vit.load_checkpoint(weights), keep, tokens, train_aug, epochs, lr,
+                               ft["batch_size"], seed, print, args.workers)
+                after, labels = predict(student, val, keep, tokens, workers=args.workers,
+                                        desc=f"eval {row} seed {seed}")
+                done[name] = {"command": command, "seconds": round(time.time() - t0), "machine": slim.machine()}
+            save_predictions(preds_path, **{key(budget, row, f"ft_seed{seed}"): after})
+            done[name]["top1"] = accuracy(after, labels)
+            if seed in ps_by_seed:
+                ps_preds, ps_labels = ps_by_seed[seed]
+                done[name]["ps_minus_this"] = compare(ps_preds == ps_labels, after.numpy() == ps_labels)
+            save()
+            print(f"{budget} {row} fine-tuned, {name}: top-1 {done[name]['top1']:.2f}%"
+                  + (f"; patch slimming minus this {describe(done[name]['ps_minus_this'])}"
+                     if "ps_minus_this" in done[name] else ""), flush=True)
+        seeds = [s for s in args.seeds if f"seed {s}" in done and s in ps_by_seed]
+        if len(seeds) > 1:
+            with np.load(preds_path) as f:
+                mine = [f[key(budget, row, f"ft_seed{s}")] for s in seeds]
+            entry["finetuned_pooled"] = compare_seeds([ps_by_seed[s][0] == ps_by_seed[s][1] for s in seeds],
+                                                      [m == ps_by_seed[s][1] for m, s in zip(mine, seeds)])
+            save()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,91 @@
+"""
+Real speed of ToMe and EViT beside patch slimming (arXiv 2106.02852; METHOD.md §8) at DeiT-S shapes, each at the
+paper's budget under its own exact count: images/s at batch 32 and batch-1 latency, timed interleaved in one run
+(bench/speed.py's `interleaved`: one call of each model per round, so the machine's drift hits all alike), and the
+ratio to dense. Random weights (timing does not depend on them; the peers' choices of tokens do not change their
+counts). Patch slimming runs the paper's Fig. 5 pyramid, 2.66 G as the paper counts (it reports 2.6 G), frozen
+patches (P1), patches scattered at random like real masks; ToMe (constant r) and EViT (keep rate at layers 4, 7,
+10) the setting closest at or below --gflops (bench/peers.py).
+
+    python bench/peers_speed.py                  # DeiT-S, CPU, float32, 12 rounds: run it on a quiet machine
+    python bench/peers_speed.py --repeats 3      # a quick check
+Writes results/peers_speed_<model>_<device>_<dtype>.json (--out).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flops  # noqa: E402
+import slim  # noqa: E402
+import vit  # noqa: E402
+import peers  # noqa: E402
+from speed import default_masks, interleaved  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    p = argparse.ArgumentParser("Speed of ToMe and EViT beside patch slimming at the same GFLOPs")
+    p.add_argument("--model", default="deit_small", choices=list(vit.PRESETS))
+    p.add_argument("--gflops", type=float, default=2.6, help="the budget (the paper's PS-ViT DeiT-S: 2.6 of 4.6)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=12, help="rounds at --batch; batch 1 runs 5 times as many")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default=None)
+    peers.add_arguments(p)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = vit.deit(args.model).to(device, dtype).eval()
+    cfg = model.cfg
+    keep, masks = default_masks(cfg, "frozen", args.gflops)
+    flags = peers.settings_from_args(args)
+    peers.check_peer(peers.ToMe(**flags["tome"]), cfg), peers.check_peer(peers.EViT(**flags["evit"]), cfg)
+    tome, evit = (peers.at_gflops(cfg, kind, args.gflops, **flags[kind]) for kind in ("tome", "evit"))
+    rows = {  # name: (forward, GFLOPs, setting, tokens per layer)
+        "dense": (lambda x: model(x), flops.count_flops(cfg), "", flops.kept_counts(cfg)),
+        "patch slimming": (lambda x: model(x, keep=keep, tokens="frozen"), flops.count_flops(cfg, keep),
+                           masks + ", frozen (P1)", flops.kept_counts(cfg, keep)),
+    }
+    for peer in (tome, evit):
+        rows[type(peer).__name__] = (peers.PeerModel(model, peer), peers.peer_flops(cfg, peer), peer.describe(),
+                                     [n for n, _ in peers.tokens_per_layer(cfg, peer)])
+    fns = {name: row[0] for name, row in rows.items()}
+    with torch.inference_mode():
+        xb = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+        x1 = torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+        tb, t1 = interleaved(fns, xb, args.repeats, device), interleaved(fns, x1, args.repeats * 5, device)
+    res = {"command": " ".join(["python bench/peers_speed.py"] + sys.argv[1:]), "model": args.model,
+           "device": args.device, "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats,
+           "machine": slim.machine(), "target_gflops": args.gflops, "rows": {}}
+    dense_b, dense_1 = statistics.median(tb["dense"]), statistics.median(t1["dense"])
+    for name, (_, macs, setting, tokens) in rows.items():
+        b, one = statistics.median(tb[name]), statistics.median(t1[name])
+        res["rows"][name] = {
+            "setting": setting, "tokens_per_layer": tokens, "gflops": macs / 1e9, "images_per_s": args.batch / b,
+            "latency_ms_b1": 1000 * one, "speedup_batch": dense_b / b, "speedup_b1": dense_1 / one,
+            "speedup_b1_paired": statistics.median(d / s for d, s in zip(t1["dense"], t1[name])),
+            "flops_ratio": flops.count_flops(cfg) / macs}
+        r = res["rows"][name]
+        print(f"{name:15s} {r['gflops']:5.2f} G  {r['images_per_s']:8.1f} img/s (batch {args.batch}, "
+              f"{r['speedup_batch']:.2f}x)  {r['latency_ms_b1']:7.2f} ms batch 1 ({r['speedup_b1']:.2f}x, paired "
+              f"{r['speedup_b1_paired']:.2f}x)  {setting}", flush=True)
+    out = args.out or os.path.join(ROOT, "results", f"peers_speed_{args.model}_{args.device}_{args.dtype}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    json.dump(res, open(out, "w"), indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")
