@@ -47,6 +47,15 @@ if [ "${1:-}" = "" ]; then
   step python bench/speed.py
   # 8. each stage's time at DeiT-S shapes on this machine, and the labelled ImageNet estimate
   step python bench/imagenet_estimate.py
+  # 9. ToMe and EViT beside patch slimming at three budgets: off the shelf, after the headline's fine-tune on its two
+  #    seeds, and real speed at DeiT-S shapes (docs/peers.md)
+  fresh $R/peers.json $R/peers_predictions.npz $R/peers_speed_deit_small_cpu_float32.json
+  step python bench/peers_compare.py
+  step python bench/peers_compare.py --finetune --seeds 0 1
+  step python bench/peers_speed.py
+  # 10. DPS-ViT from the two headline runs, against PS-ViT after the same total fine-tuning (docs/dynamic.md)
+  fresh $R/dynamic $R/dynamic.json $R/dynamic_predictions.npz $R/dynamic_picture.png
+  step python bench/dynamic.py --static $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1
 elif [ "$1" = "fast-path" ]; then
   # the results made when the fast path was the default (eps 0.003, --search fast): results/fast-path/
   F=$R/fast-path

@@ -7,7 +7,10 @@ count, at several batch sizes, all models and runtimes timed round-robin in one 
 - compile: torch.compile of the model with its masks baked in (pipeline/export.StaticSlimmed), one graph per batch
   size (dynamic=False), with inductor's freezing on the CPU (weights constant-folded and prepacked);
 - onnxruntime: the ONNX file pipeline/export.py writes, CPU execution provider, intra-op threads = --threads, every
-  graph optimisation on (CPU only).
+  graph optimisation on (CPU only), its idle threads not spin-waiting: in the round-robin they would compete with
+  PyTorch's thread pool in the same process (with spinning on, the first run measured onnxruntime's batch-1 slimmed
+  model slower than its dense one, 0.89x, results/speed_runtimes_deit_small_cpu_float32_ort_spinning.json, where
+  onnxruntime alone in a process gives about 1.5x).
 timm's dense DeiT (an independent implementation, eager) runs in the same rounds: the absolute reference.
 
 Random weights (timing does not depend on them); without --masks, "frozen" runs the paper's Fig. 5 pyramid (2.66 G)
@@ -113,7 +116,7 @@ def runtime_fns(runtime, model, masks, device, threads, folder):
         fns = {}
         for v, (k, t) in variants.items():
             path = export.export_onnx(cpu_model, os.path.join(folder, v.replace(" ", "_") + ".onnx"), k, t)
-            session = export.ort_session(path, threads)
+            session = export.ort_session(path, threads, spinning=False)  # timed round-robin beside PyTorch
             fns[v] = lambda x, s=session: s.run(["logits"], {"img": x})[0]
         return fns
     raise ValueError(runtime)

@@ -115,11 +115,15 @@ def export_onnx(model, path, keep=None, tokens="frozen", source=""):
     return path
 
 
-def ort_session(path, threads=None):
-    """An onnxruntime CPU session of the ONNX file `path`, intra-op threads = threads (default: torch's)."""
+def ort_session(path, threads=None, spinning=True):
+    """An onnxruntime CPU session of the ONNX file `path`, intra-op threads = threads (default: torch's). spinning=False
+    stops its idle threads spin-waiting for work: for a process that also runs PyTorch, whose own thread pool would
+    otherwise compete with them for the cores (bench/speed.py times both in one process)."""
     (ort,) = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
