@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stats import compare  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/results.md", "docs/speed.md", "docs/peers.md"]
+DOCS = ["docs/dynamic.md", "README.md", "docs/results.md", "docs/speed.md", "docs/peers.md"]
 PAPER_BUDGET = {"flops_saved": 0.436, "top1_drop": 0.4}  # DeiT-S: 4.6 G -> 2.6 G, 79.8 -> 79.4 (Table 1)
 PAPER_FIG4 = {0.005: (79.8, 21), 0.01: (79.7, 32), 0.02: (79.4, 44), 0.03: (78.9, 49), 0.04: (78.4, 53),
               0.05: (78.0, 54)}
@@ -427,10 +427,42 @@ def peers_speed(path=PEERS_SPEED):
             "at the batch, 5 times as many at batch 1, interleaved; medians.")
 
 
+DYNAMIC = "results/dynamic.json"  # bench/dynamic.py
+
+
+def dynamic():
+    """bench/dynamic.py: DPS-ViT against PS-ViT after the same total fine-tuning, per seed, and at fewer FLOPs."""
+    if not os.path.exists(os.path.join(ROOT, DYNAMIC)):
+        return ("*Not run yet: `python bench/dynamic.py --static results/cifar10-proxy results/cifar10-proxy-seed1 "
+                f"--seeds 0 1` makes `{DYNAMIC}`.*")
+    res = load(DYNAMIC)
+    rows = ["| seed | model | kept tokens per layer 1..12 | GFLOPs (G included) | top-1 | DPS − PS+, points (95% paired "
+            "bootstrap; McNemar p) | Spearman of ŝ against s / top-k recall, per layer (held images) |",
+            "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        rows.append(f"| {r['seed']} | PS+ (static masks, fine-tuned again) | {kept(r['counts'])} | {r['ps_gflops']:.4f} | "
+                    f"{r['ps_top1']:.2f} | (the reference) | |")
+        for key, name in (("dps", "DPS, the static counts"), ("dps_fewer", "DPS, fewer tokens")):
+            rho = "; ".join(f"layer {t}: {v[0]:.2f} / {v[1]:.2f}" for t, v in r[f"{key}_spearman_per_layer"].items())
+            rows.append(f"| {r['seed']} | {name} | {kept(r[f'{key}_counts'])} | {r[f'{key}_gflops']:.4f} | "
+                        f"{r[f'{key}_top1']:.2f} | {with_p(r[f'{key}_minus_ps'])} | {rho} |")
+    over = [f"{name} − PS+ over {res[k]['seeds']} seed{'s' if res[k]['seeds'] > 1 else ''}: {interval(res[k])}"
+            for k, name in (("dps_minus_ps_over_seeds", "DPS at the static counts"),
+                            ("dps_fewer_minus_ps_over_seeds", "DPS at fewer tokens"))]
+    sp = "; ".join(f"batch {b}: dynamic {v['dynamic_ms']:.1f} ms against static {v['static_ms']:.1f} ms "
+                   f"({v['dynamic_over_static']:.2f}× the static time)" for b, v in res["speed"].items())
+    m = res["machine"]
+    return ("\n".join(rows) + "\n\n" + "; ".join(over) + f". {res['val_images']} val images. Speed (eager, "
+            f"{m['threads']} threads on {m['cpu']}): {sp}. Paper (DeiT-S): PS 79.4% at 2.6 G, DPS 79.5% at 2.4 G. "
+            f"File: `{DYNAMIC}` (predictions `results/dynamic_predictions.npz`, each run's folder under "
+            f"`results/dynamic/`); command: `{res['command']}`.")
+
+
 BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "fast-path-era": fast_path_era,
           "speed-runtimes": speed_runtimes, "speed-profile": speed_profile, "speed-eager": speed_eager,
           "speed-v1": speed_v1, "speed-v1-repeats": speed_v1_repeats,
-          "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed}
+          "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
+          "dynamic": dynamic}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
 
 
