@@ -246,6 +246,25 @@ def speed_runtimes(path=SPEED_RUNTIMES):
     return "\n".join(out)
 
 
+def speed_summary(path=SPEED_RUNTIMES):
+    """The README's speed table: per semantics and runtime, the speed-up over dense at each batch beside the FLOPs
+    ratio, with the machine and the versions (the full tables are speed_runtimes')."""
+    if not os.path.exists(os.path.join(ROOT, path)):
+        return f"*Not run yet: `python bench/speed.py` makes `{path}`.*"
+    res = load(path)
+    batches = sorted(res["batches"], reverse=True)
+    runtimes = list(next(iter(res["semantics"].values()))["speedup"])
+    rows = ["| semantics (GFLOPs, FLOPs ratio) | batch | " + " | ".join(runtimes) + " |",
+            "|---|---|" + "---|" * len(runtimes)]
+    for tokens, sem in res["semantics"].items():
+        for b in batches:
+            rows.append(f"| {tokens} ({sem['gflops']:.2f} G, {sem['flops_ratio']:.2f}) | {b} | " + " | ".join(
+                times(sem["speedup"][rt][f"batch {b}"]["speedup"]) for rt in runtimes) + " |")
+    m = res["machine"]
+    return ("\n".join(rows) + f"\n\nSlimmed over dense DeiT-S, random weights, {res['dtype']}, {m['cpu']} "
+            f"({m['cores']} cores), " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + f". File: `{path}`.")
+
+
 def speed_profile(path=SPEED_RUNTIMES):
     """Where batch-1 time goes in each runtime (bench/speed.py's profile: onnxruntime's profiler, torch.profiler)."""
     if not os.path.exists(os.path.join(ROOT, path)):
@@ -459,7 +478,7 @@ def dynamic():
 
 
 BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "fast-path-era": fast_path_era,
-          "speed-runtimes": speed_runtimes, "speed-profile": speed_profile, "speed-eager": speed_eager,
+          "speed-runtimes": speed_runtimes, "speed-summary": speed_summary, "speed-profile": speed_profile, "speed-eager": speed_eager,
           "speed-v1": speed_v1, "speed-v1-repeats": speed_v1_repeats,
           "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
           "dynamic": dynamic}
