@@ -453,7 +453,7 @@ def dynamic():
     """bench/dynamic.py: DPS-ViT against PS-ViT after the same total fine-tuning, per seed, and at fewer FLOPs."""
     if not os.path.exists(os.path.join(ROOT, DYNAMIC)):
         return ("*Not run yet: `python bench/dynamic.py --static results/cifar10-proxy results/cifar10-proxy-seed1 "
-                f"--seeds 0 1` makes `{DYNAMIC}`.*")
+                "--seeds 0 1` makes its results file.*")
     res = load(DYNAMIC)
     rows = ["| seed | model | kept tokens per layer 1..12 | GFLOPs (G included) | top-1 | DPS − PS+, points (95% paired "
             "bootstrap; McNemar p) | Spearman of ŝ against s / top-k recall, per layer (held images) |",
