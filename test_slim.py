@@ -1468,6 +1468,23 @@ def test_onnx_graph_computes_only_the_flops_flops_py_counts(deit_small_onnx, tok
     assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens=tokens)
 
 
+@needs_onnx
+@pytest.mark.parametrize("family", ["distilled", "deit3"])
+def test_onnx_of_every_family_matches_pytorch_and_counts_flops_py(tmp_path, family):
+    """The distilled DeiT (two prefix tokens, two heads averaged) and DeiT-III (LayerScale) export too, under both
+    semantics: onnxruntime gives vit.py's logits to 1e-4 and the graph's multiply-adds are flops.py's."""
+    model = family_model(family)
+    x = torch.randn(3, 3, 32, 32)
+    for tokens in vit.TOKENS:
+        keep = random_nested_keep(model.cfg, seed=2)
+        path = pipeline_export.export_onnx(model, str(tmp_path / f"{family}_{tokens}.onnx"), keep, tokens)
+        got = pipeline_export.ort_session(path).run(["logits"], {"img": x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x, keep=keep, tokens=tokens)
+        assert np.abs(got - want.numpy()).max() < 1e-4, (family, tokens)
+        assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens=tokens), (family, tokens)
+
+
 def slimmed_proxy(tmp_path, masks):
     """The proxy checkpoint with the masks of a committed run, saved as slim.py saves slimmed.pth."""
     ck = torch.load(PROXY_CKPT, map_location="cpu", weights_only=False)
