@@ -1,6 +1,19 @@
 """Small helpers shared by the bench scripts (arXiv 2106.02852 reproduction): a log that goes to the terminal and to
 <folder>/log.txt, and matplotlib when it is installed (requirements-bench.txt)."""
+import json
 import os
+
+
+def read_json(path):
+    """The JSON object in path (the file closed after reading)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    """obj to path as indented JSON (the file closed after writing)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def folder_log(folder):

@@ -47,7 +47,7 @@ from pipeline.caches import cache_search_sets  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
-from common import add_semantics_args, folder_log, pyplot, score_of  # noqa: E402
+from common import add_semantics_args, folder_log, pyplot, read_json, score_of, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -156,7 +156,7 @@ def main():
     if not os.path.exists(dense_path):  # the dense model has no pruned patches: its top-1 is the same under both
         json.dump({"tokens": s.tokens, "top1": evaluate(pretrained, val, workers=sargs.workers, desc="eval dense")},
                   open(dense_path, "w"))
-    dense_top1, dense_gflops = json.load(open(dense_path))["top1"], flops.count_flops(cfg) / 1e9
+    dense_top1, dense_gflops = read_json(dense_path)["top1"], flops.count_flops(cfg) / 1e9
     log(f"dense: top-1 {dense_top1:.2f}%, {dense_gflops:.3f} GFLOPs")
 
     model = copy.deepcopy(pretrained)
@@ -167,14 +167,14 @@ def main():
     for eps in args.eps:
         path = os.path.join(args.out, f"eps_{eps}.json")
         made_with = {"tokens": s.tokens, "score": s.score}
-        pt = json.load(open(path)) if os.path.exists(path) else {**made_with, "eps": eps, "top1": {}, "seconds": {}}
+        pt = read_json(path) if os.path.exists(path) else {**made_with, "eps": eps, "top1": {}, "seconds": {}}
         found = {k: pt.get(k, v) for k, v in V1.items()}  # a file without these entries is v1's
         if found != made_with:  # a resume must not mix methods run under other semantics or scores
             raise vit.UserError(f"{path} holds results made with {found}, not {made_with}: pass another --out")
 
         def done(name, top1, t0, pt=pt, path=path):
             pt["top1"][name], pt["seconds"][name] = top1, round(time.time() - t0, 1)
-            json.dump(pt, open(path, "w"), indent=1)
+            write_json(path, pt)
             log(f"eps {eps}: {name:16s} top-1 {top1:.2f}%  ({pt['seconds'][name]:.0f}s)")
 
         t0 = time.time()
@@ -193,7 +193,7 @@ def main():
             masks[b] = slim.masks_for_counts(model, score_xs, counts, s.tokens, scores[b], s.seed, s.batch_size)
             assert flops.kept_counts(cfg, masks[b]) == counts
         pt["keep"] = {k: [v.tolist() for v in ks] for k, ks in masks.items()}
-        json.dump(pt, open(path, "w"), indent=1)
+        write_json(path, pt)
         for name in METHODS:
             if name in pt["top1"]:
                 continue
@@ -216,12 +216,12 @@ def main():
                "seconds_all_points": round(sum(sum(p["seconds"].values()) for p in points), 1),
                "points": [{k: v for k, v in p.items() if k not in ("keep", "search_layers")} for p in points]}
     base = os.path.join(os.path.dirname(args.out), os.path.basename(args.out))
-    json.dump(summary, open(base + ".json", "w"), indent=1)
+    write_json(base + ".json", summary)
     md = table(points, dense_top1, dense_gflops, cfg.num_tokens)
     open(base + ".md", "w").write(f"`{summary['command']}`\n\n{md}\n")
     log(md)
     plot(points, dense_top1, dense_gflops, base + ".png",
-         json.load(open(args.headline)) if args.headline and os.path.exists(args.headline) else None)
+         read_json(args.headline) if args.headline and os.path.exists(args.headline) else None)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import vit  # noqa: E402
 from pipeline import finetune  # noqa: E402
 from pipeline.dynamic import DynamicSlimmed  # noqa: E402
 from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
-from common import folder_log, pyplot  # noqa: E402
+from common import folder_log, pyplot, read_json  # noqa: E402
 from stats import compare, compare_seeds, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def static_continued(static_dir, out, ft, val, args, log):
     of FinetuneSettings); resumable (out/finetune.pt). Returns (top-1, per-image predictions, labels)."""
     os.makedirs(out, exist_ok=True)
     model = vit.load_checkpoint(os.path.join(static_dir, "slimmed.pth"))
-    report = json.load(open(os.path.join(static_dir, "report.json")))
+    report = read_json(os.path.join(static_dir, "report.json"))
     s = finetune.FinetuneSettings(**ft)
     if s.epochs > 0:
         teacher = vit.load_checkpoint(report["args"]["weights"]) if s.distill != "none" else None
@@ -161,7 +161,7 @@ def main():
         dps = dynamic_run(static_dir, os.path.join(args.out, f"dps_seed{seed}"), seed, 1.0, args)
         fewer = dynamic_run(static_dir, os.path.join(args.out, f"dps_fewer_seed{seed}"), seed, args.ratio, args)
         cfg = vit.load_checkpoint(os.path.join(static_dir, "slimmed.pth")).cfg
-        val_all = data.build_dataset(json.load(open(os.path.join(static_dir, "report.json")))["args"]["data_path"],
+        val_all = data.build_dataset(read_json(os.path.join(static_dir, "report.json"))["args"]["data_path"],
                                      "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
         val = data.subset(val_all, per_class=args.val_per_class) if args.val_per_class else val_all
         ps_top1, ps_preds, labels = static_continued(static_dir, os.path.join(args.out, f"ps_seed{seed}"),

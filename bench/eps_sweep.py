@@ -26,7 +26,7 @@ from pipeline.caches import cache_search_sets  # noqa: E402
 from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
 from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
-from common import folder_log, pyplot  # noqa: E402
+from common import folder_log, pyplot, read_json, write_json  # noqa: E402
 from stats import compare, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def main():
     for eps in args.eps:
         path = os.path.join(args.out, f"eps_{eps}.json")
         if os.path.exists(path):
-            points.append(json.load(open(path)))
+            points.append(read_json(path))
             continue
         t0 = time.time()
         model.load_state_dict(pretrained.state_dict())
@@ -82,7 +82,7 @@ def main():
               "top1": accuracy(final, labels),
               "dense_minus_this": compare(dense_preds == labels, final == labels),
               "layers": state["layers"], "search_seconds": round(t_search, 1), "seconds": round(time.time() - t0, 1)}
-        json.dump(pt, open(path, "w"), indent=1)
+        write_json(path, pt)
         log(f"eps {eps}: {100 * pt['flops_saved']:.1f}% fewer FLOPs, top-1 {pt['top1_searched']:.2f} after the search, "
             f"{pt['top1']:.2f} after the final fine-tune; dense minus this: {describe(pt['dense_minus_this'])}")
         points.append(pt)
@@ -90,7 +90,7 @@ def main():
                "dense_gflops": dense_gflops, "final_epochs": args.final_epochs, "final_lr": args.final_lr,
                "settings": asdict(s), "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
                "points": [{k: v for k, v in p.items() if k != "layers"} for p in points]}
-    json.dump(summary, open(args.out + ".json", "w"), indent=1)
+    write_json(args.out + ".json", summary)
     rows = ["| ε | kept tokens per layer 1..12 | GFLOPs | FLOPs saved | top-1 after search | top-1 after final FT | "
             "dense − this (95% CI) | paper (DeiT-S): top-1 / saved |", "|---|---|---|---|---|---|---|---|"]
     for pt in sorted(points, key=lambda p: p["eps"]):

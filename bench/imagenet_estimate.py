@@ -39,6 +39,7 @@ import vit  # noqa: E402
 from pipeline import caches, finetune  # noqa: E402
 from pipeline.evaluate import autocast  # noqa: E402
 from speed import FIG5_PYRAMID  # noqa: E402
+from common import write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
@@ -162,7 +163,7 @@ def main():
            "estimate_8_gpu_total_hours": sum(eight.values()) / 3600,
            "command": "python " + " ".join(sys.argv)}
     out = args.out or os.path.join(ROOT, "results", f"imagenet_estimate_{device.type}.json")
-    json.dump(res, open(out, "w"), indent=1)
+    write_json(out, res)
     for k, v in per_image.items():
         print(f"{k:28s} {1000 * v:9.1f} ms per image")
     print(f"{'block fine-tune step':28s} {per_step_block:9.2f} s per step of {s.batch_size} images")

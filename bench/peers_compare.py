@@ -16,14 +16,17 @@ Rows at each budget:
   budgets), and EViT (keep rate at layers 4, 7, 10): the setting closest at or below the budget (peers.at_gflops);
   a budget a peer cannot reach is recorded as such;
 - the linear pyramid (flops.linear_pyramid) with patches chosen by Eq. 6, built as bench/table3.py builds it (its
-  fine-tuned rows are read from that script's results when they hold the same counts).
+  fine-tuned rows are read from that script's results when they hold the same counts);
+- patch slimming with its row's masks, but pruned patches removed (METHOD.md C1, `--tokens removed`) instead of
+  frozen (P1): the same masks cost fewer FLOPs, since removed patches stop being keys and values. Its fine-tuned
+  row starts from the dense weights (no block fine-tuning), as the peers' do.
 
     python bench/peers_compare.py                          # off the shelf, full val, headline + Fig. 4 eps 0.001, 0.005
     python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (about 15 min per row and seed
                                                            #   on 2 cores)
 Every row is written as it finishes and skipped when the results file already holds it (a rerun resumes). Writes
-OUT.json (results/peers.json) and OUT_predictions.npz (per-image predicted classes, "labels"); docs/peers.md is
-rendered from them by bench/report.py.
+OUT.json (results/peers.json), OUT_predictions.npz (per-image predicted classes, "labels") and OUT.png (top-1
+against GFLOPs; `--plot-only` redraws it); docs/peers.md is rendered from them by bench/report.py.
 """
 import argparse
 import json
@@ -44,11 +47,13 @@ from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 from vit import UserError  # noqa: E402
 import peers  # noqa: E402
+from common import pyplot, read_json, write_json  # noqa: E402
 from stats import compare, compare_seeds, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PS, TOME, TOME_SCHEDULE, EVIT, LINEAR = "patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid"
-FINETUNED = (TOME, TOME_SCHEDULE, EVIT, LINEAR)  # the rows --finetune can run
+PS_REMOVED = "patch slimming, removed"  # patch slimming's masks with pruned patches removed (C1), not frozen (P1)
+FINETUNED = (TOME, TOME_SCHEDULE, EVIT, LINEAR, PS_REMOVED)  # the rows --finetune can run
 
 
 def key(*parts):
@@ -63,6 +68,15 @@ def eq6_masks(model, train_eval, counts, tokens, seed, score_images):
     cache = cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:score_images]), 64),
                         "cache score images")
     return slim.masks_for_counts(model, cache.z, counts, tokens, "significance", seed)
+
+
+def ps_masks(ps, cfg, dense, train_eval, tokens, score_images):
+    """Patch slimming's masks at a budget: the searched masks file, or Fig. 4's counts with Eq. 6's patches."""
+    if "masks" in ps:
+        keep, found = vit.load_masks(ps["masks"], cfg)
+        assert found == tokens, (found, tokens)
+        return keep
+    return eq6_masks(dense, train_eval, ps["counts"], tokens, 0, score_images)
 
 
 def peer_at(cfg, row, gflops, flags):
@@ -90,11 +104,39 @@ def budgets_of(args, reference):
         path = os.path.join(ROOT, "results", "fig4", f"eps_{eps}.json")
         if not os.path.exists(path):
             raise UserError(f"{path} does not exist: pass --fig4-eps values that bench/eps_sweep.py has run")
-        pt = json.load(open(path))
+        pt = read_json(path)
         out.append((f"{pt['gflops']:.3f} G", pt["gflops"],
                     {"counts": pt["kept_per_layer"], "top1_after_search": pt["top1_searched"],
                      "source": f"results/fig4/eps_{eps}.json (Fig. 4, eps {eps}: its counts, patches by Eq. 6)"}))
     return out
+
+
+def plot(res, path):
+    """Top-1 against GFLOPs: every row off the shelf at each budget (left), and at the headline budget after the
+    final fine-tune, one point per seed (right); dense as a line. Returns whether it wrote path."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    marks = {PS: "o", PS_REMOVED: "s", TOME: "v", TOME_SCHEDULE: "^", EVIT: "D", LINEAR: "x"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for ax, title in zip(axes, ("off the shelf", "after the headline's final fine-tune")):
+        ax.axhline(res["dense"]["top1"], color="grey", ls="--", lw=1, label=f"dense ({res['dense_gflops']:.3f} G)")
+        ax.set(xlabel="GFLOPs (each method's exact count)", ylabel="top-1 (%)", title=title)
+    for row, mark in marks.items():
+        pts = [(r["gflops"], r["top1"]) for b in res["budgets"].values() for name, r in b["rows"].items()
+               if name == row and "top1" in r]
+        if pts:
+            axes[0].plot(*zip(*sorted(pts)), marker=mark, ls="-", lw=0.8, label=row)
+        head = next(iter(res["budgets"].values()))["rows"].get(row, {})
+        tuned = [e["top1"] for e in head.get("finetuned", {}).values()]
+        if tuned:
+            axes[1].plot([head["gflops"]] * len(tuned), tuned, marker=mark, ls="none", label=row)
+    for ax in axes:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Patch slimming, ToMe and EViT on the CIFAR-10 proxy at equal GFLOPs (results/peers.json)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
 
 
 def main():
@@ -115,14 +157,21 @@ def main():
     peers.add_arguments(p)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "peers"))
+    p.add_argument("--plot-only", action="store_true", help="redraw OUT.png from OUT.json, and run nothing")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.plot_only:
+        if not os.path.exists(args.out + ".json"):
+            raise UserError(f"{args.out}.json does not exist: run python bench/peers_compare.py first")
+        with open(args.out + ".json") as f:
+            plot(json.load(f), args.out + ".png")
+        return
 
     missing = [r for r in args.reference if not os.path.exists(os.path.join(r, "report.json"))]
     if missing:
         raise UserError(f"{missing[0]}/report.json does not exist: pass --reference folders written by slim.py (the "
                         "README's first command writes results/cifar10-proxy)")
-    references = [json.load(open(os.path.join(r, "report.json"))) for r in args.reference]
+    references = [read_json(os.path.join(r, "report.json")) for r in args.reference]
     reference = references[0]
     weights, data_path, tokens = reference["weights"], reference["args"]["data_path"], reference["tokens"]
     ft = reference["final_finetune"]
@@ -137,7 +186,7 @@ def main():
         positions = np.asarray(val.indices)
     train_eval = data.build_dataset(os.path.join(ROOT, data_path), "train", cfg.img_size, train_transform=False,
                                     mean=cfg.mean, std=cfg.std)
-    res = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else {"budgets": {}}
+    res = read_json(args.out + ".json") if os.path.exists(args.out + ".json") else {"budgets": {}}
     if res.get("val_images", len(positions)) != len(positions):
         raise UserError(f"{args.out}.json holds rows on {res['val_images']} val images, not {len(positions)}: pass "
                         "the same --val-per-class, or another --out")
@@ -165,7 +214,7 @@ def main():
             return f[name], f["labels"]
 
     def save():
-        json.dump(res, open(args.out + ".json", "w"), indent=1)
+        write_json(args.out + ".json", res)
 
     if "dense" not in res:
         t0 = time.time()
@@ -178,17 +227,15 @@ def main():
 
     for budget, gflops, ps in budgets_of(args, reference):
         rows = res["budgets"].setdefault(budget, {"target_gflops": gflops, "rows": {}})["rows"]
-        for row in (PS, TOME, TOME_SCHEDULE, EVIT, LINEAR):
+        for row in (PS, TOME, TOME_SCHEDULE, EVIT, LINEAR, PS_REMOVED):
             if row in rows:
                 continue
-            t0, entry, keep, model = time.time(), {}, None, dense
-            if row == PS:
-                if "masks" in ps:
-                    keep, found = vit.load_masks(ps["masks"], cfg)
-                    assert found == tokens, (found, tokens)
-                else:
-                    keep = eq6_masks(dense, train_eval, ps["counts"], tokens, 0, args.score_images)
-                entry = {"source": ps["source"], "top1_after_search": ps["top1_after_search"]}
+            t0, entry, keep, model, row_tokens = time.time(), {}, None, dense, tokens
+            if row in (PS, PS_REMOVED):
+                keep = ps_masks(ps, cfg, dense, train_eval, tokens, args.score_images)
+                entry = {"source": ps["source"], "top1_after_search": ps["top1_after_search"]} if row == PS else \
+                    {"setting": "patch slimming's masks above, pruned patches removed (C1), not frozen"}
+                row_tokens = "removed" if row == PS_REMOVED else tokens
             elif row == LINEAR:
                 keep = eq6_masks(dense, train_eval, flops.linear_pyramid(cfg, gflops * 1e9, tokens), tokens, 0,
                                  args.score_images)
@@ -205,8 +252,8 @@ def main():
                          "tokens_per_layer": [n for n, _ in peers.tokens_per_layer(cfg, peer)]}
             if keep is not None:
                 entry.update(tokens_per_layer=flops.kept_counts(cfg, keep),
-                             gflops=flops.count_flops(cfg, keep, tokens=tokens) / 1e9)
-            preds, labels = predict(model, val, keep, tokens, workers=args.workers, desc=f"eval {budget} {row}")
+                             gflops=flops.count_flops(cfg, keep, tokens=row_tokens) / 1e9)
+            preds, labels = predict(model, val, keep, row_tokens, workers=args.workers, desc=f"eval {budget} {row}")
             save_predictions(preds_path, labels=labels, **{key(budget, row): preds})
             entry.update(top1=accuracy(preds, labels), seconds=round(time.time() - t0), command=command,
                          machine=slim.machine())
@@ -227,7 +274,8 @@ def main():
         finetune_rows(args, res, references, cfg, dense, val, positions, train_eval, tokens, epochs, lr, ft, command,
                       preds_path, save)
     save()
-    print(f"wrote {args.out}.json and {preds_path}")
+    drawn = plot(res, args.out + ".png")
+    print(f"wrote {args.out}.json, {preds_path}" + (f" and {args.out}.png" if drawn else ""))
 
 
 def finetune_rows(args, res, references, cfg, dense, val, positions, train_eval, tokens, epochs, lr, ft, command,
@@ -248,7 +296,7 @@ def finetune_rows(args, res, references, cfg, dense, val, positions, train_eval,
                                            "source": os.path.relpath(folder, ROOT) + "/predictions.npz"}
                              for (s, (ps, labels)), folder in zip(ps_by_seed.items(), args.reference)}
     table3_path = os.path.join(ROOT, "results", "table3_headline.json")
-    table3 = json.load(open(table3_path)) if os.path.exists(table3_path) else None
+    table3 = read_json(table3_path) if os.path.exists(table3_path) else None
     train_aug = data.build_dataset(os.path.join(ROOT, references[0]["args"]["data_path"]), "train", cfg.img_size,
                                    mean=cfg.mean, std=cfg.std)
     for row in args.finetune_rows:
@@ -269,15 +317,17 @@ def finetune_rows(args, res, references, cfg, dense, val, positions, train_eval,
                 labels = torch.from_numpy(ps_by_seed[seed][1].astype(np.int64))
                 done[name] = {"source": "results/table3_headline.json (bench/table3.py: the same masks and fine-tune)"}
             else:
-                student, keep = vit.load_checkpoint(weights), None
+                student, keep, row_tokens = vit.load_checkpoint(weights), None, tokens
                 if row == LINEAR:
                     keep = eq6_masks(student, train_eval, entry["tokens_per_layer"], tokens, seed, args.score_images)
+                elif row == PS_REMOVED:  # the headline's searched masks, on the dense weights
+                    keep, row_tokens = vit.load_masks(os.path.join(args.reference[0], "masks.json"), cfg)[0], "removed"
                 else:
                     student = peers.PeerModel(student, peer_at(cfg, row, res["budgets"][budget]["target_gflops"],
                                                                peers.settings_from_args(args)))
-                light_finetune(student, vit.load_checkpoint(weights), keep, tokens, train_aug, epochs, lr,
+                light_finetune(student, vit.load_checkpoint(weights), keep, row_tokens, train_aug, epochs, lr,
                                ft["batch_size"], seed, print, args.workers)
-                after, labels = predict(student, val, keep, tokens, workers=args.workers,
+                after, labels = predict(student, val, keep, row_tokens, workers=args.workers,
                                         desc=f"eval {row} seed {seed}")
                 done[name] = {"command": command, "seconds": round(time.time() - t0), "machine": slim.machine()}
             save_predictions(preds_path, **{key(budget, row, f"ft_seed{seed}"): after})

@@ -12,7 +12,6 @@ patches (P1), patches scattered at random like real masks; ToMe (constant r) and
 Writes results/peers_speed_<model>_<device>_<dtype>.json (--out).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ import slim  # noqa: E402
 import vit  # noqa: E402
 import peers  # noqa: E402
 from speed import default_masks, interleaved  # noqa: E402
+from common import write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ def main():
               f"{r['speedup_b1_paired']:.2f}x)  {setting}", flush=True)
     out = args.out or os.path.join(ROOT, "results", f"peers_speed_{args.model}_{args.device}_{args.dtype}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    json.dump(res, open(out, "w"), indent=1)
+    write_json(out, res)
     print(f"wrote {out}")
 
 

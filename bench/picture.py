@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
 import vit  # noqa: E402
+from common import read_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -48,7 +49,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    obj = json.load(open(args.masks))
+    obj = read_json(args.masks)
     cfg = vit.ViTConfig(**obj["config"])
     keep, tokens = vit.load_masks(args.masks, cfg)
     counts, dense = flops.kept_counts(cfg, keep), flops.count_flops(cfg)

@@ -31,7 +31,7 @@ import slim  # noqa: E402
 from pipeline.caches import cache_dense  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.finetune import RECIPES, light_finetune  # noqa: E402
-from common import add_semantics_args, score_of  # noqa: E402
+from common import add_semantics_args, read_json, score_of, write_json  # noqa: E402
 import vit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
@@ -60,7 +60,7 @@ def main():
     cfg, dense = model.cfg, flops.count_flops(model.cfg)
     budgets = [dense * (1 - r) for r in args.reduction]
     if args.gflops_of:  # a FLOP budget: the pyramid's counts are fitted to it under --tokens' own count
-        budgets.append(json.load(open(args.gflops_of))["slimmed_gflops"] * 1e9)
+        budgets.append(read_json(args.gflops_of)["slimmed_gflops"] * 1e9)
     train = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     subset = torch.utils.data.Subset(train, perm[:args.score_images])
@@ -87,7 +87,7 @@ def main():
             name += f"_ft{args.final_epochs:g}"
         print(json.dumps(res), flush=True)
         os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(res, open(name + ".json", "w"), indent=1)
+        write_json(name + ".json", res)
 
 
 if __name__ == "__main__":

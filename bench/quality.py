@@ -26,6 +26,7 @@ import data  # noqa: E402
 import slim  # noqa: E402
 from pipeline.caches import cache_dense  # noqa: E402
 import vit  # noqa: E402
+from common import write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -80,7 +81,7 @@ def main():
     for r in rows:
         print(f"{r['layer']:>5} {r['candidates']:>10} " + " ".join(f"{r[k]:>13.3f}" for k in slim.SCORES))
     print(f"{'mean':>5} {'':>10} " + " ".join(f"{res['mean'][k]:>13.3f}" for k in slim.SCORES))
-    json.dump(res, open(args.out, "w"), indent=1)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

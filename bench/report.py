@@ -354,7 +354,8 @@ def speed_v1_repeats():
 
 PEERS = "results/peers.json"
 PEERS_SPEED = "results/peers_speed_deit_small_cpu_float32.json"
-PEER_ROWS = ["patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid"]  # bench/peers_compare.py
+PEER_ROWS = ["patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid",  # bench/peers_compare.py
+             "patch slimming, removed"]
 
 
 def with_p(c):
@@ -391,7 +392,8 @@ def peers_off_the_shelf():
             if name == "patch slimming":
                 after_search.append(f"{budget}: {r['top1_after_search']:.2f}")
     return ("\n".join(rows) + f"\n\nTokens per layer: the rows each block updates (patch slimming and the linear pyramid, "
-            f"frozen patches, METHOD.md P1) or the tokens each block's attention runs on (ToMe, EViT, which remove). "
+            f"frozen patches, METHOD.md P1) or the tokens each block's attention runs on (ToMe, EViT and patch slimming "
+            f"with its patches removed, C1, which remove them). "
             f"Patch slimming's own top-1 after its search (Alg. 1 with its block fine-tuning), for context: "
             f"{'; '.join(after_search)}. {res['val_images']} val images. GFLOPs: {res['flops_note']}. "
             f"File: `{PEERS}` (predictions `results/peers_predictions.npz`); "
@@ -477,11 +479,59 @@ def dynamic():
             f"`results/dynamic/`); command: `{res['command']}`.")
 
 
+def peers_summary():
+    """The README's one table of bench/peers_compare.py and bench/peers_speed.py: at the headline budget, each
+    method's top-1 off the shelf and after the final fine-tune (mean of the seeds), patch slimming − it over the
+    seeds, and its speed-up at DeiT-S shapes."""
+    if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
+        return "*Not run yet: `python bench/peers_compare.py --finetune --seeds 0 1` makes it.*"
+    res = load(PEERS)
+    budget, b = next(iter(res["budgets"].items()))
+    speed = load(PEERS_SPEED)["rows"] if os.path.exists(os.path.join(ROOT, PEERS_SPEED)) else {}
+    rows = ["| method | GFLOPs | top-1 off the shelf | top-1 fine-tuned (seeds) | patch slimming − this, fine-tuned, "
+            "seeds together (95% paired bootstrap) | speed-up at DeiT-S shapes, batch 32 / batch 1 |",
+            "|---|---|---|---|---|---|", f"| dense | {res['dense_gflops']:.3f} | {res['dense']['top1']:.2f} | | | 1× / 1× |"]
+    for name in PEER_ROWS:
+        r = b["rows"].get(name)
+        if not r or "top1" not in r:
+            continue
+        tuned = [e["top1"] for e in r.get("finetuned", {}).values()]
+        sp = speed.get(name)
+        label = f"**{name}**" if name == "patch slimming" else name
+        rows.append(f"| {label} | {r['gflops']:.3f} | {r['top1']:.2f} | "
+                    + (f"{sum(tuned) / len(tuned):.2f} ({', '.join(f'{t:.2f}' for t in tuned)})" if tuned else "not run")
+                    + " | " + ("(the reference)" if name == "patch slimming" else
+                               interval(r["finetuned_pooled"]) if "finetuned_pooled" in r else "")
+                    + " | " + (f"{times(sp['speedup_batch'])} / {times(sp['speedup_b1'])}" if sp else "") + " |")
+    seeds = res["finetune"]["seeds"]
+    return ("\n".join(rows) + f"\n\nAt the headline's {budget} (dense {res['dense_gflops']:.3f} G), {res['val_images']} "
+            f"val images; fine-tuned: the headline's final fine-tune, seeds {', '.join(map(str, seeds))}. Speed: each "
+            f"method at about 2.6 of DeiT-S's 4.6 GFLOPs, PyTorch eager on this CPU. Files: `{PEERS}`, `{PEERS_SPEED}`.")
+
+
+def dynamic_summary():
+    """The README's statement of bench/dynamic.py: DPS − PS+ over the seeds, at the static counts and at fewer FLOPs."""
+    if not os.path.exists(os.path.join(ROOT, DYNAMIC)):
+        return "*Not run yet: `python bench/dynamic.py --static ... --seeds 0 1` makes it.*"
+    res = load(DYNAMIC)
+    runs = res["runs"]
+
+    def mean(key):
+        return sum(r[key] for r in runs) / len(runs)
+    rows = ["| model | GFLOPs (G included) | top-1, mean of the seeds | DPS − PS+, seeds together (95% paired bootstrap) |",
+            "|---|---|---|---|", f"| PS+ (static masks) | {mean('ps_gflops'):.4f} | {mean('ps_top1'):.2f} | (the reference) |"]
+    for key, name in (("dps", "DPS, the static counts"), ("dps_fewer", "DPS, fewer tokens")):
+        rows.append(f"| {name} | {mean(f'{key}_gflops'):.4f} | {mean(f'{key}_top1'):.2f} | "
+                    f"{interval(res[f'{key}_minus_ps_over_seeds'])} |")
+    return ("\n".join(rows) + f"\n\nSeeds {', '.join(str(r['seed']) for r in runs)}; {res['val_images']} val images. "
+            f"File: `{DYNAMIC}`.")
+
+
 BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "fast-path-era": fast_path_era,
           "speed-runtimes": speed_runtimes, "speed-summary": speed_summary, "speed-profile": speed_profile, "speed-eager": speed_eager,
           "speed-v1": speed_v1, "speed-v1-repeats": speed_v1_repeats,
           "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
-          "dynamic": dynamic}
+          "peers-summary": peers_summary, "dynamic": dynamic, "dynamic-summary": dynamic_summary}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
 
 

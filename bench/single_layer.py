@@ -28,7 +28,7 @@ import flops  # noqa: E402
 import slim  # noqa: E402
 from pipeline.caches import cache_dense  # noqa: E402
 import vit  # noqa: E402
-from common import pyplot  # noqa: E402
+from common import pyplot, write_json  # noqa: E402
 from stats import compare  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +98,7 @@ def main():
     res = {"command": " ".join(["python bench/single_layer.py"] + sys.argv[1:]), "tokens": args.tokens,
            "figure": args.figure, "dense_top1": dense_top1, "val_images": len(labels), "score_images": args.score_images,
            "points": points, "machine": slim.machine(), "seconds": round(time.time() - t_start, 1)}
-    json.dump(res, open(out + ".json", "w"), indent=1)
+    write_json(out + ".json", res)
     np.savez_compressed(out + "_predictions.npz", **preds)
     plot(res, out + ".png")
     print(f"wrote {out}.json, {out}_predictions.npz, {out}.png")

@@ -32,6 +32,7 @@ from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
 from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 from stats import compare, compare_seeds, describe  # noqa: E402
+from common import read_json, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -54,8 +55,8 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "results", "table3"))
     args = p.parse_args()
     if args.fig4_eps is not None:  # a Fig. 4 point as the learned pyramid, in slim.py's report layout
-        sweep = json.load(open(os.path.join(ROOT, "results", "fig4.json")))
-        pt = json.load(open(os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}.json")))
+        sweep = read_json(os.path.join(ROOT, "results", "fig4.json"))
+        pt = read_json(os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}.json"))
         ra = {"weights": os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "seed": sweep["settings"]["seed"],
               "data_path": os.path.join(SHARED, "data", "cifar10"), "workers": 2, "batch_size": sweep["settings"]["batch_size"],
               "final_epochs": sweep["final_epochs"], "final_lr": sweep["final_lr"]}
@@ -63,7 +64,7 @@ def main():
                  "slimmed_top1": pt["top1"], "searched_top1": pt["top1_searched"]}]
         args.reference = [os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}")]
     else:
-        refs = [json.load(open(os.path.join(r, "report.json"))) for r in args.reference]
+        refs = [read_json(os.path.join(r, "report.json")) for r in args.reference]
     ra = refs[0]["args"]
     tokens = refs[0]["tokens"]
     model = vit.load_checkpoint(ra["weights"])
@@ -73,7 +74,7 @@ def main():
     val = data.build_dataset(ra["data_path"], "val", cfg.img_size)
     train_aug = data.build_dataset(ra["data_path"], "train", cfg.img_size)
     train_eval = data.build_dataset(ra["data_path"], "train", cfg.img_size, train_transform=False)
-    res = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else {"rows": {}}
+    res = read_json(args.out + ".json") if os.path.exists(args.out + ".json") else {"rows": {}}
     res.update(command=" ".join(["python bench/table3.py"] + sys.argv[1:]), tokens=tokens, target_gflops=target / 1e9,
                final_epochs=ra["final_epochs"], final_lr=ra["final_lr"], machine=slim.machine())
     for r, ref in zip(args.reference, refs):  # the learned pyramid: from its own run
@@ -112,7 +113,7 @@ def main():
                 entry["learned_minus_this"] = compare(learned_pred == lp["labels"], after.numpy() == labels.numpy())
                 print(f"{name}: learned minus this {describe(entry['learned_minus_this'])}", flush=True)
             res["rows"][name] = entry
-            json.dump(res, open(args.out + ".json", "w"), indent=1)
+            write_json(args.out + ".json", res)
             print(name, json.dumps({k: v for k, v in entry.items()}), flush=True)
     if args.fig4_eps is None and len(refs) > 1:  # every seed together: learned minus each row, images resampled jointly
         preds = np.load(preds_path)
@@ -124,7 +125,7 @@ def main():
                     [lp["slimmed"] == lp["labels"] for lp in learned],
                     [preds[f"{row}_seed_{seed}"] == preds["labels"] for seed in seeds])
                 print(f"{row}, seeds {seeds} together: learned minus this {res['pooled'][row]}", flush=True)
-    json.dump(res, open(args.out + ".json", "w"), indent=1)
+    write_json(args.out + ".json", res)
     print(f"wrote {args.out}.json")
 
 

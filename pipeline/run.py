@@ -114,10 +114,80 @@ def evaluate_only(args, model, bad):
     return result
 
 
+def dense_stage(args, model, val, bad, paths, run_id, log):
+    """The dense model's top-1 on val, evaluated once and kept in report.json (its predictions in predictions.npz):
+    the report to build on."""
+    report = {}
+    if os.path.exists(paths["report"]):
+        with open(paths["report"]) as f:
+            report = json.load(f)
+    report = distributed.all_gather(report)[0]  # rank 0's reading: every rank takes the same branches below
+    if report.get("val_files") != len(val) or report.get("weights") != run_id["weights"]:
+        dense_top1, preds, labels = evaluate(model, val, None, "frozen", args, bad, "dense")
+        report = {"dense_top1": dense_top1, "val_files": len(val), "val_images": len(labels),
+                  "weights": run_id["weights"]}
+        if distributed.is_main():
+            save_predictions(paths["predictions"], labels=labels, dense=preds)
+            write_atomically(paths["report"], report)
+    log(f"dense: top-1 {report['dense_top1']:.2f}%, {flops.count_flops(model.cfg) / 1e9:.3f} GFLOPs")
+    return report
+
+
+def search_stage(args, model, train_aug, settings, saved, bad, paths, run_id, log):
+    """Algorithm 1 (slim.search) on the dense caches of the fit and held images, resumed from saved (the search
+    state, or None). Returns the search state and the fit and held image counts used."""
+    n_fit, n_held = search_set_sizes(settings, len(train_aug))
+    if (n_fit, n_held) != (settings.fit_images, settings.held_images):
+        log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not "
+            f"the {settings.fit_images} + {settings.held_images} asked (--fit-images, --held-images; at most half "
+            "the images each)")
+    fit = held = None
+    if saved is None or saved["next"] > 0:  # a finished search needs no caches
+        cache_device, plan = cache_plan(model.cfg, -(-(n_fit + n_held) // distributed.world_size()),
+                                        slim.device_of(model), args.cache_device)
+        log(plan)
+        fit, held = cache_search_sets(model, train_aug, args.data_path, settings, args.workers, log, cache_device, bad)
+    state = slim.search(model, fit, held, settings, log, paths["state"], run_id=run_id,
+                        quality_images=args.quality_images)
+    return state, n_fit, n_held
+
+
+def finetune_stage(args, model, keep, tokens, ft, val, bad, paths, run_id, log):
+    """The searched model's top-1 (in predictions.npz), then the final fine-tune (C7) with the masks fixed,
+    resumable. Returns the searched top-1, or None when --final-epochs is 0."""
+    if ft.epochs <= 0:
+        return None
+    searched_top1, preds, labels = evaluate(model, val, keep, tokens, args, bad, "searched")
+    if distributed.is_main():
+        save_predictions(paths["predictions"], labels=labels, searched=preds)
+    log(f"after the search (per-layer fine-tuning only): top-1 {searched_top1:.2f}%")
+    cfg = model.cfg
+    teacher = slim.load_model(args).to(slim.device_of(model)) if ft.distill != "none" else None
+    train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase,
+                                  mean=cfg.mean, std=cfg.std)
+    finetune.finetune(model, teacher, keep, tokens, train_ft, ft, paths["finetune"],
+                      finetune_identity(keep, tokens, run_id), log, args.workers, bad)
+    return searched_top1
+
+
+def save_outputs(args, model, keep, tokens, classes, report, preds, labels, paths):
+    """Rank 0 writes masks.json, slimmed.pth (weights, masks, semantics, class names), report.json and the slimmed
+    model's predictions."""
+    if not distributed.is_main():
+        return
+    cfg = model.cfg
+    save_predictions(paths["predictions"], labels=labels, slimmed=preds)
+    name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
+    vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, tokens, name=name)
+    torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
+                "tokens": tokens, "classes": classes}, os.path.join(args.out, "slimmed.pth"))
+    write_atomically(paths["report"], report)
+
+
 def search_and_finetune(args, model, bad):
     """Algorithm 1 on the training split, then the final fine-tune; top-1 of the dense, searched and slimmed models
     on val (their per-image predictions in predictions.npz). Resumes from --out."""
-    t_start, device, cfg, is_main = time.time(), slim.device_of(model), model.cfg, distributed.is_main()
+    t_start, cfg = time.time(), model.cfg
     val = val_dataset(args, cfg, model.classes)
     train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
     data.check_classes(train_aug, cfg.num_classes)
@@ -127,73 +197,26 @@ def search_and_finetune(args, model, bad):
                                                       ("report", "report.json"), ("predictions", "predictions.npz"))}
     # a resume with other settings is refused here, before any work
     saved = slim.load_state(paths["state"], {**asdict(settings), **run_id})
-    resumed = saved is not None
-    if resumed and ft.epochs > 0 and saved["next"] == 0:
+    if saved is not None and ft.epochs > 0 and saved["next"] == 0:
         finetune.check_resume(paths["finetune"],
                               {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
     with open_log(args, "log.txt", model) as log:
         log(f"search settings: {json.dumps(asdict(settings))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
-        dense_flops = flops.count_flops(cfg)
-        report = {}
-        if os.path.exists(paths["report"]):
-            with open(paths["report"]) as f:
-                report = json.load(f)
-        report = distributed.all_gather(report)[0]  # rank 0's reading: every rank takes the same branches below
-        if report.get("val_files") != len(val) or report.get("weights") != run_id["weights"]:
-            dense_top1, preds, labels = evaluate(model, val, None, "frozen", args, bad, "dense")
-            report = {"dense_top1": dense_top1, "val_files": len(val), "val_images": len(labels),
-                      "weights": run_id["weights"]}
-            if is_main:
-                save_predictions(paths["predictions"], labels=labels, dense=preds)
-                write_atomically(paths["report"], report)
-        log(f"dense: top-1 {report['dense_top1']:.2f}%, {dense_flops / 1e9:.3f} GFLOPs")
-
-        n_fit, n_held = search_set_sizes(settings, len(train_aug))
-        if (n_fit, n_held) != (settings.fit_images, settings.held_images):
-            log(f"warning: {len(train_aug)} training images: the search uses {n_fit} fit + {n_held} held images, not "
-                f"the {settings.fit_images} + {settings.held_images} asked (--fit-images, --held-images; at most half "
-                "the images each)")
-        fit = held = None
-        if not resumed or saved["next"] > 0:  # a finished search needs no caches
-            cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // distributed.world_size()), device,
-                                            args.cache_device)
-            log(plan)
-            fit, held = cache_search_sets(model, train_aug, args.data_path, settings, args.workers, log, cache_device,
-                                          bad)
-        state = slim.search(model, fit, held, settings, log, paths["state"], run_id=run_id,
-                            quality_images=args.quality_images)
+        report = dense_stage(args, model, val, bad, paths, run_id, log)
+        state, n_fit, n_held = search_stage(args, model, train_aug, settings, saved, bad, paths, run_id, log)
         keep, tokens = state["keep"], settings.tokens
-        del fit, held
-
-        report["searched_top1"] = None
-        if ft.epochs > 0:
-            report["searched_top1"], preds, labels = evaluate(model, val, keep, tokens, args, bad, "searched")
-            if is_main:
-                save_predictions(paths["predictions"], labels=labels, searched=preds)
-            log(f"after the search (per-layer fine-tuning only): top-1 {report['searched_top1']:.2f}%")
-            teacher = slim.load_model(args).to(device) if ft.distill != "none" else None
-            train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment,
-                                          erase=ft.erase, mean=cfg.mean, std=cfg.std)
-            finetune.finetune(model, teacher, keep, tokens, train_ft, ft, paths["finetune"],
-                              finetune_identity(keep, tokens, run_id), log, args.workers, bad)
+        report["searched_top1"] = finetune_stage(args, model, keep, tokens, ft, val, bad, paths, run_id, log)
         slimmed_top1, preds, labels = evaluate(model, val, keep, tokens, args, bad, "slimmed")
-        n_val = len(labels)
-        slim_flops = flops.count_flops(cfg, keep, tokens=tokens)
+        dense_flops, slim_flops = flops.count_flops(cfg), flops.count_flops(cfg, keep, tokens=tokens)
         report.update({
-            "slimmed_top1": slimmed_top1, "val_images": n_val, "tokens": tokens, "dense_gflops": dense_flops / 1e9,
-            "slimmed_gflops": slim_flops / 1e9, "flops_reduction": 1 - slim_flops / dense_flops,
-            "kept_per_layer": flops.kept_counts(cfg, keep), "settings": asdict(settings), "fit_images_used": n_fit,
-            "held_images_used": n_held, "final_finetune": asdict(ft), "layers": state["layers"],
-            "wall_seconds": round(time.time() - t_start, 1), "resumed": resumed, **skipped(bad, log),
-            "processes": distributed.world_size(), "args": vars(args),
-            "machine": slim.machine(), "flops_note": flops.NOT_COUNTED})
-        if is_main:
-            save_predictions(paths["predictions"], labels=labels, slimmed=preds)
-            name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
-            vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, tokens, name=name)
-            torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
-                        "tokens": tokens, "classes": train_aug.classes}, os.path.join(args.out, "slimmed.pth"))
-            write_atomically(paths["report"], report)
+            "slimmed_top1": slimmed_top1, "val_images": len(labels), "tokens": tokens,
+            "dense_gflops": dense_flops / 1e9, "slimmed_gflops": slim_flops / 1e9,
+            "flops_reduction": 1 - slim_flops / dense_flops, "kept_per_layer": flops.kept_counts(cfg, keep),
+            "settings": asdict(settings), "fit_images_used": n_fit, "held_images_used": n_held,
+            "final_finetune": asdict(ft), "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1),
+            "resumed": saved is not None, **skipped(bad, log), "processes": distributed.world_size(),
+            "args": vars(args), "machine": slim.machine(), "flops_note": flops.NOT_COUNTED})
+        save_outputs(args, model, keep, tokens, train_aug.classes, report, preds, labels, paths)
         log(f"slimmed: top-1 {slimmed_top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs "
             f"counted as {tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
             f"kept per layer {report['kept_per_layer']}; wrote {args.out}/masks.json, slimmed.pth, report.json, "
