@@ -1909,3 +1909,34 @@ def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
         slim.cli(["--dynamic", "--from", str(tmp_path / "ev")])
     with pytest.raises(SystemExit, match="--dynamic needs --from OUT"):
         slim.cli(["--dynamic", "--data", "folder", "--data-path", CIFAR])
+
+
+@needs_shared
+def test_dynamic_fit_under_torchrun_two_processes_equals_one_process(tmp_path):
+    """DPS-ViT's fit under a real 2-process torchrun (gloo): every rank draws the same image numbers and the gradients
+    are summed (pipeline.dynamic.fit_predictor), so the fitted predictors, their ranking quality on the held images and
+    the dynamic model's predictions equal one process's, up to float summation order."""
+    static = tmp_path / "static"
+    common = ["--val-per-class", "3", "--workers", "1", "--batch-size", "32"]
+    slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(static), "--fit-images",
+              "64", "--held-images", "32", "--score-images", "16", "--ft-steps", "1", "--eps", "0.01", "--r-step", "16",
+              *common])
+    argv = ["--dynamic", "--from", str(static), "--fit-images", "64", "--held-images", "32", "--predictor-steps", "4",
+            "--final-epochs", "0", "--flops-ratio", "0.95", *common]
+    one = slim.cli(argv + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "slim.py", *argv, "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "dynamic.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1 and len(one["layers"]) == len(two["layers"]) > 0
+    for a, b in zip(one["layers"], two["layers"]):
+        assert a["layer"] == b["layer"] and a["spearman"] == pytest.approx(b["spearman"], abs=2e-3), (a, b)
+    g1, g2 = (torch.load(tmp_path / name / "dynamic_state.pt", weights_only=False)["predictors"] for name in ("one", "two"))
+    # the readout bias shifts every score of an image alike, which no ranking (nor ListMLE) sees: its gradient is
+    # float noise that AdamW scales up to lr-sized steps, so it is the one parameter not compared
+    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-6) for k in g1 if "readout.bias" not in k)
+    assert any(not torch.allclose(g1[k], torch.zeros_like(g1[k])) for k in g1)
+    p1, p2 = (np.load(tmp_path / name / "dynamic_predictions.npz") for name in ("one", "two"))
+    assert np.array_equal(p1["labels"], p2["labels"]) and (p1["dynamic"] != p2["dynamic"]).sum() <= 1
