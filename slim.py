@@ -35,6 +35,7 @@ import argparse
 import copy
 import os
 import platform
+import shlex
 import sys
 import time
 from collections import namedtuple
@@ -767,6 +768,7 @@ OUT_OF_MEMORY = "out of memory on {}: pass a smaller --batch-size (or --final-ba
 
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
+    args.command = "python slim.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # as the log records it
     try:
         return main(args)
     except UserError as e:

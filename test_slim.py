@@ -1897,6 +1897,8 @@ def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
     again = slim.cli(argv)  # the same command resumes: nothing is fitted or fine-tuned again
     assert again["dynamic_top1"] == pytest.approx(on_disk["dynamic_top1"])
     assert "the predictor fit in" in (out / "dynamic_log.txt").read_text()
+    # the log opens with the command slim.cli ran, not the calling process's own arguments (pytest's here)
+    assert (out / "dynamic_log.txt").read_text().startswith(f"python slim.py --dynamic --from {out} ")
     with pytest.raises(SystemExit, match=r"other settings \(steps 5 -> 6\)"):
         slim.cli([a if a != "5" else "6" for a in argv])
     with pytest.raises(SystemExit, match="drop --masks"):

@@ -152,6 +152,39 @@ def save_checkpoint(path, student, opt, step, settings):
                                 "settings": settings})
 
 
+def train_step(model, student, teacher, opt, s, batch, step, total, warmup, mix, stop_asked, epoch):
+    """One optimiser step of the final fine-tune on batch (None: every file of this rank's batch was skipped, and a
+    step with zero loss on a blank image keeps the ranks in step). One all-reduce tells every rank whether any saw a
+    non-finite loss (a one-line error) or was asked to stop (stop_asked): then no step is taken and it returns None.
+    Returns the loss."""
+    device, rank = next(student.parameters()).device, distributed.rank()
+    if batch is None:
+        size = student.cfg.img_size
+        img, y = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long)
+    else:
+        img, y = batch
+    img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if mix is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((s.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+            img, y = mix(img, y)
+    with autocast(device):
+        f, logits = model(img)
+    loss = loss_of(s, f.float(), logits.float(), y, teacher, img) * (batch is not None)
+    flags = distributed.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop_asked)]))
+    if flags[0] > 0:
+        raise UserError(f"the final fine-tune's loss is not finite at epoch {epoch + 1}, step {step}: nothing was "
+                        "saved for this step; lower --final-lr or check the data")
+    if flags[1] > 0:
+        return None
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(s, step, total, warmup)
+    opt.step()
+    return loss
+
+
 def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
              interrupt_at=None, frozen=None):
     """Fine-tune `student` (with masks keep under `tokens`) end to end on train_ds with recipe s (FinetuneSettings).
@@ -202,33 +235,11 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
                 sampler.set_epoch(epoch)
                 sampler.start = in_epoch * per_rank
                 for batch in loader:
-                    if batch is None:  # every file of this rank's batch was skipped (--skip-bad-images): a
-                        size = student.cfg.img_size  # step with zero loss on a blank image keeps the ranks in step
-                        img, y = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long)
-                    else:
-                        img, y = batch
-                    img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if mix is not None:
-                        with torch.random.fork_rng(devices=[]):
-                            torch.manual_seed(((s.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
-                            img, y = mix(img, y)
-                    with autocast(device):
-                        f, logits = model(img)
-                    loss = loss_of(s, f.float(), logits.float(), y, teacher, img) * (batch is not None)
-                    # one all-reduce per step tells every rank whether any saw a non-finite loss or a stop signal
-                    flags = distributed.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)),
-                                                                     float(stop.flag or step == interrupt_at)]))
-                    if flags[0] > 0:
-                        raise UserError(f"the final fine-tune's loss is not finite at epoch {epoch + 1}, step {step}:"
-                                        " nothing was saved for this step; lower --final-lr or check the data")
-                    if flags[1] > 0:
+                    loss = train_step(model, student, teacher, opt, s, batch, step, total, warmup, mix,
+                                      stop.flag or step == interrupt_at, epoch)
+                    if loss is None:
                         stopping = True
                         break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for group in opt.param_groups:
-                        group["lr"] = learning_rate(s, step, total, warmup)
-                    opt.step()
                     step += 1
                     bar.update()
                     if step % every == 0 or step == total:  # every rank gets here: the mean loss of all ranks

@@ -10,7 +10,6 @@ Only rank 0 writes files and logs; under torchrun every rank runs the same steps
 """
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -56,7 +55,7 @@ def open_log(args, name, model):
     log = RunLog(os.path.join(args.out, name))
     world, device = distributed.world_size(), slim.device_of(model)
     group = f"torchrun, {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else "no process group"
-    log(f"slim.py {' '.join(sys.argv[1:])}\nconfiguration: {json.dumps(vars(args))}\nmodel: {model.cfg}\n"
+    log(f"{getattr(args, 'command', 'python slim.py')}\nconfiguration: {json.dumps(vars(args))}\nmodel: {model.cfg}\n"
         f"processes: {world} (world size; {group}), device {device}, {args.workers} data workers each")
     log(model.normalisation)
     return log
