@@ -3,15 +3,16 @@ ToMe and EViT beside patch slimming (arXiv 2106.02852; METHOD.md §8) on the CIF
 weights, at equal GFLOPs with each method under its own exact count (flops.py, bench/peers.py): at the headline's
 FLOPs and at other budgets taken from Fig. 4's points (results/fig4/eps_<eps>.json). Per row: top-1 off the shelf
 (no fine-tuning) with a paired interval against patch slimming on the same val images (bench/stats.py: paired
-bootstrap, McNemar); with --finetune, the headline's final fine-tune for every row at the headline budget (the light
-recipe at the reference's epochs and lr, distillation from the dense model), per seed, against patch slimming's
-final fine-tune of the same seed.
+bootstrap, McNemar); with --finetune, the headline's final fine-tune for every row at one budget, the headline's by
+default (the light recipe at the reference's epochs and lr, distillation from the dense model), per seed, against
+patch slimming's final fine-tune of the same seed.
 
 Rows at each budget:
 - patch slimming: at the headline budget, the masks Alg. 1 searched (REFERENCE/masks.json) on the dense weights (the
   slimmed weights are not committed); at a Fig. 4 budget, that point's kept counts with the patches chosen by Eq. 6
   top-down on the dense weights (slim.masks_for_counts: Fig. 4 keeps counts, not masks). Its top-1 after the search
-  (block fine-tuning included) and after the final fine-tune are read from the run's files;
+  (block fine-tuning included) is read from the run's files, and so, at the headline budget, is its top-1 after the
+  final fine-tune; at a Fig. 4 budget that fine-tune is run here from the dense weights, as the other rows' are;
 - ToMe with constant r (its default), ToMe with its r schedule searched too (an integer r lands far from some
   budgets), and EViT (keep rate at layers 4, 7, 10): the setting closest at or below the budget (peers.at_gflops);
   a budget a peer cannot reach is recorded as such;
@@ -22,13 +23,16 @@ Rows at each budget:
   row starts from the dense weights (no block fine-tuning), as the peers' do.
 
     python bench/peers_compare.py                          # off the shelf, full val, headline + Fig. 4 eps 0.001, 0.005
-    python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (about 15 min per row and seed
+    python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (about 8 min per row and seed
                                                            #   on 2 cores)
+    python bench/peers_compare.py --finetune --seeds 0 1 --finetune-budget "0.195 G" --finetune-rows \
+        "ToMe, schedule searched" EViT                     # the same at another budget, for some rows
 Every row is written as it finishes and skipped when the results file already holds it (a rerun resumes). Writes
 OUT.json (results/peers.json), OUT_predictions.npz (per-image predicted classes, "labels") and OUT.png (top-1
 against GFLOPs; `--plot-only` redraws it); docs/peers.md is rendered from them by bench/report.py.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -112,14 +116,14 @@ def budgets_of(args, reference):
 
 
 def plot(res, path):
-    """Top-1 against GFLOPs: every row off the shelf at each budget (left), and at the headline budget after the
-    final fine-tune, one point per seed (right); dense as a line. Returns whether it wrote path."""
+    """Top-1 against GFLOPs: every row off the shelf at each budget (left), and after the final fine-tune where it
+    was run, the mean of the seeds (right); dense as a line. Returns whether it wrote path."""
     plt = pyplot()
     if plt is None:
         return False
     marks = {PS: "o", PS_REMOVED: "s", TOME: "v", TOME_SCHEDULE: "^", EVIT: "D", LINEAR: "x"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    for ax, title in zip(axes, ("off the shelf", "after the headline's final fine-tune")):
+    for ax, title in zip(axes, ("off the shelf", "after the same final fine-tune (seed mean)")):
         ax.axhline(res["dense"]["top1"], color="grey", ls="--", lw=1, label=f"dense ({res['dense_gflops']:.3f} G)")
         ax.set(xlabel="GFLOPs (each method's exact count)", ylabel="top-1 (%)", title=title)
     for row, mark in marks.items():
@@ -127,10 +131,10 @@ def plot(res, path):
                if name == row and "top1" in r]
         if pts:
             axes[0].plot(*zip(*sorted(pts)), marker=mark, ls="-", lw=0.8, label=row)
-        head = next(iter(res["budgets"].values()))["rows"].get(row, {})
-        tuned = [e["top1"] for e in head.get("finetuned", {}).values()]
+        tuned = [(r["gflops"], np.mean([e["top1"] for e in r["finetuned"].values()])) for b in res["budgets"].values()
+                 for name, r in b["rows"].items() if name == row and r.get("finetuned")]
         if tuned:
-            axes[1].plot([head["gflops"]] * len(tuned), tuned, marker=mark, ls="none", label=row)
+            axes[1].plot(*zip(*sorted(tuned)), marker=mark, ls="-", lw=0.8, label=row)
     for ax in axes:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Patch slimming, ToMe and EViT on the CIFAR-10 proxy at equal GFLOPs (results/peers.json)", fontsize=9)
@@ -146,6 +150,9 @@ def main():
                    help="slim.py output folders, one per seed: the first sets the budget and the masks")
     p.add_argument("--fig4-eps", type=float, nargs="*", default=[0.001, 0.005], help="other budgets: Fig. 4's points")
     p.add_argument("--finetune", action="store_true", help="also the fine-tuned column at the headline budget")
+    p.add_argument("--finetune-budget", default=None, metavar="BUDGET", help="with --finetune, the budget whose rows "
+                   "are fine-tuned, as the results file names it (\"0.195 G\"); default: the headline's. At another "
+                   "budget patch slimming's row is fine-tuned here too, from the dense weights as the others are")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tune seeds (with --finetune)")
     p.add_argument("--finetune-rows", nargs="+", default=list(FINETUNED), choices=FINETUNED, metavar="ROW",
                    help=f"rows to fine-tune (default: all of {', '.join(FINETUNED)})")
@@ -271,81 +278,111 @@ def main():
             save()
 
     if args.finetune:
-        finetune_rows(args, res, references, cfg, dense, val, positions, train_eval, tokens, epochs, lr, ft, command,
-                      preds_path, save)
+        sources = {name: ps for name, _, ps in budgets_of(args, reference)}
+        budget = args.finetune_budget or next(iter(sources))
+        if budget not in sources:
+            raise UserError(f"--finetune-budget {budget!r} is not one of this run's budgets ({', '.join(sources)})")
+        run = Run(args, res, cfg, dense, val, positions, train_eval, tokens, command, preds_path, save)
+        finetune_rows(run, references, epochs, lr, ft, budget, sources[budget])
     save()
     drawn = plot(res, args.out + ".png")
     print(f"wrote {args.out}.json, {preds_path}" + (f" and {args.out}.png" if drawn else ""))
 
 
-def finetune_rows(args, res, references, cfg, dense, val, positions, train_eval, tokens, epochs, lr, ft, command,
-                  preds_path, save):
-    """The fine-tuned column at the headline budget: every row but patch slimming (whose final fine-tune is the
-    reference run's own), each seed, against patch slimming's final fine-tune of the same seed; then the seeds
-    together (images resampled jointly)."""
-    weights = os.path.join(ROOT, res["weights"])
-    budget = next(iter(res["budgets"]))
+@dataclasses.dataclass
+class Run:
+    """What every fine-tuned row of this run shares."""
+    args: argparse.Namespace  # this script's flags
+    res: dict                 # the results file's contents, written by save()
+    cfg: vit.ViTConfig        # the proxy model's configuration
+    dense: torch.nn.Module    # the dense weights (not trained here)
+    val: torch.utils.data.Dataset         # the val images evaluated (all, or --val-per-class of each class)
+    positions: np.ndarray                 # their positions in the whole val set
+    train_eval: torch.utils.data.Dataset  # the train images without augmentation (Eq. 6 scores of the masks)
+    tokens: str               # the reference's token semantics ("frozen", P1)
+    command: str              # this script's command line, recorded with each entry
+    preds_path: str           # the predictions file (OUT_predictions.npz)
+    save: callable            # writes res to the results file
+
+
+def finetune_rows(run, references, epochs, lr, ft, budget, ps_source):
+    """The fine-tuned column at one budget: the rows of --finetune-rows, each seed, against patch slimming's final
+    fine-tune of the same seed; then the seeds together (images resampled jointly). At the headline budget patch
+    slimming's final fine-tune is the reference run's own; at another it is run here, from the dense weights with
+    its row's masks, as every other row's is."""
+    args, res, positions, save = run.args, run.res, run.positions, run.save
+    headline = budget == next(iter(res["budgets"]))
     rows = res["budgets"][budget]["rows"]
     res["finetune"] = {"epochs": epochs, "lr": lr, "batch_size": ft["batch_size"], "recipe": "light",
                        "distill": "soft (the dense model)", "seeds": args.seeds}
-    ps_by_seed = {}  # patch slimming's final fine-tune: the reference runs' own predictions ("slimmed")
-    for folder, rep in zip(args.reference, references):
-        with np.load(os.path.join(folder, "predictions.npz")) as f:
-            ps_by_seed[rep["settings"]["seed"]] = (f["slimmed"][positions], f["labels"][positions])
-    rows[PS]["finetuned"] = {f"seed {s}": {"top1": 100 * float((ps == labels).mean()),
-                                           "source": os.path.relpath(folder, ROOT) + "/predictions.npz"}
-                             for (s, (ps, labels)), folder in zip(ps_by_seed.items(), args.reference)}
+    train_aug = data.build_dataset(os.path.join(ROOT, references[0]["args"]["data_path"]), "train", run.cfg.img_size,
+                                   mean=run.cfg.mean, std=run.cfg.std)
+    ps_by_seed = {}  # seed -> patch slimming's predictions after the final fine-tune, and the labels
+    if headline:  # the reference runs' own predictions ("slimmed")
+        for folder, rep in zip(args.reference, references):
+            with np.load(os.path.join(folder, "predictions.npz")) as f:
+                ps_by_seed[rep["settings"]["seed"]] = (f["slimmed"][positions], f["labels"][positions])
+        rows[PS]["finetuned"] = {f"seed {s}": {"top1": 100 * float((ps == labels).mean()),
+                                               "source": os.path.relpath(folder, ROOT) + "/predictions.npz"}
+                                 for (s, (ps, labels)), folder in zip(ps_by_seed.items(), args.reference)}
     table3_path = os.path.join(ROOT, "results", "table3_headline.json")
     table3 = read_json(table3_path) if os.path.exists(table3_path) else None
-    train_aug = data.build_dataset(os.path.join(ROOT, references[0]["args"]["data_path"]), "train", cfg.img_size,
-                                   mean=cfg.mean, std=cfg.std)
-    for row in args.finetune_rows:
+    for row in list(args.finetune_rows) if headline else [PS] + list(args.finetune_rows):
         entry = rows.get(row, {})
         if "unreachable" in entry:
             continue
         done = entry.setdefault("finetuned", {})
         for seed in args.seeds:
             name = f"seed {seed}"
-            if name in done:
-                continue
-            t0 = time.time()
-            reused = row == LINEAR and same_as_table3(table3, seed, entry["tokens_per_layer"], epochs, lr,
-                                                      args.score_images)
-            if reused:  # the same masks construction and fine-tune, already run by bench/table3.py
-                with np.load(os.path.join(ROOT, "results", "table3_headline_predictions.npz")) as f:
-                    after = torch.from_numpy(f[f"linear_seed_{seed}"][positions].astype(np.int64))
-                labels = torch.from_numpy(ps_by_seed[seed][1].astype(np.int64))
-                done[name] = {"source": "results/table3_headline.json (bench/table3.py: the same masks and fine-tune)"}
-            else:
-                student, keep, row_tokens = vit.load_checkpoint(weights), None, tokens
-                if row == LINEAR:
-                    keep = eq6_masks(student, train_eval, entry["tokens_per_layer"], tokens, seed, args.score_images)
-                elif row == PS_REMOVED:  # the headline's searched masks, on the dense weights
-                    keep, row_tokens = vit.load_masks(os.path.join(args.reference[0], "masks.json"), cfg)[0], "removed"
-                else:
-                    student = peers.PeerModel(student, peer_at(cfg, row, res["budgets"][budget]["target_gflops"],
-                                                               peers.settings_from_args(args)))
-                light_finetune(student, vit.load_checkpoint(weights), keep, row_tokens, train_aug, epochs, lr,
-                               ft["batch_size"], seed, print, args.workers)
-                after, labels = predict(student, val, keep, row_tokens, workers=args.workers,
-                                        desc=f"eval {row} seed {seed}")
-                done[name] = {"command": command, "seconds": round(time.time() - t0), "machine": slim.machine()}
-            save_predictions(preds_path, **{key(budget, row, f"ft_seed{seed}"): after})
-            done[name]["top1"] = accuracy(after, labels)
-            if seed in ps_by_seed:
-                ps_preds, ps_labels = ps_by_seed[seed]
-                done[name]["ps_minus_this"] = compare(ps_preds == ps_labels, after.numpy() == ps_labels)
-            save()
-            print(f"{budget} {row} fine-tuned, {name}: top-1 {done[name]['top1']:.2f}%"
-                  + (f"; patch slimming minus this {describe(done[name]['ps_minus_this'])}"
-                     if "ps_minus_this" in done[name] else ""), flush=True)
+            if name not in done:
+                finetune_row(run, budget, row, entry, seed, ps_source, train_aug, epochs, lr, ft["batch_size"], table3,
+                             ps_by_seed)
+                save()
+            if row == PS:  # the reference of the rows after it
+                with np.load(run.preds_path) as f:
+                    ps_by_seed[seed] = (f[key(budget, PS, f"ft_seed{seed}")], f["labels"])
         seeds = [s for s in args.seeds if f"seed {s}" in done and s in ps_by_seed]
-        if len(seeds) > 1:
-            with np.load(preds_path) as f:
+        if row != PS and len(seeds) > 1:
+            with np.load(run.preds_path) as f:
                 mine = [f[key(budget, row, f"ft_seed{s}")] for s in seeds]
             entry["finetuned_pooled"] = compare_seeds([ps_by_seed[s][0] == ps_by_seed[s][1] for s in seeds],
                                                       [m == ps_by_seed[s][1] for m, s in zip(mine, seeds)])
             save()
+
+
+def finetune_row(run, budget, row, entry, seed, ps_source, train_aug, epochs, lr, batch_size, table3, ps_by_seed):
+    """One row's final fine-tune from the dense weights with one seed (or, for the linear pyramid, bench/table3.py's
+    identical run read back), evaluated; writes its predictions and entry["finetuned"]["seed S"], with patch
+    slimming's fine-tune of the same seed minus it where ps_by_seed holds that seed."""
+    args, cfg, tokens = run.args, run.cfg, run.tokens
+    weights, name, t0, done = os.path.join(ROOT, run.res["weights"]), f"seed {seed}", time.time(), entry["finetuned"]
+    if row == LINEAR and same_as_table3(table3, seed, entry["tokens_per_layer"], epochs, lr, args.score_images):
+        with np.load(os.path.join(ROOT, "results", "table3_headline_predictions.npz")) as f:
+            after = torch.from_numpy(f[f"linear_seed_{seed}"][run.positions].astype(np.int64))
+        labels = torch.from_numpy(ps_by_seed[seed][1].astype(np.int64))
+        done[name] = {"source": "results/table3_headline.json (bench/table3.py: the same masks and fine-tune)"}
+    else:
+        student, keep, row_tokens = vit.load_checkpoint(weights), None, tokens
+        if row == LINEAR:
+            keep = eq6_masks(student, run.train_eval, entry["tokens_per_layer"], tokens, seed, args.score_images)
+        elif row in (PS, PS_REMOVED):  # patch slimming's masks of this budget, on the dense weights
+            keep = ps_masks(ps_source, cfg, run.dense, run.train_eval, tokens, args.score_images)
+            row_tokens = "removed" if row == PS_REMOVED else tokens
+        else:
+            student = peers.PeerModel(student, peer_at(cfg, row, run.res["budgets"][budget]["target_gflops"],
+                                                       peers.settings_from_args(args)))
+        light_finetune(student, vit.load_checkpoint(weights), keep, row_tokens, train_aug, epochs, lr, batch_size,
+                       seed, print, args.workers)
+        after, labels = predict(student, run.val, keep, row_tokens, workers=args.workers, desc=f"eval {row} {name}")
+        done[name] = {"command": run.command, "seconds": round(time.time() - t0), "machine": slim.machine()}
+    save_predictions(run.preds_path, **{key(budget, row, f"ft_seed{seed}"): after})
+    done[name]["top1"] = accuracy(after, labels)
+    if row != PS and seed in ps_by_seed:
+        ps_preds, ps_labels = ps_by_seed[seed]
+        done[name]["ps_minus_this"] = compare(ps_preds == ps_labels, after.numpy() == ps_labels)
+    print(f"{budget} {row} fine-tuned, {name}: top-1 {done[name]['top1']:.2f}%"
+          + (f"; patch slimming minus this {describe(done[name]['ps_minus_this'])}"
+             if "ps_minus_this" in done[name] else ""), flush=True)
 
 
 if __name__ == "__main__":
