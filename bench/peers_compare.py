@@ -135,8 +135,7 @@ def plot(res, path):
                  for name, r in b["rows"].items() if name == row and r.get("finetuned")]
         if tuned:
             axes[1].plot(*zip(*sorted(tuned)), marker=mark, ls="-", lw=0.8, label=row)
-    for ax in axes:
-        ax.legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower right")  # the right panel's markers are the same
     fig.suptitle("Patch slimming, ToMe and EViT on the CIFAR-10 proxy at equal GFLOPs (results/peers.json)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

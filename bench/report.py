@@ -401,34 +401,39 @@ def peers_off_the_shelf():
 
 
 def peers_finetuned():
-    """bench/peers_compare.py --finetune: the headline's final fine-tune for every row at the headline budget."""
+    """bench/peers_compare.py --finetune: the headline's final fine-tune for the rows of each budget where it ran."""
     if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
         return ("*Not run yet: `python bench/peers_compare.py --finetune --seeds 0 1` adds it to "
-                f"`{PEERS}` (about 15 minutes per row and seed on 2 cores).*")
+                f"`{PEERS}` (about 8 minutes per row and seed on 2 cores).*")
     res = load(PEERS)
-    budget, b = next(iter(res["budgets"].items()))
     ft = res["finetune"]
     seeds = [f"seed {s}" for s in ft["seeds"]]
-    rows = ["| method | GFLOPs | " + " | ".join(f"{s}: top-1 | {s}: patch slimming − this" for s in seeds) +
-            " | seeds together: patch slimming − this |", "|---|---|" + "---|---|" * len(seeds) + "---|"]
-    for name in PEER_ROWS:
-        r = b["rows"].get(name, {})
-        done = r.get("finetuned")
-        if not done:
-            continue
-        cells = []
-        for s in seeds:
-            e = done.get(s)
-            cells += [f"{e['top1']:.2f}" if e else "not run", with_p(e["ps_minus_this"]) if e and "ps_minus_this" in e
-                      else ("(the reference)" if e else "")]
-        pooled = interval(r["finetuned_pooled"]) if "finetuned_pooled" in r else ""
-        label = f"**{name}**" if name == "patch slimming" else name
-        rows.append(f"| {label} | {r['gflops']:.4f} | " + " | ".join(cells) + f" | {pooled} |")
-    sources = sorted({e["source"] for r in b["rows"].values() for e in r.get("finetuned", {}).values() if "source" in e})
-    return ("\n".join(rows) + f"\n\nAt {budget}: {ft['epochs']:g} epoch{'s' if ft['epochs'] != 1 else ''} at lr "
-            f"{ft['lr']:g}, batch {ft['batch_size']}, the light recipe with soft distillation from the dense model "
-            f"(pipeline/finetune.py), the same as the headline's. {res['val_images']} val images. File: `{PEERS}`"
-            + (f"; rows read from other runs: {', '.join(f'`{s}`' for s in sources)}." if sources else "."))
+    rows = ["| budget | method | GFLOPs | " + " | ".join(f"{s}: top-1 | {s}: patch slimming − this" for s in seeds) +
+            " | seeds together: patch slimming − this |", "|---|---|---|" + "---|---|" * len(seeds) + "---|"]
+    sources = set()
+    for budget, b in res["budgets"].items():
+        for name in PEER_ROWS:
+            r = b["rows"].get(name, {})
+            done = r.get("finetuned")
+            if not done:
+                continue
+            cells = []
+            for s in seeds:
+                e = done.get(s)
+                cells += [f"{e['top1']:.2f}" if e else "not run", with_p(e["ps_minus_this"]) if e and
+                          "ps_minus_this" in e else ("(the reference)" if e else "")]
+                if e and "source" in e:
+                    sources.add(e["source"])
+            pooled = interval(r["finetuned_pooled"]) if "finetuned_pooled" in r else ""
+            label = f"**{name}**" if name == "patch slimming" else name
+            rows.append(f"| {budget} | {label} | {r['gflops']:.4f} | " + " | ".join(cells) + f" | {pooled} |")
+    headline = next(iter(res["budgets"]))
+    return ("\n".join(rows) + f"\n\n{ft['epochs']:g} epoch{'s' if ft['epochs'] != 1 else ''} at lr {ft['lr']:g}, batch "
+            f"{ft['batch_size']}, the light recipe with soft distillation from the dense model (pipeline/finetune.py), "
+            f"the same as the headline's. At {headline} patch slimming's row is the headline runs' own (its search "
+            "with block fine-tuning, then this fine-tune); at another budget every row, patch slimming's too, is "
+            f"fine-tuned from the dense weights. {res['val_images']} val images. File: `{PEERS}`"
+            + (f"; rows read from other runs: {', '.join(f'`{s}`' for s in sorted(sources))}." if sources else "."))
 
 
 def peers_speed(path=PEERS_SPEED):
