@@ -23,7 +23,7 @@ Rows at each budget:
   row starts from the dense weights (no block fine-tuning), as the peers' do.
 
     python bench/peers_compare.py                          # off the shelf, full val, headline + Fig. 4 eps 0.001, 0.005
-    python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (about 8 min per row and seed
+    python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (8 to 16 min per row and seed
                                                            #   on 2 cores)
     python bench/peers_compare.py --finetune --seeds 0 1 --finetune-budget "0.195 G" --finetune-rows \
         "ToMe, schedule searched" EViT                     # the same at another budget, for some rows

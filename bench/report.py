@@ -404,7 +404,7 @@ def peers_finetuned():
     """bench/peers_compare.py --finetune: the headline's final fine-tune for the rows of each budget where it ran."""
     if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
         return ("*Not run yet: `python bench/peers_compare.py --finetune --seeds 0 1` adds it to "
-                f"`{PEERS}` (about 8 minutes per row and seed on 2 cores).*")
+                f"`{PEERS}` (8 to 16 minutes per row and seed on 2 cores).*")
     res = load(PEERS)
     ft = res["finetune"]
     seeds = [f"seed {s}" for s in ft["seeds"]]
