@@ -326,7 +326,12 @@ def finetune_rows(run, references, epochs, lr, ft, budget, ps_source):
                                  for (s, (ps, labels)), folder in zip(ps_by_seed.items(), args.reference)}
     table3_path = os.path.join(ROOT, "results", "table3_headline.json")
     table3 = read_json(table3_path) if os.path.exists(table3_path) else None
-    for row in list(args.finetune_rows) if headline else [PS] + list(args.finetune_rows):
+    to_run = list(args.finetune_rows) if headline else [PS] + list(args.finetune_rows)
+    ps_keep = None  # patch slimming's masks of this budget (one for every seed), made once if a row needs them
+    if any(f"seed {s}" not in rows.get(r, {}).get("finetuned", {}) for r in to_run if r in (PS, PS_REMOVED)
+           for s in args.seeds):
+        ps_keep = ps_masks(ps_source, run.cfg, run.dense, run.train_eval, run.tokens, args.score_images)
+    for row in to_run:
         entry = rows.get(row, {})
         if "unreachable" in entry:
             continue
@@ -334,7 +339,7 @@ def finetune_rows(run, references, epochs, lr, ft, budget, ps_source):
         for seed in args.seeds:
             name = f"seed {seed}"
             if name not in done:
-                finetune_row(run, budget, row, entry, seed, ps_source, train_aug, epochs, lr, ft["batch_size"], table3,
+                finetune_row(run, budget, row, entry, seed, ps_keep, train_aug, epochs, lr, ft["batch_size"], table3,
                              ps_by_seed)
                 save()
             if row == PS:  # the reference of the rows after it
@@ -349,10 +354,11 @@ def finetune_rows(run, references, epochs, lr, ft, budget, ps_source):
             save()
 
 
-def finetune_row(run, budget, row, entry, seed, ps_source, train_aug, epochs, lr, batch_size, table3, ps_by_seed):
+def finetune_row(run, budget, row, entry, seed, ps_keep, train_aug, epochs, lr, batch_size, table3, ps_by_seed):
     """One row's final fine-tune from the dense weights with one seed (or, for the linear pyramid, bench/table3.py's
     identical run read back), evaluated; writes its predictions and entry["finetuned"]["seed S"], with patch
-    slimming's fine-tune of the same seed minus it where ps_by_seed holds that seed."""
+    slimming's fine-tune of the same seed minus it where ps_by_seed holds that seed. ps_keep: patch slimming's masks
+    of this budget (the rows patch slimming and patch slimming, removed)."""
     args, cfg, tokens = run.args, run.cfg, run.tokens
     weights, name, t0, done = os.path.join(ROOT, run.res["weights"]), f"seed {seed}", time.time(), entry["finetuned"]
     if row == LINEAR and same_as_table3(table3, seed, entry["tokens_per_layer"], epochs, lr, args.score_images):
@@ -365,7 +371,7 @@ def finetune_row(run, budget, row, entry, seed, ps_source, train_aug, epochs, lr
         if row == LINEAR:
             keep = eq6_masks(student, run.train_eval, entry["tokens_per_layer"], tokens, seed, args.score_images)
         elif row in (PS, PS_REMOVED):  # patch slimming's masks of this budget, on the dense weights
-            keep = ps_masks(ps_source, cfg, run.dense, run.train_eval, tokens, args.score_images)
+            keep = ps_keep
             row_tokens = "removed" if row == PS_REMOVED else tokens
         else:
             student = peers.PeerModel(student, peer_at(cfg, row, run.res["budgets"][budget]["target_gflops"],
