@@ -5,8 +5,8 @@ then the same end-to-end fine-tune for every point; report FLOPs saved (counted 
 
     python bench/eps_sweep.py --eps 0.001 0.002 0.005 0.01 0.02 --final-epochs 0.5
 Writes results/fig4/eps_<eps>.json as each point finishes (a rerun skips finished points; a search resumes from
-results/fig4/eps_<eps>_state.pt), results/fig4.json, fig4.md, fig4.png and results/fig4_predictions.npz
-(per-image predicted classes of every evaluated model, "labels").
+results/fig4/eps_<eps>_state.pt), results/fig4.json, fig4.png and results/fig4_predictions.npz (per-image
+predicted classes of every evaluated model, "labels"); bench/report.py makes the table of docs/results.md.
 """
 import argparse
 import copy
@@ -31,7 +31,6 @@ from stats import compare, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
-PAPER_FIG4 = {0.005: (79.8, 21), 0.01: (79.7, 32), 0.02: (79.4, 44), 0.03: (78.9, 49), 0.04: (78.4, 53), 0.05: (78.0, 54)}
 
 
 def main():
@@ -91,17 +90,6 @@ def main():
                "settings": asdict(s), "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
                "points": [{k: v for k, v in p.items() if k != "layers"} for p in points]}
     write_json(args.out + ".json", summary)
-    rows = ["| ε | kept tokens per layer 1..12 | GFLOPs | FLOPs saved | top-1 after search | top-1 after final FT | "
-            "dense − this (95% CI) | paper (DeiT-S): top-1 / saved |", "|---|---|---|---|---|---|---|---|"]
-    for pt in sorted(points, key=lambda p: p["eps"]):
-        paper = PAPER_FIG4.get(pt["eps"])
-        c = pt["dense_minus_this"]
-        rows.append(f"| {pt['eps']} | {' '.join(map(str, pt['kept_per_layer']))} | {pt['gflops']:.3f} | "
-                    f"{100 * pt['flops_saved']:.1f}% | {pt['top1_searched']:.2f} | {pt['top1']:.2f} | "
-                    f"{c['diff']:+.2f} ({c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}) | "
-                    + (f"{paper[0]} / {paper[1]}% |" if paper else "– |"))
-    open(args.out + ".md", "w").write(f"`{summary['command']}`; dense {dense_top1:.2f}%\n\n" + "\n".join(rows) + "\n")
-    log("\n".join(rows))
     plot(summary, args.out + ".png")
 
 

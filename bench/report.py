@@ -162,25 +162,6 @@ def table3():
             "File: `results/table3_headline.json` (predictions `results/table3_headline_predictions.npz`).")
 
 
-def fast_path_era():
-    """The runs made when the fast path was the default (results/fast-path/), ε = 0.003."""
-    runs = [("former headline, seed 0", "cifar10-proxy"), ("former headline, seed 1", "cifar10-proxy-seed1"),
-            ("Alg. 1 as written (then --literal), seed 0", "literal-eps0.003")]
-    runs += [(f"pyramid attempt `{name}`", f"pyramid-attempts/{name}")
-             for name in sorted(os.listdir(os.path.join(ROOT, "results/fast-path/pyramid-attempts")))]
-    rows = ["| run (`results/fast-path/…`) | kept tokens per layer 1..12 | FLOPs saved | top-1 after the search | after "
-            "the final fine-tune | largest step, layers 1..11 |", "|---|---|---|---|---|---|"]
-    for label, folder in runs:
-        rep = load(f"results/fast-path/{folder}/report.json")
-        k = rep["kept_per_layer"]
-        step = max(1 - b / a for a, b in zip(k[:-1], k[1:-1] + [k[-1]]))
-        searched = rep["searched_top1"] if rep["searched_top1"] is not None else rep["slimmed_top1"]
-        after = f"{rep['slimmed_top1']:.2f}" if rep["final_finetune"]["epochs"] > 0 else "–"
-        rows.append(f"| {label} (`{folder}/`) | {kept(k)} | {100 * rep['flops_reduction']:.1f}% | {searched:.2f} | "
-                    f"{after} | {100 * step:.0f}% |")
-    return "\n".join(rows)
-
-
 SPEED_RUNTIMES = "results/speed_runtimes_deit_small_cpu_float32.json"  # bench/speed.py's every-runtime run
 
 
@@ -190,17 +171,14 @@ def times(x):
 
 def speed_runtimes(path=SPEED_RUNTIMES):
     """bench/speed.py's run of every runtime (eager, packed, torch.compile, onnxruntime): per model its batch-1 latency
-    and largest-batch throughput; per semantics and runtime the speed-ups beside the FLOPs ratio; the targets; the
+    and largest-batch throughput; per semantics and runtime the speed-ups beside the FLOPs ratio; the
     absolute figure against timm's dense DeiT-S. The machine (CPU model name) and the runtimes' versions, from the file."""
     if not os.path.exists(os.path.join(ROOT, path)):
         return f"*Not run yet: `{path}` does not exist; `python bench/speed.py` makes it.*"
     res = load(path)
     mach, versions, batches = res["machine"], res["versions"], sorted(res["batches"])
-    big = batches[-1]
     head = (f"`{res['command']}` (`{path}`): {res['model']}, random weights, {res['dtype']}, {res['threads']} threads "
             f"on {mach['cpu']} ({mach['cores']} cores); " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
-    if res.get("note"):
-        head += f" **{res['note']}**"
     gflops = {"dense": res["dense_gflops"], **{f"slimmed {t}": s["gflops"] for t, s in res["semantics"].items()}}
     rows = ["| runtime | model | GFLOPs | " + " | ".join(
         f"batch {b}: ms per call" if b == 1 else f"batch {b}: images/s" for b in batches) + " |",
@@ -213,26 +191,14 @@ def speed_runtimes(path=SPEED_RUNTIMES):
     table2 = ["| semantics | FLOPs ratio | runtime | " + " | ".join(
         f"batch {b}: speed-up (paired) · of the FLOPs ratio" for b in reversed(batches)) + " |",
         "|---|---|---|" + "---|" * len(batches)]
-    verdicts = []
     for tokens, sem in res["semantics"].items():
         for runtime, by_batch in sem["speedup"].items():
             cells = [f"{times(v['speedup'])} ({times(v['paired'])}) · {v['of_flops_ratio']:.2f}"
                      for v in (by_batch[f"batch {b}"] for b in reversed(batches))]
             table2.append(f"| {tokens} | {sem['flops_ratio']:.2f} | {runtime} | " + " | ".join(cells) + " |")
-        missed = [f"{rt} {sp[f'batch {big}']['of_flops_ratio']:.3f}" for rt, sp in sem["speedup"].items()
-                  if sp[f"batch {big}"]["of_flops_ratio"] < res["targets"]["batch_of_flops_ratio"]]
-        line = (f"- **{tokens}** ({sem['masks']}, kept tokens per layer {kept(sem['kept_per_layer'])}, "
-                f"{sem['gflops']:.2f} G): batch {big} ≥ {res['targets']['batch_of_flops_ratio']} of the FLOPs ratio in "
-                "every runtime: " + ("met" if not missed else f"missed in {', '.join(missed)}"))
-        if 1 in batches:
-            best = max(sem["speedup"], key=lambda rt: sem["speedup"][rt]["batch 1"]["speedup"])
-            b1 = sem["speedup"][best]["batch 1"]
-            line += (f"; batch 1 ≥ {res['targets']['b1_speedup']}× in a runtime: "
-                     f"{'met' if b1['speedup'] >= res['targets']['b1_speedup'] else 'missed'} (best: {best}, "
-                     f"{times(b1['speedup'])}, {b1['of_flops_ratio']:.2f} of the FLOPs ratio; the aim is "
-                     f"{res['targets']['b1_aim_of_flops_ratio']})")
-        verdicts.append(line + ".")
-    out = [head, "", *rows, "", *table2, "", *verdicts]
+    out = [head, "", *rows, "", *table2, ""] + [
+        f"- **{tokens}**: {sem['masks']}, kept tokens per layer {kept(sem['kept_per_layer'])}, {sem['gflops']:.2f} G."
+        for tokens, sem in res["semantics"].items()]
     if res.get("absolute"):
         a = res["absolute"]
         out.append(f"- **Absolute**: the fastest slimmed DeiT-S, `{a['fastest_slimmed']}`, runs "
@@ -282,74 +248,6 @@ def speed_profile(path=SPEED_RUNTIMES):
             "onnxruntime: its profiler's kernel time per node; the others: torch.profiler, whose own overhead is in "
             f"the total). Compiled graphs fuse norms and element-wise work into kernels counted as other. File: `{path}` "
             "(`profile_b1`, with each model's slowest operators).")
-
-
-def speed_eager(path="results/speed_deit_small_cpu_float32.json"):
-    """The eager-only run before the runtimes were added (bench/speed.py of that time): both semantics at the paper's
-    budget, plain and oneDNN-prepacked."""
-    res = load(path)
-    rows = ["| model | GFLOPs | images/s (batch 32) | batch-1 latency (median) |", "|---|---|---|---|"]
-    gflops = {"dense": res["dense_gflops"], **{f"slimmed {t}": s["gflops"] for t, s in res["semantics"].items()}}
-    for label, r in res["rows"].items():
-        model = label.split(" ", 1)[1]
-        rows.append(f"| {label} | {gflops[model]:.2f} | {r['images_per_s']:.1f} | {r['latency_ms_b1']:.1f} ms |")
-    table2 = ["| semantics | masks | FLOPs ratio | batch 32 | of the FLOPs ratio | batch 1 | batch 32 packed | "
-              "batch 1 packed (paired) |", "|---|---|---|---|---|---|---|---|"]
-    for tokens, s in res["semantics"].items():
-        table2.append(f"| {tokens} | {kept(s['kept_per_layer'])} | {s['flops_ratio']:.2f} | {times(s['speedup_batch'])} "
-                      f"| {s['speedup_batch'] / s['flops_ratio']:.2f} | {times(s['speedup_b1'])} | "
-                      f"{times(s['speedup_batch_packed'])} | {times(s['speedup_b1_packed'])} "
-                      f"({times(s['speedup_b1_packed_paired'])}) |")
-    return ("\n".join(rows) + "\n\n" + "\n".join(table2) + f"\n\n`vit.py` dense runs at {res['ours_over_timm']:.2f} "
-            f"of timm's throughput. `{res['command']}` with the code of that time, torch {res['torch']}, "
-            f"{res['threads']} threads, {res['cores']} cores (the file records `{res['cpu']}`, not the CPU model). "
-            f"File: `{path}`.")
-
-
-V1_SPEED = {"DeiT-S 224": "results/speed_repeats/deit_small_run2.json",
-            "proxy": "results/speed_deit_tiny_p4_cifar10_cpu_float32.json"}
-
-
-def speed_v1():
-    """The v1 runs (tokens removed): DeiT-S (run 2 of four) and the proxy, plain and packed, against timm."""
-    rows = ["| model | GFLOPs | images/s | batch-1 latency (median; fastest) |", "|---|---|---|---|"]
-    names = {"timm dense": "{m}, timm (reference)", "vit.py dense": "{m}, `vit.py` dense",
-             "vit.py slimmed": "{m}, `vit.py` {pyramid}", "packed dense": "{m}, `vit.py` dense, packed",
-             "packed slimmed": "{m}, `vit.py` {short}, packed"}
-    for m, path in V1_SPEED.items():
-        res = load(path)
-        short = "slimmed" if m == "proxy" else "pyramid"
-        pyramid = "slimmed (the v1 run's masks)" if m == "proxy" else f"pyramid {kept(res['kept_per_layer'])}"
-        r = res["rows"]
-        for label in names:
-            if label not in r:
-                continue
-            gf = res["gflops"]["slimmed" if "slimmed" in label else "dense"]
-            cell = f"{r[label]['images_per_s']:.3g} (batch {res['batch']})"
-            if "slimmed" in label:
-                base = r[label.replace("slimmed", "dense")]
-                cell += f": **{times(r[label]['images_per_s'] / base['images_per_s'])}**"
-                lat = (f"{r[label]['latency_ms_b1']:.1f} ms: **{times(base['latency_ms_b1'] / r[label]['latency_ms_b1'])}**"
-                       f"; {r[label]['latency_ms_b1_min']:.1f}")
-            else:
-                if label == "vit.py dense" and "timm dense" in r:
-                    cell += f": {r[label]['images_per_s'] / r['timm dense']['images_per_s']:.2f}× timm"
-                lat = f"{r[label]['latency_ms_b1']:.1f} ms; {r[label]['latency_ms_b1_min']:.1f}"
-            rows.append(f"| {names[label].format(m=m, pyramid=pyramid, short=short)} | {gf:.2f} | {cell} | {lat} |"
-                        if gf >= 1 else f"| {names[label].format(m=m, pyramid=pyramid, short=short)} | {gf:.3f} | "
-                        f"{cell} | {lat} |")
-    return "\n".join(rows) + "\n\nFiles: " + ", ".join(f"`{p}`" for p in V1_SPEED.values()) + "."
-
-
-def speed_v1_repeats():
-    """The v1 DeiT-S command run four times on one day (results/speed_repeats/)."""
-    rows = ["| run | batch 32 | batch 32, packed | batch 1 | batch 1, packed (median of per-round ratios) | vit.py / timm |",
-            "|---|---|---|---|---|---|"]
-    for i in range(1, 5):
-        r = load(f"results/speed_repeats/deit_small_run{i}.json")
-        rows.append(f"| {i} | {times(r['speedup_batch'])} | {times(r['speedup_batch_packed'])} | {times(r['speedup_b1'])} "
-                    f"| {times(r['speedup_b1_packed'])} ({times(r['speedup_b1_packed_paired'])}) | {r['ours_over_timm']:.2f} |")
-    return "\n".join(rows) + "\n\nFiles: `results/speed_repeats/deit_small_run1.json` … `deit_small_run4.json`."
 
 
 PEERS = "results/peers.json"
@@ -532,9 +430,8 @@ def dynamic_summary():
             f"File: `{DYNAMIC}`.")
 
 
-BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "fast-path-era": fast_path_era,
-          "speed-runtimes": speed_runtimes, "speed-summary": speed_summary, "speed-profile": speed_profile, "speed-eager": speed_eager,
-          "speed-v1": speed_v1, "speed-v1-repeats": speed_v1_repeats,
+BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3,
+          "speed-runtimes": speed_runtimes, "speed-summary": speed_summary, "speed-profile": speed_profile,
           "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
           "peers-summary": peers_summary, "dynamic": dynamic, "dynamic-summary": dynamic_summary}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
