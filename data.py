@@ -1,15 +1,16 @@
 """
 Data for patch slimming (Tang et al., CVPR 2022, arXiv 2106.02852): ImageNet or any ImageFolder tree
-(DIR/train/<class>/*, DIR/val/<class>/*), with torchvision transforms v2 derived from the model's image size.
+(DIR/train/<class>/*, DIR/val/<class>/*), with torchvision transforms v2 derived from the model's image size, and
+CIFAR-10 written once as such a tree (cifar10_tree), the data of the shipped proxy model.
 
 - 224 px (ImageNet): DeiT's recipe (facebookresearch/deit datasets.py). Eval: Resize(int(224/0.875),
   bicubic) -> CenterCrop(224) -> Normalize(ImageNet mean/std). Train: RandomResizedCrop(224, bicubic) +
-  horizontal flip (the short block fine-tunes of METHOD.md C5), plus, for the final fine-tune (C7), optional
+  horizontal flip (the short block fine-tunes of method.md C5), plus, for the final fine-tune (C7), optional
   RandAugment (DeiT's rand-m9: 2 ops at 9 of 10 magnitude steps) and random erasing (DeiT's reprob, random pixels);
   MixUp/CutMix act on whole batches (mixup_cutmix).
 - small images (<= 64 px, e.g. the CIFAR-10 proxy at 32 px): eval is the image as it is (a CenterCrop
   to the model size is the identity there); train is a random crop of the 4-px reflect-padded image +
-  flip, the recipe the proxy checkpoint was trained with (../shared/README.md).
+  flip, the recipe the proxy checkpoint was trained with (models/README.md).
 Grayscale, CMYK and palette images become RGB (PIL convert("RGB")). A file that cannot be read as an image
 (truncated, not an image) never ends a run with a DataLoader traceback: it is a one-line UserError naming it,
 or, with a BadFiles(skip=True) registry (slim.py --skip-bad-images), dropped from its batch and counted.
@@ -19,6 +20,7 @@ views do not depend on the number of DataLoader workers or processes, so a run u
 a one-process run sees, and a resumed run sees those of an uninterrupted one.
 """
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -29,6 +31,9 @@ from torchvision.transforms import v2
 
 from vit import IMAGENET_MEAN, IMAGENET_STD, UserError
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+CIFAR10_DIR = os.path.join(REPO, "data", "cifar10")  # --data cifar10's default --data-path
+CIFAR10_VAL_PER_CLASS = 500  # val/: the first 500 images of each class of CIFAR-10's official test split
 SMALL = 64  # image sizes up to this use the small-image recipe
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -104,6 +109,38 @@ def build_dataset(root, split, img_size, train_transform=None, randaugment=False
         raise UserError(f"{path} holds no images in class subfolders ({str(e).splitlines()[0][:100]}): "
                         f"expected {path}/<class>/<images>")
     return ds
+
+
+def cifar10_tree(root):
+    """root as an ImageFolder tree of CIFAR-10, the data the shipped proxy (models/README.md) was trained and
+    measured on: root/train/<class>/%04d.jpg, all 50,000 training images, and root/val/<class>/%04d.jpg, the first
+    500 images of each class of the official test split in test-set order; %04d is the index within the class,
+    each image a JPEG at PIL's default quality (75). A root that holds train/ and val/ is used as it is. Otherwise
+    torchvision downloads CIFAR-10 into root (once), and each split is written to a temporary folder renamed into
+    place when complete, so an interrupted conversion leaves no half tree."""
+    if all(os.path.isdir(os.path.join(root, split)) for split in ("train", "val")):
+        return root
+    try:
+        sources = {split: datasets.CIFAR10(root, train=split == "train", download=True) for split in ("train", "val")}
+    except (OSError, RuntimeError) as e:  # no network: urllib's URLError, a socket error; a bad archive
+        raise UserError(f"{root} holds no CIFAR-10 tree (train/<class>/, val/<class>/) and CIFAR-10 could not be "
+                        f"downloaded ({type(e).__name__}): connect to the network, or pass --data-path DIR where DIR "
+                        "holds that tree") from None
+    for split, source in sources.items():
+        final, partial = os.path.join(root, split), os.path.join(root, f".{split}.partial")
+        if os.path.isdir(final):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        written = [0] * len(source.classes)
+        for pixels, label in zip(source.data, source.targets):  # (32, 32, 3) uint8, in the split's own order
+            if split == "val" and written[label] >= CIFAR10_VAL_PER_CLASS:
+                continue
+            folder = os.path.join(partial, source.classes[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{written[label]:04d}.jpg"))  # PIL's default quality
+            written[label] += 1
+        os.replace(partial, final)
+    return root
 
 
 def check_classes(ds, num_classes, model_classes=None):

@@ -2,7 +2,7 @@
 Closed-form FLOP counter for dense and patch-slimmed DeiTs (Tang et al., CVPR 2022, arXiv 2106.02852).
 
 Counts multiply-accumulates (MACs), the unit DeiT and fvcore report as "FLOPs", for the gathered forward of
-vit.py under either token semantics (METHOD.md §2, "P1 FLOPs"). With n_t = |m_t| rows updated by block t:
+vit.py under either token semantics (method.md §2, "P1 FLOPs"). With n_t = |m_t| rows updated by block t:
 - "frozen" (the paper's, Sec. 3 "Computation Efficiency"): keys and values from all N rows at every layer;
 - "removed" (v1, C1): keys and values only from the n_{t-1} rows alive before block t.
 Norms, softmax, GELU and residual adds are not counted. Checked against torch.utils.flop_counter.FlopCounterMode
@@ -19,7 +19,7 @@ NOT_COUNTED = "MACs of matmuls/convs only; norms, softmax, GELU and adds are not
 
 
 def block_flops(n_keys, n_q, d, r):
-    """One block whose n_q updated rows attend over n_keys rows (METHOD.md P1 FLOPs): dict of MACs by part."""
+    """One block whose n_q updated rows attend over n_keys rows (method.md P1 FLOPs): dict of MACs by part."""
     return {
         "kv": 2 * n_keys * d * d,     # K, V projections of every row the queries attend over
         "q": n_q * d * d,             # queries only for the updated rows
@@ -62,7 +62,7 @@ def count_flops(cfg, keep=None, counts=None, tokens="frozen", predictor_width=0)
 
 
 def predictor_flops(cfg, counts, width):
-    """Per-layer MACs of DPS-ViT's predictors (slim.Predictor, METHOD.md P6/C8), the same under both semantics. G_t runs
+    """Per-layer MACs of DPS-ViT's predictors (slim.Predictor, method.md P6/C8), the same under both semantics. G_t runs
     where layer t has a choice, P < n_t < n_{t-1} (n_0 = N), on the n_{t-1} - P candidate patches: each through the
     linear d -> width and the readout width -> 1, and their pooled mean once through the context's d -> width."""
     P, d, prev, out = cfg.prefix_tokens, cfg.embed_dim, cfg.num_tokens, []
@@ -93,7 +93,7 @@ def scaled_counts(cfg, counts, target, tokens="frozen", predictor_width=0):
 
 def linear_pyramid(cfg, target, tokens="frozen"):
     """Kept-token counts falling linearly with depth, |m_t| = P + (N-P) * max(0, 1 - a*t/L), with |m_L| = P, the
-    prefix tokens (m_L = e_0 for one class token, METHOD.md P1); the slope a is bisected so that the total MACs come
+    prefix tokens (m_L = e_0 for one class token, method.md P1); the slope a is bisected so that the total MACs come
     closest to target."""
     N, L, P = cfg.num_tokens, cfg.depth, cfg.prefix_tokens
 
@@ -139,7 +139,7 @@ def main(args):
     counts = list(dynamic["counts"]) if dynamic else kept_counts(cfg, keep)
     per_layer = layer_flops(cfg, counts, tokens)
     dense = count_flops(cfg)
-    print(f"tokens: {tokens} ({'pruned patches stay keys/values, METHOD.md P1' if tokens == 'frozen' else 'pruned patches leave the sequence, METHOD.md C1'})")
+    print(f"tokens: {tokens} ({'pruned patches stay keys/values, method.md P1' if tokens == 'frozen' else 'pruned patches leave the sequence, method.md C1'})")
     print(f"{'layer':>5} {'keys':>5} {'updated':>7} {'GFLOPs':>8}")
     for t, (n_keys, n, f) in enumerate(zip(key_counts(cfg, counts, tokens), counts, per_layer), 1):
         print(f"{t:>5} {n_keys:>5} {n:>7} {f / 1e9:>8.4f}")

@@ -12,13 +12,13 @@ significance scores, the top-down mask search of the paper's Algorithm 1 with pe
 Under torchrun every stage splits its images over the processes and every process reaches the one-process
 decisions (pipeline/distributed.py says how); the final fine-tune is DeiT's recipe (pipeline/finetune.py, C7).
 
-The method is fixed by ../shared/METHOD.md (version 3): [P] labels are the paper's, [C] our choices where it is
+The method is specified in docs/method.md: [P] labels are the paper's, [C] our choices where it is
 silent; both are cited beside the code. Layers are numbered as in the paper, t = 1..L; keep[t-1] is m_t (vit.py).
-Token semantics (vit.py): "frozen" (P1, default) or "removed" (the v1 variant, C1). Scores (METHOD.md §3): Eq. 6
+Token semantics (vit.py): "frozen" (P1, default) or "removed" (the v1 variant, C1). Scores (method.md §3): Eq. 6
 evaluated exactly ("significance", P3/C3a, default), and the comparison scores "head-mean" (v1), "attn" (Fig. 7's
 baseline), "class-attn" (EViT-like) and "random".
 
-Algorithm 1 (Sec. 4.3, METHOD.md §4). m_L = e_0 (the prefix tokens of a distilled DeiT); for t = L-1 down to 1:
+Algorithm 1 (Sec. 4.3, method.md §4). m_L = e_0 (the prefix tokens of a distilled DeiT); for t = L-1 down to 1:
 score the patches (layers 1..t dense, t+1..L pruned), then for r = 0, r', 2 r', ...: m_t = m_{t+1} ∪ the r best,
 fine-tune block t on the error, and stop at the first r whose error after fine-tuning is <= eps. The error (--error):
 - "next" (the paper's, P4, default): E_{t+1}, the relative squared error (C4) of layer t+1's kept rows when the two
@@ -80,7 +80,7 @@ class SearchSettings:
     seed: int = 0                 # chooses the fit/held images and seeds the fine-tunes
 
 
-# ----------------------------------------------------------------------------- scores (Sec. 4.2, METHOD.md §3)
+# ----------------------------------------------------------------------------- scores (Sec. 4.2, method.md §3)
 #
 # Each score is a pure function of the records of one forward over blocks t..L (vit.VisionTransformer.run_blocks):
 # records[0] is layer t, run dense (every row of Z_{t-1} updated), records[1:] are layers t+1..L under their masks.
@@ -101,7 +101,7 @@ def embed_map(rec, N):
 
 def path_sum(records, N):
     """Σ over every path of heads (one head per layer t+1..L) of ||A[:, i]||², A = Π_{l=t+1..L} diag(m_l) P^h_l,
-    evaluated exactly by the recursion of METHOD.md C3a: G ← Σ_h (D_L P^h_L)ᵀ(D_L P^h_L), then for l = L-1 .. t+1
+    evaluated exactly by the recursion of method.md C3a: G ← Σ_h (D_L P^h_L)ᵀ(D_L P^h_L), then for l = L-1 .. t+1
     G ← Σ_h (D_l P^h_l)ᵀ G (D_l P^h_l); the path sum of token i is G[i, i]. Cost H·n_l·N² per layer and image.
     records: layers t+1..L (per-image masks, DPS-ViT: each record embedded whole by per_image_map). Returns (B, N)."""
     G = None
@@ -128,7 +128,7 @@ def per_image_map(rec, N):
 
 
 def significance_score(records):
-    """Eq. 6 (METHOD.md P3): s_{t,i} = Σ_{head paths} ||A[:, i] U^h_t[i, :]||²_F with U^h_t = P^h_t |Z_{t-1}|, the sum over
+    """Eq. 6 (method.md P3): s_{t,i} = Σ_{head paths} ||A[:, i] U^h_t[i, :]||²_F with U^h_t = P^h_t |Z_{t-1}|, the sum over
     one head per layer t..L. As ||a bᵀ||²_F = ||a||² ||b||², it factors (C3a) into path_sum(layers t+1..L) times
     Σ_h ||U^h_t[i, :]||² (layer t's head). (B, N)."""
     N = records[0].U.shape[2]
@@ -136,7 +136,7 @@ def significance_score(records):
 
 
 def head_mean_score(records):
-    """The v1 score (METHOD.md §3, "v1 head-mean"): ||Ā[:, i]||² Σ_h ||U_h[i, :]||² with Ā = Π_{l=t+1..L} diag(m_l) P̄_l,
+    """The v1 score (method.md §3, "v1 head-mean"): ||Ā[:, i]||² Σ_h ||U_h[i, :]||² with Ā = Π_{l=t+1..L} diag(m_l) P̄_l,
     P̄ the head-averaged attention, and U_h head h's output after W_o. (B, N)."""
     N = records[0].head_out.shape[2]
     A = None
@@ -147,7 +147,7 @@ def head_mean_score(records):
 
 
 def attn_score(records):
-    """Fig. 7's "Attn" baseline, read as in METHOD.md §3: the norm of patch i's column of layer t's attention, over
+    """Fig. 7's "Attn" baseline, read as in method.md §3: the norm of patch i's column of layer t's attention, over
     its queries and heads. (B, N)."""
     return records[0].P.float().pow(2).sum(dim=(1, 2)).sqrt()
 
@@ -218,7 +218,7 @@ def next_layer_error(model, batch, keep, tokens, t):
 
 
 def final_feature_error(model, batch, keep, tokens, t):
-    """The v1 error (METHOD.md §4, "v1 option"), per image: Error(relative, absolute) with absolute = ||f - f_dense||
+    """The v1 error (method.md §4, "v1 option"), per image: Error(relative, absolute) with absolute = ||f - f_dense||
     of the final features the heads read (the class token, and the distillation token when there is one), blocks
     t..L pruned, and relative = absolute / ||f_dense||; cumulative over the layers searched so far."""
     f, f_dense = tail_features(model, batch.z_in, keep, tokens, t), batch.feat.to(device_of(model))
@@ -286,7 +286,7 @@ def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
     return (distributed.all_reduce_sum(impact) / count).float()
 
 
-# ----------------------------------------------------------------------------- fine-tuning (METHOD.md C5)
+# ----------------------------------------------------------------------------- fine-tuning (method.md C5)
 
 
 def finetune_block(model, t, fit, keep, settings, seed, desc):
@@ -337,7 +337,7 @@ def finetune_block(model, t, fit, keep, settings, seed, desc):
         p.grad = None
 
 
-# ----------------------------------------------------------------------------- the search (Alg. 1, METHOD.md §4)
+# ----------------------------------------------------------------------------- the search (Alg. 1, method.md §4)
 
 
 def with_layer(keep, t, k):
@@ -388,7 +388,7 @@ def finetune_seed(settings, t, r):
 
 
 def search_layer_alg1(model, t, keep, candidates, fit, held, settings):
-    """Alg. 1, lines 5-10, as written (METHOD.md C6's default): for each candidate (r, m_t) in order, fine-tune block
+    """Alg. 1, lines 5-10, as written (method.md C6's default): for each candidate (r, m_t) in order, fine-tune block
     t with m_t in place, its weights carried over from the previous r (never reset, C5), and stop at the first r whose
     error after fine-tuning is <= eps; the last candidate keeps every token and ends the loop whatever its error.
     candidates: candidate_masks; fit, held: LayerCaches of block t. Returns (m_t, the trial records, E of m_t)."""
@@ -418,7 +418,7 @@ def first_at_most(e0s, measure, n, bound):
 
 
 def search_layer_fast(model, t, keep, candidates, fit, held, settings):
-    """The fast path (--search fast; METHOD.md C6's named option, not Alg. 1). It differs from search_layer_alg1, and
+    """The fast path (--search fast; method.md C6's named option, not Alg. 1). It differs from search_layer_alg1, and
     can choose other masks, in exactly these ways:
     1. It measures E0, the error *before* fine-tuning, and bisects for the first r with E0 <= eps (i_ok) and the
        first with E0 <= ft_reach * eps (i_ft), assuming E0 falls as r grows. Alg. 1 never reads E0.
@@ -539,7 +539,7 @@ def search(model, fit, held, settings, log, state_path=None, stop_after=None, ru
     return state
 
 
-# ----------------------------------------------------------------------------- DPS-ViT (Sec. 4.4, METHOD.md P6, C8)
+# ----------------------------------------------------------------------------- DPS-ViT (Sec. 4.4, method.md P6, C8)
 #
 # The dynamic variant: each image chooses its own patches. The model that runs these pieces, the fit and the CLI's
 # --dynamic are in pipeline/dynamic.py; the per-image gathered forward is vit.py's.
@@ -599,9 +599,11 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
     p = parser.add_argument_group("what to slim (a first run needs --data, --data-path and, with --data folder, "
                                   "--weights)")
-    p.add_argument("--data", default="imagenet", choices=["imagenet", "folder"],
-                   help="imagenet: DIR/{train,val}/<wnid>; folder: any ImageFolder tree DIR/{train,val}/<class>")
-    p.add_argument("--data-path", default=None, help="dataset root holding train/ and val/")
+    p.add_argument("--data", default="imagenet", choices=["imagenet", "folder", "cifar10"],
+                   help="imagenet: DIR/{train,val}/<wnid>; folder: any ImageFolder tree DIR/{train,val}/<class>; "
+                   "cifar10: the shipped proxy model on CIFAR-10, downloaded once into DIR as such a tree")
+    p.add_argument("--data-path", default=None, help="dataset root holding train/ and val/ (--data cifar10: default "
+                   "data/cifar10)")
     p.add_argument("--model", default=None, choices=list(vit.PRESETS),
                    help="architecture; default deit_small, or the --weights checkpoint's own")
     p.add_argument("--weights", default=None, help="checkpoint path or URL (default: the model's DeiT release)")
@@ -610,14 +612,14 @@ def get_args_parser():
     p.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (likewise)")
     p.add_argument("--out", default="results/run", help="output folder; a rerun with the same folder resumes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p = parser.add_argument_group("the method (METHOD.md labels)")
+    p = parser.add_argument_group("the method (method.md labels)")
     p.add_argument("--tokens", default=None, choices=list(vit.TOKENS),
-                   help="what a pruned patch becomes: frozen (the paper's, METHOD.md P1; default for a search) or "
+                   help="what a pruned patch becomes: frozen (the paper's, method.md P1; default for a search) or "
                    "removed (v1, C1); with --eval-only the masks' own, unless given")
     p.add_argument("--score", default=d.score, choices=list(SCORES), help="patch score: significance (Eq. 6, the "
                    "paper's), head-mean (v1), attn (Fig. 7's baseline), class-attn (EViT-like) or random")
     p.add_argument("--error", default=d.error, choices=list(ERRORS), help="the error Alg. 1 tests: next (E_{l+1}, the "
-                   "paper's, METHOD.md P4) or final (v1: cumulative error of the final class feature)")
+                   "paper's, method.md P4) or final (v1: cumulative error of the final class feature)")
     p.add_argument("--eps", type=float, default=None, help=f"tolerated error (default {d.eps} for --error next, 0.2 "
                    "for --error final). next: E_{l+1} on C4's relative scale, ||diag(m)(Z^-Z)||^2 / ||diag(m)Z||^2 "
                    "(our normalisation: the paper's Eq. 3 is unnormalised, so its 0.01/0.02 do not transfer; "
@@ -664,6 +666,9 @@ def get_args_parser():
 
 def check_args(args):
     """Every bad input is a one-line UserError naming the fix."""
+    if args.data == "cifar10":  # the shipped proxy (models/README.md) on CIFAR-10, written once as an ImageFolder tree
+        args.data_path = data.cifar10_tree(args.data_path or data.CIFAR10_DIR)
+        args.weights = args.weights or vit.PROXY_CHECKPOINT
     if not args.data_path:
         raise UserError("--data-path is required: the folder holding train/ and val/ (e.g. /data/imagenet)")
     if args.data == "folder" and not args.weights:

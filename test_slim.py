@@ -7,8 +7,8 @@ The file reads by kind (STYLE.md), a section each, each opening with what it est
 2. invariants of the method: keeping every token changes nothing, masks stay nested, a block fine-tune touches
    only its block, resumed runs reach the uninterrupted result;
 3. bad input: one line naming the problem and the fix;
-4. end-to-end runs of the CLI on the real CIFAR-10 proxy in ../shared (skipped with a reason when ../shared is
-   absent), under torchrun, and at DeiT-S shapes.
+4. end-to-end runs of the CLI on the shipped CIFAR-10 proxy and the committed images (data/cifar10-mini), under
+   torchrun, and at DeiT-S shapes.
 The references and set-ups shared by several tests come first.
 """
 import copy
@@ -36,11 +36,15 @@ from pipeline import run as pipeline_run
 from pipeline import finetune as pipeline_finetune
 from vit import UserError
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
-PROXY_CKPT = os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth")
-CIFAR = os.path.join(SHARED, "data", "cifar10")
-needs_shared = pytest.mark.skipif(not os.path.exists(PROXY_CKPT),
-                                  reason="../shared (CIFAR-10 proxy checkpoint and images) is absent on this machine")
+REPO = os.path.dirname(os.path.abspath(__file__))
+PROXY_CKPT = vit.PROXY_CHECKPOINT  # the shipped proxy (models/README.md)
+CIFAR = os.path.join(REPO, "data", "cifar10-mini")  # committed: 30 train and 20 val images per class of CIFAR-10
+# The whole CIFAR-10 tree (5,000 val images) is not in a clone: data/cifar10 once `--data cifar10` has written it,
+# or the developers' fixtures beside the repository.
+CIFAR_FULL = next((p for p in (data.CIFAR10_DIR, os.path.join(REPO, "..", "shared", "data", "cifar10"))
+                   if os.path.isdir(os.path.join(p, "val"))), None)
+needs_full_val = pytest.mark.skipif(CIFAR_FULL is None, reason="needs the whole CIFAR-10 val set (5,000 images): "
+                                    "run `python slim.py --data cifar10 --eval-only` once to write data/cifar10")
 torch.set_num_threads(2)
 SMALL_CFG = vit.ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=4, num_heads=2)
 
@@ -83,7 +87,7 @@ def random_nested_keep(cfg, seed, last_cls_only=True):
 def eq2_reference(model, img, keep, tokens, maps=None):
     """The two token semantics written straight from their definitions, independently of vit.py's gathered forward:
     every one of the N rows is computed densely, and block t multiplies its MSA and MLP outputs by diag(m_t) (Eq. 2).
-    "frozen" (METHOD.md P1): keys from every row. "removed" (C1): keys only from the rows alive after layer t-1.
+    "frozen" (method.md P1): keys from every row. "removed" (C1): keys only from the rows alive after layer t-1.
     maps: a list that receives, per block, (P, Z) with P (B, H, N, N) every row's attention and Z the block input."""
     x = model.embed(img)
     alive = torch.ones(x.shape[1], dtype=torch.bool)
@@ -122,7 +126,7 @@ CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
 
 
 def alg1_as_written(model, fit, held, s):
-    """Algorithm 1 from the paper's listing (METHOD.md §4), written here independently of slim's two loops: for
+    """Algorithm 1 from the paper's listing (method.md §4), written here independently of slim's two loops: for
     t = L-1..1, m_t = m_{t+1} ∪ the r best patches for r = 0, r', 2r', ... (at last every patch), fine-tune block t
     at every r without ever resetting it, stop at the first E_{t+1} <= eps after the fine-tune."""
     N, L = model.cfg.num_tokens, model.cfg.depth
@@ -315,11 +319,11 @@ def test_eval_transform_is_deit_recipe_at_224():
     assert list(t[0].size) == [256] and t[0].interpolation.value == "bicubic" and list(t[1].size) == [224, 224]
 
 
-@needs_shared
+@needs_full_val
 def test_proxy_checkpoint_reproduces_its_val_top1():
     ck = torch.load(PROXY_CKPT, map_location="cpu", weights_only=False)
     model = vit.load_checkpoint(PROXY_CKPT)
-    ds = data.build_dataset(CIFAR, "val", model.cfg.img_size)
+    ds = data.build_dataset(CIFAR_FULL, "val", model.cfg.img_size)
     top1 = evaluate.evaluate(model, ds, workers=2)
     assert abs(top1 - 100 * ck["val_top1"]) <= 0.2, (top1, ck["val_top1"])
 
@@ -1041,12 +1045,141 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path):
     assert not (tmp_path / "ft.pt").exists()
 
 
+# ----------------------------------------------------------------------------- what a fresh clone holds
+# A clone runs its main job and this suite on what it ships: the proxy (models/), a few images (data/cifar10-mini),
+# CIFAR-10 written once from torchvision's download, and the method's spec (docs/method.md).
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def fake_cifar10_batches(root, train_per_class, test_per_class):
+    """torchvision's cifar-10-batches-py folder (pickled dicts of uint8 rows and labels), written here with smooth
+    images (JPEG keeps them within a few levels); returns the (H, W, 3) images of each split in file order, labels."""
+    import pickle
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(32), np.arange(32)).astype(np.float64)  # a diagonal gradient, 0..62
+
+    def images(n_per_class):
+        labels = [int(c) for c in rng.permutation(np.repeat(np.arange(10), n_per_class))]  # classes interleaved
+        base = rng.integers(20, 170, (len(labels), 1, 1, 3))
+        return (base + ramp[None, :, :, None] * rng.uniform(0.5, 1.3, (len(labels), 1, 1, 3))).astype(np.uint8), labels
+
+    splits = {"train": images(train_per_class), "test": images(test_per_class)}
+    x, y = splits["train"]
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 5)):  # data_batch_1 .. 5, in order
+        rows = x[part].transpose(0, 3, 1, 2).reshape(len(part), -1)  # CIFAR's rows: R plane, G plane, B plane
+        with open(folder / f"data_batch_{i + 1}", "wb") as f:
+            pickle.dump({"data": rows, "labels": [y[j] for j in part]}, f)
+    x, y = splits["test"]
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": x.transpose(0, 3, 1, 2).reshape(len(y), -1), "labels": y}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR10_CLASSES}, f)
+    return splits
+
+
+def test_cifar10_is_written_once_as_the_imagefolder_tree_of_the_proxy(tmp_path, monkeypatch):
+    """Must-hold 2 of the clone: a (fake) download becomes train/<class>/%04d.jpg, every training image in file
+    order, and val/<class>/%04d.jpg, the first CIFAR10_VAL_PER_CLASS of each class of the test split; the decoded
+    JPEGs are the originals within JPEG error; a second call uses the tree as it is."""
+    import torchvision.datasets.cifar as tv_cifar
+    splits = fake_cifar10_batches(tmp_path, train_per_class=3, test_per_class=4)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # the fake files have other md5 sums
+    monkeypatch.setattr(data, "CIFAR10_VAL_PER_CLASS", 2)  # 500 in the real split; 2 of 4 here shows the cut
+    assert data.cifar10_tree(str(tmp_path)) == str(tmp_path)
+    for split, (x, y), per_class in (("train", splits["train"], 3), ("val", splits["test"], 2)):
+        assert sorted(os.listdir(tmp_path / split)) == CIFAR10_CLASSES
+        for c, name in enumerate(CIFAR10_CLASSES):
+            expected = [x[i] for i in range(len(y)) if y[i] == c][:per_class]  # in the split's order
+            files = sorted(os.listdir(tmp_path / split / name))
+            assert files == [f"{k:04d}.jpg" for k in range(per_class)], (split, name, files)
+            for k, want in enumerate(expected):
+                got = np.asarray(Image.open(tmp_path / split / name / files[k]).convert("RGB")).astype(int)
+                err = np.abs(got - want.astype(int))
+                assert err.mean() < 3 and err.max() < 40, (split, name, k, err.mean(), err.max())
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    monkeypatch.setattr(data.datasets, "CIFAR10", lambda *a, **k: pytest.fail("a written tree was downloaded again"))
+    assert data.cifar10_tree(str(tmp_path)) == str(tmp_path)
+    ds = data.build_dataset(str(tmp_path), "val", 32)
+    assert ds.classes == CIFAR10_CLASSES and len(ds) == 20
+
+
+def test_cifar10_without_tree_or_network_is_one_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        slim.cli(["--data", "cifar10", "--data-path", str(tmp_path / "none"), "--eval-only", "--out", str(tmp_path / "o")])
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "none") in message and "could not be downloaded (URLError)" in message
+    assert "connect to the network" in message and "--data-path" in message
+
+
+def test_data_cifar10_uses_the_shipped_proxy(tmp_path):
+    """--data cifar10 with no --weights evaluates the shipped checkpoint (models/) on the tree it is given."""
+    ev = slim.cli(["--data", "cifar10", "--data-path", CIFAR, "--eval-only", "--val-per-class", "2", "--workers", "0",
+                   "--out", str(tmp_path / "ev")])
+    assert ev["val_images"] == 20
+    log = (tmp_path / "ev" / "eval.log").read_text()
+    assert vit.PROXY_CHECKPOINT in log and "on 20 cifar10 val images" in log
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path):
+    """The README's "In Python" block, run in a fresh interpreter from the repository root, on files a clone has."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    snippet = re.search(r"<!-- test_slim.py runs this block -->\n```python\n(.*?)```", readme, re.S).group(1)
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    predicted, gflops = run.stdout.split("] ")
+    assert len(json.loads(predicted + "]")) == 10 and float(gflops.split()[0]) == pytest.approx(0.138, abs=5e-4)
+
+
+SPEC_FREE = ["README.md", "docs", "models", "slim.py", "vit.py", "flops.py", "data.py", "pipeline", "bench"]
+
+
+def project_text(paths, suffixes=(".py", ".md", ".sh")):
+    for top in paths:
+        full = os.path.join(REPO, top)
+        walk = [(full, [], [""])] if os.path.isfile(full) else os.walk(full)
+        for folder, _, names in walk:
+            for name in names:
+                path = os.path.join(folder, name)
+                if path.endswith(suffixes) and not os.path.basename(path).startswith("test_"):
+                    with open(path, encoding="utf-8") as f:
+                        yield os.path.relpath(path, REPO), f.read()
+
+
+def test_no_document_or_program_needs_files_outside_the_clone():
+    """Must-hold 3 of the clone: the README, the docs and the non-test code never name ../shared or METHOD.md."""
+    offenders = [path for path, text in project_text(SPEC_FREE) if "../shared" in text or "METHOD.md" in text]
+    assert offenders == []
+
+
+def test_every_label_the_code_cites_is_defined_in_docs_method():
+    """Every [P]/[C] label cited in the code (P1, C3a, ...) has its definition in docs/method.md: a bold `**P4 — `
+    paragraph, or the label table of its last section."""
+    with open(os.path.join(REPO, "docs", "method.md"), encoding="utf-8") as f:
+        spec = f.read()
+    defined = set(re.findall(r"\*\*([PC]\d+[a-z]?) —", spec)) | set(re.findall(r"(?m)^\| ([PC]\d+[a-z]?) \|", spec))
+    cited = {}
+    for path, text in project_text(["slim.py", "vit.py", "flops.py", "data.py", "pipeline", "bench"], (".py",)):
+        for label in re.findall(r"(?<![\w\"'])([PC]\d+[a-z]?)(?![\w\"'])", text):
+            cited.setdefault(label, path)
+    assert cited and {label: path for label, path in cited.items() if label not in defined} == {}
+    assert {"P1", "P3", "P4", "P5", "P6", "C1", "C3a", "C3b", "C4", "C5", "C6", "C7", "C8"} <= defined
+
+
 # ----------------------------------------------------------------------------- end-to-end runs
 # The CLI as a user runs it: on the CIFAR-10 proxy, under torchrun with two processes, at DeiT-S shapes with a killed
 # fine-tune, on DeiT-III and distilled checkpoints; and the documents' tables against the results files.
 
 
-@needs_shared
 def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "128",
@@ -1083,7 +1216,6 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
                   "--out", str(tmp_path / "ev2")])
 
 
-@needs_shared
 def test_torchrun_two_processes_reach_the_one_process_result(tmp_path):
     """A real 2-process run (torchrun, gloo) on a proxy subset: the same masks as one process, and the same top-1 within
     one image, on the same (exactly counted) val images."""
@@ -1191,7 +1323,7 @@ def test_docs_tables_come_from_the_results_files():
 
 
 # ----------------------------------------------------------------------------- ToMe and EViT, the comparison methods (bench/peers.py)
-# The peers (METHOD.md §8) match references written here: dense at no reduction, ToMe's merge, EViT's fusion, FLOPs.
+# The peers (method.md §8) match references written here: dense at no reduction, ToMe's merge, EViT's fusion, FLOPs.
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
 import peers  # noqa: E402
@@ -1279,7 +1411,7 @@ def test_proportional_attention_is_attention_over_repeated_tokens():
 def test_evit_fused_token_is_the_attention_weighted_mean_of_the_dropped_tokens(family, fuse):
     """Must-hold 3: EViT pruning at layer 2 equals a reference written here: attention written out, the head-averaged
     class-token attention, the ceil(rate m) patches with the most of it kept, the others fused by a loop into their
-    attention-weighted mean (METHOD.md §8; "sum": the released code's weighted sum), then the MLP and dense blocks."""
+    attention-weighted mean (method.md §8; "sum": the released code's weighted sum), then the MLP and dense blocks."""
     model, img = family_model(family), torch.randn(2, 3, 32, 32)
     P, rate = model.cfg.prefix_tokens, 0.4
     with torch.no_grad():
@@ -1372,7 +1504,6 @@ import warnings  # noqa: E402
 
 from pipeline import export as pipeline_export  # noqa: E402
 
-REPO = os.path.dirname(os.path.abspath(slim.__file__))
 
 with warnings.catch_warnings():  # no pytest ini file (the design card: no new top-level files) registers the marker
     warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
@@ -1496,7 +1627,6 @@ def slimmed_proxy(tmp_path, masks):
     return path, keep, tokens
 
 
-@needs_shared
 @needs_onnx
 @pytest.mark.parametrize("masks", ["results/cifar10-proxy/masks.json", "results/cifar10-proxy-v1/masks.json"])
 def test_export_cli_on_the_proxy_matches_pytorch_on_real_images(tmp_path, capsys, masks):
@@ -1510,7 +1640,7 @@ def test_export_cli_on_the_proxy_matches_pytorch_on_real_images(tmp_path, capsys
     assert written == str(tmp_path / f"slimmed_{tokens}.onnx") and f"tokens {tokens}" in capsys.readouterr().out
     model = vit.load_checkpoint(PROXY_CKPT)
     val = data.build_dataset(CIFAR, "val", 32, mean=model.cfg.mean, std=model.cfg.std)
-    img = torch.stack([val[i][0] for i in range(0, 5000, 250)])  # 20 images, 2 per class
+    img = torch.stack([val[i][0] for i in range(0, len(val), 10)])  # 20 images, 2 per class
     got = torch.from_numpy(pipeline_export.ort_session(written).run(["logits"], {"img": img.numpy()})[0])
     with torch.no_grad():
         assert (got - model(img, keep=keep, tokens=tokens)).abs().max() < 1e-4
@@ -1629,7 +1759,7 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     figure; one JSON holds it all."""
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out), "--cpu-smoke"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     res = json.loads((out / "gpu_check.json").read_text())
     steps = res["steps"]
@@ -1669,7 +1799,7 @@ def test_speed_table_in_the_docs_is_rendered_from_its_results_file(tmp_path):
     assert line not in report.speed_runtimes(str(tmp_path / "speed.json"))
 
 
-# ----------------------------------------------------------------------------- DPS-ViT, the dynamic variant (Sec. 4.4, METHOD.md P6, C8)
+# ----------------------------------------------------------------------------- DPS-ViT, the dynamic variant (Sec. 4.4, method.md P6, C8)
 # Per-image masks equal their references and are checked, G's FLOPs and per-image Eq. 6 targets are exact, the CLI runs.
 from pipeline import dynamic as pipeline_dynamic  # noqa: E402
 
@@ -1863,7 +1993,6 @@ def test_fit_loss_and_measures_match_their_definitions():
     assert after > 0.8 and after > before + 0.3, (before, after)
 
 
-@needs_shared
 def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
     """Must-hold 5: a tiny static run, then `--dynamic --from OUT` (fit, fine-tune with G frozen, evaluation), its
     --eval-only, its resume and its refusals, on the CIFAR-10 proxy."""
@@ -1913,7 +2042,6 @@ def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
         slim.cli(["--dynamic", "--data", "folder", "--data-path", CIFAR])
 
 
-@needs_shared
 def test_dynamic_fit_under_torchrun_two_processes_equals_one_process(tmp_path):
     """DPS-ViT's fit under a real 2-process torchrun (gloo): every rank draws the same image numbers and the gradients
     are summed (pipeline.dynamic.fit_predictor), so the fitted predictors, their ranking quality on the held images and

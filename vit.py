@@ -5,8 +5,8 @@ A from-scratch DeiT (Touvron et al. 2021) with the patch-slimmed forward of
 Descends from the DeiT/timm VisionTransformer (same parameter names, so a release checkpoint loads
 with strict=True and no key map) and from nanoGPT's model.py (one config dataclass, a from_pretrained
 that builds the model and checks every shape). The one addition is `keep`: per layer t, the sorted
-indices of the tokens block t updates, m_t (METHOD.md §2), and `tokens`, what becomes of the others:
-- "frozen" (the paper's, METHOD.md P1, default): the sequence keeps all N rows; a pruned patch keeps its
+indices of the tokens block t updates, m_t (method.md §2), and `tokens`, what becomes of the others:
+- "frozen" (the paper's, method.md P1, default): the sequence keeps all N rows; a pruned patch keeps its
   last feature and stays a key/value of every later layer; queries, attention rows, W_o, the residual and
   the MLP run only on the gathered rows of m_t, which are written back (Eq. 2, Sec. 3).
 - "removed" (the v1 variant, C1): pruned rows leave the sequence; keys/values come only from the rows alive.
@@ -19,6 +19,7 @@ the method (kept at every layer; m_L is exactly the prefix tokens). The input no
 import copy
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -38,6 +39,8 @@ RELEASE_URLS = {
     "deit3_base": "https://dl.fbaipublicfiles.com/deit/deit_3_base_224_1k.pth",
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The CIFAR-10 proxy that ships with the project (models/README.md): DeiT-Tiny width and depth, patch 4, 32 px.
+PROXY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "deit_tiny_p4_cifar10.pth")
 
 
 class UserError(Exception):
@@ -71,7 +74,7 @@ class ViTConfig:
         return self.prefix_tokens + (self.img_size // self.patch_size) ** 2
 
 
-PRESETS = {  # METHOD.md §1 reference sizes, and the DeiT family users hold (224 px, ImageNet mean/std)
+PRESETS = {  # method.md §1 reference sizes, and the DeiT family users hold (224 px, ImageNet mean/std)
     "deit_tiny": ViTConfig(embed_dim=192, num_heads=3),
     "deit_small": ViTConfig(embed_dim=384, num_heads=6),
     "deit_base": ViTConfig(embed_dim=768, num_heads=12),
@@ -85,7 +88,7 @@ PRESETS = {  # METHOD.md §1 reference sizes, and the DeiT family users hold (22
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) that can compute only output rows [r0, r1) of its weight:
-    the fused qkv projection gives q for the updated rows only and k, v for every row (METHOD.md P1)."""
+    the fused qkv projection gives q for the updated rows only and k, v for every row (method.md P1)."""
 
     def forward(self, x, rows=None):
         if rows is None:
@@ -110,7 +113,7 @@ RECORD_P, RECORD_ALL = "P", "P, U, head_out"  # what a block is asked to record:
 
 def take_rows(x, idx):
     """Rows idx of x (B, n, d): idx (n_q,), the same rows for every image (the static masks), or (B, n_q), each image
-    its own (DPS-ViT's per-image masks, METHOD.md P6/C8). (B, n_q, d)."""
+    its own (DPS-ViT's per-image masks, method.md P6/C8). (B, n_q, d)."""
     if idx.dim() == 1:
         return x.index_select(1, idx)
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -134,7 +137,7 @@ class Attention(nn.Module):
     def forward(self, h, idx=None, record=None):
         """h: (B, n_keys, d) normed rows that give keys and values; idx: (n_q,) positions in h of the rows that get
         queries (None = all; or (B, n_q), each image its own, take_rows). Returns the MSA output of those rows,
-        (B, n_q, d). The q and kv projections are split so no FLOP is spent on a query nobody reads (METHOD.md P1:
+        (B, n_q, d). The q and kv projections are split so no FLOP is spent on a query nobody reads (method.md P1:
         "only the effective patches ... calculate queries"). record: None (fused attention, nothing kept), RECORD_P
         or RECORD_ALL: then it returns (output, P, head_out), P (B, H, n_q, n_keys) the per-head attention, head_out
         (B, H, n_q, d) head h's output after W_o (None unless RECORD_ALL)."""
@@ -190,11 +193,11 @@ class Block(nn.Module):
         """One pre-norm block, Y = X + MSA(LN1(X)), Z = Y + MLP(LN2(Y)), updating only the rows idx (the paper's
         diag(m_l) on the MSA and MLP outputs, Eq. 2). x: (B, n_in, d); idx: positions in x of the updated rows
         (None = all, the dense block; (n_q,), or (B, n_q) per image). Keys and values come from all n_in rows.
-        tokens (METHOD.md P1 / C1): "frozen" returns all n_in rows, the others unchanged; "removed" returns only the
+        tokens (method.md P1 / C1): "frozen" returns all n_in rows, the others unchanged; "removed" returns only the
         idx rows.
         record: None returns the output only; RECORD_P or RECORD_ALL return (output, P, U, head_out): the
         attention's P (B, H, n_q, n_keys), and for RECORD_ALL U (B, H, n_q, d) = P^h |x|, the paper's
-        U^h_t = P^h_t |Z_{t-1}| (Eq. 6; METHOD.md C3b: Z_{t-1} is the block input), and head_out (else None)."""
+        U^h_t = P^h_t |Z_{t-1}| (Eq. 6; method.md C3b: Z_{t-1} is the block input), and head_out (else None)."""
         if record is None:
             a = self.ls1(self.attn(self.norm1(x), idx))
         else:
@@ -265,7 +268,7 @@ class VisionTransformer(nn.Module):
     def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
         """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
         all N rows under "frozen", the rows alive after layer start-1 under "removed". keep: all L layers' masks
-        (None = dense); an entry (B, n_t) gives each image its own m_t (DPS-ViT, METHOD.md P6/C8: the counts n_t
+        (None = dense); an entry (B, n_t) gives each image its own m_t (DPS-ViT, method.md P6/C8: the counts n_t
         fixed per layer, the masks nested per image). records: a list to which each block appends its BlockRecord;
         the first block's holds U and head_out too, all the scores read of layer t (per-image masks: query_rows and,
         under "removed", key_rows (B, n) too)."""
@@ -306,7 +309,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, img, keep=None, tokens="frozen"):
         """img: (B, 3, H, W) -> logits (B, classes). keep: per layer the token indices it updates (None = dense);
-        tokens: what happens to the others, "frozen" (the paper, METHOD.md P1) or "removed" (v1, C1)."""
+        tokens: what happens to the others, "frozen" (the paper, method.md P1) or "removed" (v1, C1)."""
         return self.classify(self.forward_features(img, keep, tokens))
 
 
@@ -350,18 +353,18 @@ def pack_for_cpu(model):
     return packed
 
 
-# ----------------------------------------------------------------------------- masks (METHOD.md §2)
+# ----------------------------------------------------------------------------- masks (method.md §2)
 #
 # Layer numbers are the paper's: blocks t = 1..L, and keep[t-1] holds m_t, the sorted global indices (0..N-1, token
 # 0 = class token, 1 = distillation token when there is one) of the rows block t updates. Masks are nested
 # (m_{t+1} ⊆ m_t) and hold every prefix token (P1, generalised: the heads read all of them).
 
-TOKENS = ("frozen", "removed")  # what a pruned patch becomes: METHOD.md P1 (the paper's, default) or C1 (v1)
+TOKENS = ("frozen", "removed")  # what a pruned patch becomes: method.md P1 (the paper's, default) or C1 (v1)
 
 
 def check_tokens(tokens):
     if tokens not in TOKENS:
-        raise UserError(f"unknown token semantics {tokens!r}: choose 'frozen' (the paper's, METHOD.md P1) or "
+        raise UserError(f"unknown token semantics {tokens!r}: choose 'frozen' (the paper's, method.md P1) or "
                         "'removed' (the v1 variant, C1)")
     return tokens
 
@@ -413,7 +416,7 @@ def _checked(keep, cfg):
 
 
 def _checked_per_image(keep, cfg):
-    """_checked for per-image masks (DPS-ViT, METHOD.md P6/C8): keep[t-1] is (B, n_t), row b image b's m_t (a 1-D
+    """_checked for per-image masks (DPS-ViT, method.md P6/C8): keep[t-1] is (B, n_t), row b image b's m_t (a 1-D
     entry is shared by every image), the count n_t the same for every image of a layer. Each image's masks must be
     sorted, hold the prefix tokens and be nested. Returns ((B, n_t) indices, (B, n_t) positions in the layer before's
     or None) per layer."""
@@ -427,7 +430,7 @@ def _checked_per_image(keep, cfg):
         k = k.expand(B, -1) if k.dim() == 1 else k
         if k.dim() != 2 or k.shape[0] != B:
             raise UserError(f"per-image masks layer {t} have shape {tuple(k.shape)}, not ({B}, n_t): every layer keeps "
-                            "the same number of tokens in each image (METHOD.md C8)")
+                            "the same number of tokens in each image (method.md C8)")
         bad = (k[:, :n_prefix] != torch.arange(n_prefix, device=device)).any(1) if k.shape[1] >= n_prefix else None
         if bad is None or bool(bad.any()):
             raise UserError(f"per-image masks layer {t} do not keep the prefix tokens {list(range(n_prefix))} in image "
@@ -469,7 +472,7 @@ def save_masks(path, keep, cfg, tokens, name=None, **extra):
 
 def load_masks(path, cfg):
     """Read a masks file and check it fits cfg (token count, depth, nesting). Returns (keep, tokens); a file
-    without a "tokens" entry means "frozen", the paper's semantics (METHOD.md P1)."""
+    without a "tokens" entry means "frozen", the paper's semantics (method.md P1)."""
     try:
         with open(path) as f:
             obj = json.load(f)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A prepared GPU check of the patch-slimming reference implementation (Tang et al., CVPR 2022, arXiv 2106.02852):
 # what a machine with an NVIDIA GPU runs from a checkout (sized for under 8 minutes; not yet run on one), with only
-# torch, torchvision, timm and pytest installed (onnxruntime optional), without ../shared and without network. One
+# torch, torchvision, timm and pytest installed (onnxruntime optional), with no dataset and no network. One
 # JSON, OUT/gpu_check.json, and each step's log beside it (OUT/<step>.log).
 #
 #   bash bench/gpu_check.sh OUT               # on the GPU machine
@@ -20,6 +20,7 @@
 # --cpu-smoke runs the same four steps on the CPU: a 32-px model of width 64 and depth 4, float32, a few images, batch
 # 1 and 4, so that the script cannot rot unseen; step 1's tests skip there (no CUDA) and step 3 is skipped (no GPUs).
 set -uo pipefail
+PY=${PYTHON:-python3}  # the interpreter: $PYTHON (the test suite passes its own), else python3 on PATH
 if [ $# -lt 1 ] || [ "${1:0:2}" = "--" ]; then
   echo "usage: bash bench/gpu_check.sh OUT_DIR [--cpu-smoke]" >&2; exit 2
 fi
@@ -55,7 +56,7 @@ else
 fi
 
 # the synthetic ImageFolder and the random checkpoint (release format: {"model": state_dict}, timm names)
-python - "$TMP" "$PRESET" $IMAGES <<'EOF' || { echo "could not write the synthetic data" >&2; exit 1; }
+"$PY" - "$TMP" "$PRESET" $IMAGES <<'EOF' || { echo "could not write the synthetic data" >&2; exit 1; }
 import os, sys
 import numpy as np, torch
 from PIL import Image
@@ -74,33 +75,33 @@ cfg = vit.ViTConfig(**{**vit.asdict(base), "num_classes": classes})
 torch.manual_seed(0)
 torch.save({"model": vit.VisionTransformer(cfg).state_dict()}, f"{tmp}/model.pth")
 EOF
-INFO=$(python -c 'import torch; n = torch.cuda.device_count(); print(n, "GPU(s)", *(torch.cuda.get_device_name(i) for i in range(n)), "torch", torch.__version__, "CUDA", torch.version.cuda)')
+INFO=$("$PY" -c 'import torch; n = torch.cuda.device_count(); print(n, "GPU(s)", *(torch.cuda.get_device_name(i) for i in range(n)), "torch", torch.__version__, "CUDA", torch.version.cuda)')
 GPUS=${INFO%% *}; echo "== $INFO"
 
 # 1. the suite's CUDA tests (they skip without CUDA)
-step cuda-tests python -m pytest -q -m cuda test_slim.py -p no:cacheprovider --junitxml "$OUT/cuda-tests.xml"
+step cuda-tests "$PY" -m pytest -q -m cuda test_slim.py -p no:cacheprovider --junitxml "$OUT/cuda-tests.xml"
 
 # 2. a tiny search and final fine-tune, bfloat16 autocast on CUDA (slim.py's --device cuda)
 RUN=(slim.py --data folder --data-path "$TMP/data" --weights "$TMP/model.pth" --eps 0.02 --final-epochs 1
      --workers $WORKERS "${SEARCH[@]}" --device "$DEVICE")
-step search python "${RUN[@]}" --out "$OUT/search"
+step search "$PY" "${RUN[@]}" --out "$OUT/search"
 
 # 3. the same under torchrun with 2 processes and NCCL
 if [ "$MODE" = gpu ] && [ "$GPUS" -ge 2 ]; then
-  step torchrun python -m torch.distributed.run --standalone --nproc_per_node 2 "${RUN[@]}" --out "$OUT/torchrun"
+  step torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 "${RUN[@]}" --out "$OUT/torchrun"
 else
   skip torchrun "$GPUS GPU(s) here; 2 are needed for a 2-process NCCL run"
 fi
 
 # 4. the speed bench: dense vs slimmed, both semantics, beside the paper's V100 figure
 if [ "$MODE" = gpu ]; then
-  step speed python bench/speed.py --device cuda --dtype bfloat16 "${SPEED[@]}" --out "$OUT/speed.json"
+  step speed "$PY" bench/speed.py --device cuda --dtype bfloat16 "${SPEED[@]}" --out "$OUT/speed.json"
 else
-  step speed python bench/speed.py --weights "$TMP/model.pth" "${SPEED[@]}" --out "$OUT/speed.json"
+  step speed "$PY" bench/speed.py --weights "$TMP/model.pth" "${SPEED[@]}" --out "$OUT/speed.json"
 fi
 
 # one JSON of everything
-python - "$OUT" "$MODE" "$(( $(date +%s) - t0 ))" <<'EOF'
+"$PY" - "$OUT" "$MODE" "$(( $(date +%s) - t0 ))" <<'EOF'
 import json, os, sys
 import xml.etree.ElementTree as ET
 sys.path.insert(0, os.getcwd())

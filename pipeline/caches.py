@@ -1,5 +1,5 @@
 """
-The dense caches of patch slimming's search (arXiv 2106.02852; METHOD.md C6): Z_0 .. Z_L of the unpruned network
+The dense caches of patch slimming's search (arXiv 2106.02852; method.md C6): Z_0 .. Z_L of the unpruned network
 for a fixed sample of training images, computed once, so that searching layer t reads its input Z_{t-1} and the
 target Z_{t+1} of P4 instead of running layers 1..t-1 again. Under torchrun each rank caches its share of the
 sample (image i belongs to rank i mod K; pipeline/distributed.py), and a memory plan printed at start places the
@@ -53,7 +53,7 @@ def search_set_sizes(s, n_train):
 
 
 def cache_plan(cfg, n_images, device, asked="auto"):
-    """Where the dense caches go (METHOD.md C6), and the line that says why. They hold Z_0 .. Z_L of n_images images,
+    """Where the dense caches go (method.md C6), and the line that says why. They hold Z_0 .. Z_L of n_images images,
     this rank's share: bfloat16 on CUDA, float32 on the CPU. On CUDA they stay on the GPU when they take at most
     half its free memory (the rest is for the fine-tunes), else pinned CPU memory, moved per batch; asked ("cpu",
     "cuda") overrides. CPU memory is shared by the processes of a machine, so their shares count together there.

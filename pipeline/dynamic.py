@@ -1,6 +1,6 @@
 """
 DPS-ViT, the paper's dynamic variant (Tang et al., "Patch Slimming for Efficient Vision Transformers", CVPR 2022,
-arXiv 2106.02852, Sec. 4.4; METHOD.md P6, C8), made from a finished static run (PS-ViT) of slim.py:
+arXiv 2106.02852, Sec. 4.4; method.md P6, C8), made from a finished static run (PS-ViT) of slim.py:
 
     python slim.py --dynamic --from OUT [--final-epochs E ...]   # -> OUT/dynamic.pth, dynamic.json (docs/dynamic.md)
     python slim.py --eval-only --weights OUT/dynamic.pth --data folder --data-path DIR   # top-1, FLOPs with G
@@ -242,7 +242,7 @@ def add_arguments(parser):
     """slim.py's flags of DPS-ViT; --fit-images, --held-images, --batch-size, --seed and the --final-* flags serve it
     too."""
     d = DynamicSettings(counts=[])
-    p = parser.add_argument_group("DPS-ViT, the dynamic variant (Sec. 4.4, METHOD.md P6/C8; pipeline/dynamic.py)")
+    p = parser.add_argument_group("DPS-ViT, the dynamic variant (Sec. 4.4, method.md P6/C8; pipeline/dynamic.py)")
     p.add_argument("--dynamic", action="store_true", help="make the dynamic variant of the static run --from OUT: "
                    "fit the predictors G, then the final fine-tune (the static run's recipe unless flags override it)")
     p.add_argument("--from", dest="dynamic_from", default=None, metavar="OUT", help="a finished static run's folder "

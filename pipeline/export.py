@@ -1,7 +1,7 @@
 """
 A slimmed DeiT out of PyTorch: one ONNX file per checkpoint (patch slimming, Tang et al., CVPR 2022, arXiv
 2106.02852). Static masks make a fixed graph: per block a gather of the kept rows, smaller matmuls for their
-queries, attention rows, W_o and MLP, and (under "frozen", METHOD.md P1) a write-back of those rows into the full
+queries, attention rows, W_o and MLP, and (under "frozen", method.md P1) a write-back of those rows into the full
 sequence; keys and values from every row (P1) or from the rows alive (the v1 variant, C1).
 
     python slim.py --export onnx --weights OUT/slimmed.pth [--out DIR]     # -> DIR/slimmed.onnx (DIR: OUT)

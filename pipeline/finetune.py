@@ -1,5 +1,5 @@
 """
-The final end-to-end fine-tune of a slimmed DeiT (patch slimming, arXiv 2106.02852; METHOD.md C7: "following
+The final end-to-end fine-tune of a slimmed DeiT (patch slimming, arXiv 2106.02852; method.md C7: "following
 DeiT's training strategy", epochs and learning rate not given by the paper), data parallel under torchrun and
 resumable.
 
@@ -41,7 +41,7 @@ from vit import UserError
 
 @dataclass
 class FinetuneSettings:
-    """The final fine-tune (METHOD.md C7): saved in its checkpoint, and a resume with other values is refused."""
+    """The final fine-tune (method.md C7): saved in its checkpoint, and a resume with other values is refused."""
     epochs: float = 0.0           # passes over the training set (0: no final fine-tune); may be fractional
     lr: float = 3e-4              # AdamW peak learning rate at a global batch of lr_batch images ...
     lr_batch: int = 64            # ... scaled linearly to the actual batch: lr * batch_size / lr_batch (DeiT's rule)
@@ -270,7 +270,7 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
 
 def add_arguments(parser):
     """slim.py's flags of the final fine-tune: each overrides a field of the recipe (None: the recipe's value)."""
-    f = parser.add_argument_group("final fine-tune (METHOD.md C7; pipeline/finetune.py): each flag overrides the recipe's value")
+    f = parser.add_argument_group("final fine-tune (method.md C7; pipeline/finetune.py): each flag overrides the recipe's value")
     f.add_argument("--recipe", default=None, choices=list(RECIPES), help="deit (the default with --data "
                    "imagenet: 30 epochs, lr 5e-5 per 512 images, batch 512, 1 warm-up epoch, smoothing 0.1, RandAugment, "
                    "MixUp 0.8, CutMix 1.0, erasing 0.25, soft distillation) or light (the default otherwise: off unless "
