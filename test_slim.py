@@ -1140,6 +1140,33 @@ def test_readme_python_snippet_runs_as_written(tmp_path):
     assert len(json.loads(predicted + "]")) == 10 and float(gflops.split()[0]) == pytest.approx(0.138, abs=5e-4)
 
 
+def test_train_proxy_writes_a_checkpoint_of_the_shipped_format(tmp_path):
+    """bench/train_proxy.py, a few steps on the committed images: a checkpoint with the shipped proxy's keys, shapes
+    and geometry that vit.load_checkpoint loads with strict=True, and whose weights moved from their start; its
+    learning rate warms up linearly to the peak and ends at the floor of the cosine."""
+    out = tmp_path / "proxy.pth"
+    run = subprocess.run([sys.executable, "bench/train_proxy.py", "--data-path", CIFAR, "--out", str(out), "--epochs",
+                          "0.2", "--batch-size", "16", "--warmup-epochs", "0.1", "--workers", "0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    made, shipped = (torch.load(p, map_location="cpu", weights_only=False) for p in (out, PROXY_CKPT))
+    assert made["config"] == shipped["config"] and set(made) == set(shipped)
+    assert {k: v.shape for k, v in made["model"].items()} == {k: v.shape for k, v in shipped["model"].items()}
+    model = vit.load_checkpoint(str(out))  # strict=True inside
+    assert model.cfg.num_tokens == 65 and made["train_log"][-1]["step"] == round(0.2 * (300 // 16))
+    torch.manual_seed(0)
+    start = vit.VisionTransformer(model.cfg).state_dict()
+    assert any(not torch.equal(start[k], made["model"][k]) for k in start)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_proxy", os.path.join(REPO, "bench", "train_proxy.py"))
+    train_proxy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_proxy)
+    lr = [train_proxy.learning_rate(s, 100, 10, 1e-3, 1e-5) for s in range(101)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3) and lr[10] == pytest.approx(1e-3)
+    assert lr[100] == pytest.approx(1e-5) and lr[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
 SPEC_FREE = ["README.md", "docs", "models", "slim.py", "vit.py", "flops.py", "data.py", "pipeline", "bench"]
 
 
