@@ -51,6 +51,26 @@ class ToMe:
         return f"ToMe r = {self.r}" + (f", inflect {self.inflect:g}" if self.inflect else "") + \
             ("" if self.prop_attn else ", no proportional attention")
 
+    def check(self, cfg):
+        if not isinstance(self.r, int) or self.r < 0:
+            raise UserError(f"ToMe r must be a whole number >= 0, got {self.r!r}")
+        if not -1 <= self.inflect <= 1:
+            raise UserError(f"ToMe inflect must lie in [-1, 1] (0: constant r), got {self.inflect}")
+
+    def features(self, model, img):
+        return tome_features(model, img, self)
+
+    def tokens_per_layer(self, cfg):
+        P, n, plan = cfg.prefix_tokens, cfg.num_tokens, []
+        for r in self.schedule(cfg.depth):
+            plan.append((n, n - max(0, min(r, (n - P) // 2))))
+            n = plan[-1][1]
+        return plan
+
+    def reduction_flops(self, cfg, n, n_out):
+        """The cosine similarities of the matching, ceil(n/2) floor(n/2) dh, where a block merges."""
+        return math.ceil(n / 2) * (n // 2) * (cfg.embed_dim // cfg.num_heads) if n_out < n else 0
+
 
 @dataclass(frozen=True)
 class EViT:
@@ -61,6 +81,28 @@ class EViT:
     def describe(self):
         return f"EViT keep rate {self.rate:.3g} at layers {', '.join(map(str, self.layers))}" + \
             ("" if self.fuse == "mean" else ", fused by the attention-weighted sum")
+
+    def check(self, cfg):
+        if not 0 < self.rate <= 1:
+            raise UserError(f"EViT keep rate must lie in (0, 1], got {self.rate}")
+        check_layers("EViT", self.layers, cfg, "--evit-layers")
+        if self.fuse not in ("mean", "sum"):
+            raise UserError(f"EViT fuse must be 'mean' or 'sum', got {self.fuse!r}")
+
+    def features(self, model, img):
+        return evit_features(model, img, self)
+
+    def tokens_per_layer(self, cfg):
+        P, n, plan = cfg.prefix_tokens, cfg.num_tokens, []
+        for t in range(1, cfg.depth + 1):
+            keep = evit_keep_count(self.rate, n - P) if t in self.layers else n - P
+            plan.append((n, n if keep >= n - P else P + keep + 1))
+            n = plan[-1][1]
+        return plan
+
+    def reduction_flops(self, cfg, n, n_out):
+        """The fused token, (n - n' + 1) d multiply-adds (its n - n' + 1 dropped tokens weighted), where a block prunes."""
+        return (n - n_out + 1) * cfg.embed_dim if n_out < n else 0
 
 
 def add_arguments(parser):
@@ -79,24 +121,21 @@ def settings_from_args(args):
     return {"tome": {"inflect": args.tome_inflect}, "evit": {"layers": tuple(args.evit_layers), "fuse": args.evit_fuse}}
 
 
+def check_layers(name, layers, cfg, flag):
+    """A one-line error unless layers are distinct 1-based layers of cfg's depth."""
+    layers = tuple(layers)
+    if not layers or any(not 1 <= t <= cfg.depth for t in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"{name} layers {layers} must be distinct layers 1..{cfg.depth} of this model: pass "
+                        f"layers within the depth ({flag})")
+
+
 def check_peer(peer, cfg):
-    """A one-line error for settings the model cannot run; returns peer."""
-    if isinstance(peer, ToMe):
-        if not isinstance(peer.r, int) or peer.r < 0:
-            raise UserError(f"ToMe r must be a whole number >= 0, got {peer.r!r}")
-        if not -1 <= peer.inflect <= 1:
-            raise UserError(f"ToMe inflect must lie in [-1, 1] (0: constant r), got {peer.inflect}")
-    elif isinstance(peer, EViT):
-        if not 0 < peer.rate <= 1:
-            raise UserError(f"EViT keep rate must lie in (0, 1], got {peer.rate}")
-        layers = tuple(peer.layers)
-        if not layers or any(not 1 <= t <= cfg.depth for t in layers) or len(set(layers)) != len(layers):
-            raise UserError(f"EViT layers {layers} must be distinct layers 1..{cfg.depth} of this model: pass "
-                            "layers within the depth (--evit-layers)")
-        if peer.fuse not in ("mean", "sum"):
-            raise UserError(f"EViT fuse must be 'mean' or 'sum', got {peer.fuse!r}")
-    else:
-        raise UserError(f"unknown peer {peer!r}: pass a peers.ToMe or peers.EViT")
+    """A one-line error for settings the model cannot run; returns peer. A peer is a frozen dataclass with
+    check(cfg), features(model, img), tokens_per_layer(cfg), reduction_flops(cfg, n, n_out) and describe():
+    ToMe and EViT here, ppt.PPT (bench/ppt.py) and pitome.PiToMe (bench/pitome.py)."""
+    if not all(hasattr(peer, f) for f in ("check", "features", "tokens_per_layer", "reduction_flops", "describe")):
+        raise UserError(f"unknown peer {peer!r}: pass a peers.ToMe, peers.EViT, ppt.PPT or pitome.PiToMe")
+    peer.check(cfg)
     return peer
 
 
@@ -245,7 +284,7 @@ def evit_features(model, img, peer):
 
 
 class PeerModel(nn.Module):
-    """A vit.VisionTransformer run under a peer (ToMe or EViT settings), shaped as pipeline/evaluate.py and
+    """A vit.VisionTransformer run under a peer (ToMe, EViT, PPT or PiToMe settings), shaped as pipeline/evaluate.py and
     pipeline/finetune.py use a model: model(img, keep=None, tokens=...) -> logits, forward_features, classify, cfg,
     parameters (those of the wrapped model, which a fine-tune trains). It takes no masks: the peer chooses its tokens
     per image; `tokens` is accepted and ignored (the peers always remove)."""
@@ -257,8 +296,7 @@ class PeerModel(nn.Module):
     def forward_features(self, img, keep=None, tokens=None):
         if keep is not None:
             raise UserError(f"{self.peer.describe()} chooses its own tokens and takes no masks: pass keep=None")
-        run = tome_features if isinstance(self.peer, ToMe) else evit_features
-        return run(self.model, img, self.peer)
+        return self.peer.features(self.model, img)
 
     def classify(self, f):
         return self.model.classify(f)
@@ -272,17 +310,7 @@ class PeerModel(nn.Module):
 def tokens_per_layer(cfg, peer):
     """[(n_t, n'_t)] for blocks t = 1..L: the tokens block t's attention runs on (its keys and queries) and the
     tokens its MLP runs on (and passes on)."""
-    P, n, plan = cfg.prefix_tokens, cfg.num_tokens, []
-    if isinstance(check_peer(peer, cfg), ToMe):
-        for r in peer.schedule(cfg.depth):
-            plan.append((n, n - max(0, min(r, (n - P) // 2))))
-            n = plan[-1][1]
-        return plan
-    for t in range(1, cfg.depth + 1):
-        keep = evit_keep_count(peer.rate, n - P) if t in peer.layers else n - P
-        plan.append((n, n if keep >= n - P else P + keep + 1))
-        n = plan[-1][1]
-    return plan
+    return check_peer(peer, cfg).tokens_per_layer(cfg)
 
 
 def ends_flops(cfg):
@@ -292,28 +320,41 @@ def ends_flops(cfg):
 
 
 def peer_flops(cfg, peer):
-    """Total multiply-adds of model cfg under peer, as the forward above executes them (flops.py's convention:
-    matmuls and convs; norms, softmax, GELU, adds, gathers and scatters not counted). Per block with n tokens in
-    and n' out of the reduction: attention over n (flops.block_flops with n keys and n queries, less its MLP), the
-    MLP on n'; plus ToMe's cosine similarities, ceil(n/2) floor(n/2) dh, where it merges, and EViT's fused token,
-    (n - n' + 1) d, where it prunes."""
-    d, dh, total = cfg.embed_dim, cfg.embed_dim // cfg.num_heads, ends_flops(cfg)
+    """Total multiply-adds of model cfg under peer, as the forward executes them (flops.py's convention: matmuls
+    and convs; norms, softmax, GELU, adds, gathers and scatters not counted). Per block with n tokens in and n' out
+    of the reduction: attention over n (flops.block_flops with n keys and n queries, less its MLP), the MLP on n',
+    plus what the reduction itself multiplies (peer.reduction_flops): ToMe's cosine similarities,
+    ceil(n/2) floor(n/2) dh, where it merges; EViT's fused token, (n - n' + 1) d, where it prunes; PPT's and
+    PiToMe's in their modules."""
+    d, total = cfg.embed_dim, ends_flops(cfg)
     for n, n_out in tokens_per_layer(cfg, peer):
         attention = flops.block_flops(n, n, d, cfg.mlp_ratio)
         total += sum(attention.values()) - attention["mlp"] + flops.block_flops(n_out, n_out, d, cfg.mlp_ratio)["mlp"]
-        if n_out < n:
-            total += math.ceil(n / 2) * (n // 2) * dh if isinstance(peer, ToMe) else (n - n_out + 1) * d
+        total += peer.reduction_flops(cfg, n, n_out)
     return total
 
 
 SCHEDULES = [i / 10 for i in sorted(range(-10, 11), key=abs)]  # ToMe inflections searched with inflect=None: 0 first
 
 
+def closest_at_or_below(cfg, candidates, gflops):
+    """The candidate whose FLOPs are the closest at or below gflops (ties: the first listed). A one-line error when
+    even the cheapest costs more."""
+    costs = [peer_flops(cfg, check_peer(c, cfg)) for c in candidates]
+    feasible = [(cost, -i) for i, cost in enumerate(costs) if cost <= gflops * 1e9]
+    if not feasible:
+        cheapest = min(range(len(costs)), key=costs.__getitem__)
+        raise UserError(f"{candidates[cheapest].describe()}, the cheapest setting, costs {costs[cheapest] / 1e9:.4g} "
+                        f"GFLOPs, more than the {gflops:.4g} asked: ask for a larger budget")
+    return candidates[-max(feasible)[1]]
+
+
 def at_gflops(cfg, kind, gflops, **settings):
     """The setting of a peer (kind "tome": r; "evit": the keep rate) whose FLOPs are the closest at or below gflops
     (ties: the smallest r, the largest rate). settings: the peer's other fields (ToMe inflect / prop_attn, EViT
     layers / fuse); ToMe's inflect=None searches the schedule too, over SCHEDULES (integer r cannot land near every
-    budget with a constant schedule). A one-line error when even its cheapest setting costs more."""
+    budget with a constant schedule). A one-line error when even its cheapest setting costs more. PPT and PiToMe:
+    ppt.at_gflops, pitome.at_gflops."""
     N = cfg.num_tokens
     if kind == "tome":
         inflects = SCHEDULES if settings.get("inflect", 0.0) is None else [settings.get("inflect", 0.0)]
@@ -324,10 +365,4 @@ def at_gflops(cfg, kind, gflops, **settings):
         candidates = [EViT(rate=rate, **settings) for rate in rates]
     else:
         raise UserError(f"unknown peer {kind!r}: choose tome or evit")
-    costs = [peer_flops(cfg, check_peer(c, cfg)) for c in candidates]
-    feasible = [(cost, -i) for i, cost in enumerate(costs) if cost <= gflops * 1e9]
-    if not feasible:
-        cheapest = min(range(len(costs)), key=costs.__getitem__)
-        raise UserError(f"{candidates[cheapest].describe()}, the cheapest setting, costs {costs[cheapest] / 1e9:.4g} "
-                        f"GFLOPs, more than the {gflops:.4g} asked: ask for a larger budget")
-    return candidates[-max(feasible)[1]]
+    return closest_at_or_below(cfg, candidates, gflops)
