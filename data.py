@@ -58,14 +58,21 @@ def build_transform(img_size, train, randaugment=False, erase=0.0, mean=IMAGENET
 
 
 class BadFile:
-    """What a dataset returns for a file that is not a readable image (the loaders raise or skip it)."""
+    """What a dataset returns for a file it cannot use (the loaders raise or skip it): problem, e.g. "is not a
+    readable image (OSError: ...)"."""
 
-    def __init__(self, path, reason):
-        self.path, self.reason = path, reason
+    def __init__(self, path, problem):
+        self.path, self.problem = path, problem
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose unreadable files come back as BadFile items instead of exceptions inside a worker."""
+    """ImageFolder whose unusable files come back as BadFile items instead of exceptions inside a worker: unreadable
+    ones, and, with size (the small-image recipe, which neither resizes nor crops), images of another size, which
+    would be centre-cropped or zero-padded into something else than the model was trained on."""
+
+    def __init__(self, root, transform, size=None):
+        super().__init__(root, transform=transform)
+        self.size = size
 
     def __getitem__(self, index):
         path, target = self.samples[index]
@@ -73,7 +80,11 @@ class CheckedImageFolder(datasets.ImageFolder):
             with open(path, "rb") as f:
                 img = Image.open(f).convert("RGB")  # convert decodes the whole file: truncation shows here
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return BadFile(path, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
+            return BadFile(path, f"is not a readable image ({reason})")
+        if self.size is not None and img.size != (self.size, self.size):
+            return BadFile(path, f"is {img.size[0]}x{img.size[1]} px but the model takes {self.size}x{self.size} and "
+                           "small images are used as they are (resize them to the model's size)")
         return self.transform(img), target
 
 
@@ -87,9 +98,9 @@ class BadFiles:
     def handle(self, bad):
         for b in bad:
             if not self.skip:
-                raise UserError(f"{b.path} is not a readable image ({b.reason}): remove or replace it, or pass "
+                raise UserError(f"{b.path} {b.problem}: remove or replace it, or pass "
                                 "--skip-bad-images to skip such files")
-            self.paths[b.path] = b.reason
+            self.paths[b.path] = b.problem
 
 
 def build_dataset(root, split, img_size, train_transform=None, randaugment=False, erase=0.0, mean=IMAGENET_MEAN,
@@ -104,7 +115,8 @@ def build_dataset(root, split, img_size, train_transform=None, randaugment=False
         raise UserError(f"dataset folder {root} has no {split}/ subfolder: expected {path}/<class>/<images>")
     train = split == "train" if train_transform is None else bool(train_transform)
     try:
-        ds = CheckedImageFolder(path, transform=build_transform(img_size, train, randaugment, erase, mean, std))
+        ds = CheckedImageFolder(path, build_transform(img_size, train, randaugment, erase, mean, std),
+                                size=img_size if img_size <= SMALL else None)
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise UserError(f"{path} holds no images in class subfolders ({str(e).splitlines()[0][:100]}): "
                         f"expected {path}/<class>/<images>")

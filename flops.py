@@ -13,7 +13,7 @@ on the real forward in test_slim.py. The DeiT-S pyramid of the paper's Fig. 5 co
 import argparse
 import sys
 
-from vit import PRESETS, UserError, check_keep, check_tokens, load_checkpoint, load_masks, resolve_tokens
+from vit import PRESETS, UserError, check_keep, check_tokens, load_checkpoint, load_masks, masks_config, resolve_tokens
 
 NOT_COUNTED = "MACs of matmuls/convs only; norms, softmax, GELU and adds are not counted (as DeiT/fvcore)"
 
@@ -112,7 +112,8 @@ def linear_pyramid(cfg, target, tokens="frozen"):
 
 def get_args_parser():
     p = argparse.ArgumentParser("Analytic FLOPs of a dense or patch-slimmed DeiT", add_help=True)
-    p.add_argument("--model", default="deit_small", choices=list(PRESETS), help="architecture preset")
+    p.add_argument("--model", default=None, choices=list(PRESETS), help="architecture preset (default: the one the "
+                   "--masks file records, else deit_small)")
     p.add_argument("--weights", default=None, help="a checkpoint to read the architecture (and masks) from instead")
     p.add_argument("--masks", default=None, help="masks.json written by slim.py (default: dense)")
     p.add_argument("--tokens", default=None, choices=["frozen", "removed"],
@@ -122,7 +123,12 @@ def get_args_parser():
 
 def main(args):
     model = load_checkpoint(args.weights) if args.weights else None
-    cfg = model.cfg if model else PRESETS[args.model]
+    if model is not None:
+        cfg = model.cfg
+    elif args.model or not args.masks:
+        cfg = PRESETS[args.model or "deit_small"]
+    else:  # the geometry the masks file records
+        cfg = masks_config(args.masks)
     keep, found, source = None, "frozen", None
     if args.masks:
         (keep, found), source = load_masks(args.masks, cfg), args.masks

@@ -31,7 +31,6 @@ Two loops choose r (--search, C6):
   target Z_{t+1} are exact for the whole search, and caching them changes no decision.
 - "fast" (an option, not the paper's loop): search_layer_fast, whose docstring says in one place how it differs.
 """
-import argparse
 import copy
 import os
 import platform
@@ -46,9 +45,9 @@ import torch.nn as nn
 
 import data
 import vit
-from pipeline import distributed, finetune
+from pipeline import distributed, finetune, flags
 from pipeline.evaluate import autocast
-from pipeline.resume import load_if_made_with, write_atomically
+from pipeline.resume import load_if_made_with, output_error, write_atomically
 from vit import UserError
 
 
@@ -596,7 +595,7 @@ def top_k_listmle(s_hat, s, k):
 
 def get_args_parser():
     d = SearchSettings()
-    parser = argparse.ArgumentParser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
+    parser = flags.Parser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
     p = parser.add_argument_group("what to slim (a first run needs --data, --data-path and, with --data folder, "
                                   "--weights)")
     p.add_argument("--data", default="imagenet", choices=["imagenet", "folder", "cifar10"],
@@ -607,9 +606,9 @@ def get_args_parser():
     p.add_argument("--model", default=None, choices=list(vit.PRESETS),
                    help="architecture; default deit_small, or the --weights checkpoint's own")
     p.add_argument("--weights", default=None, help="checkpoint path or URL (default: the model's DeiT release)")
-    p.add_argument("--mean", type=float, nargs=3, default=None, help="input normalisation mean (default: the model's: "
+    p.add_argument("--mean", type=flags.number(float), nargs=3, default=None, help="input normalisation mean (default: the model's: "
                    "its checkpoint's config, its preset's, or ImageNet's, as the log says)")
-    p.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (likewise)")
+    p.add_argument("--std", type=flags.positive, nargs=3, default=None, help="input normalisation std (likewise)")
     p.add_argument("--out", default="results/run", help="output folder; a rerun with the same folder resumes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p = parser.add_argument_group("the method (method.md labels)")
@@ -620,43 +619,42 @@ def get_args_parser():
                    "paper's), head-mean (v1), attn (Fig. 7's baseline), class-attn (EViT-like) or random")
     p.add_argument("--error", default=d.error, choices=list(ERRORS), help="the error Alg. 1 tests: next (E_{l+1}, the "
                    "paper's, method.md P4) or final (v1: cumulative error of the final class feature)")
-    p.add_argument("--eps", type=float, default=None, help=f"tolerated error (default {d.eps} for --error next, 0.2 "
+    p.add_argument("--eps", type=flags.positive, default=None, help=f"tolerated error (default {d.eps} for --error next, 0.2 "
                    "for --error final). next: E_{l+1} on C4's relative scale, ||diag(m)(Z^-Z)||^2 / ||diag(m)Z||^2 "
                    "(our normalisation: the paper's Eq. 3 is unnormalised, so its 0.01/0.02 do not transfer; "
                    "report.json gives the absolute error too)")
     p.add_argument("--search", default=d.search, choices=list(SEARCH_LOOPS), help="the loop over r (C6): alg1, "
                    "Alg. 1 as written (a block fine-tune at every r); fast, E0-bisection with skips "
                    "(slim.search_layer_fast says how it differs)")
-    p.add_argument("--literal", action="store_const", dest="search", const="alg1", help="the same as --search alg1 "
-                   "(the default; kept for old commands)")
-    p.add_argument("--r-step", "--r0", type=int, default=None, dest="r_step", help="r', tokens added per search "
+    p.add_argument("--r-step", type=flags.count, default=None, dest="r_step", help="r', tokens added per search "
                    "step (default: 10 of 196 patches, scaled by the patch count)")
     p = parser.add_argument_group("the search's samples and block fine-tunes (Alg. 1, C5, C6)")
-    p.add_argument("--score-images", type=int, default=d.score_images, help="training images the scores average over")
-    p.add_argument("--fit-images", type=int, default=d.fit_images, help="cached augmented training images for fine-tuning")
-    p.add_argument("--held-images", type=int, default=d.held_images, help="held training images E is measured on")
-    p.add_argument("--ft-steps", type=int, default=d.ft_steps, help="fine-tuning steps per candidate, block t only")
-    p.add_argument("--ft-lr", type=float, default=d.ft_lr, help="AdamW learning rate of those steps")
-    p.add_argument("--ft-weight-decay", type=float, default=d.ft_weight_decay, help="AdamW weight decay of those steps")
-    p.add_argument("--ft-reach", type=float, default=d.ft_reach, help="--search fast only: fine-tune a candidate "
+    p.add_argument("--score-images", type=flags.count, default=d.score_images, help="training images the scores average over")
+    p.add_argument("--fit-images", type=flags.count, default=d.fit_images, help="cached augmented training images for fine-tuning")
+    p.add_argument("--held-images", type=flags.count, default=d.held_images, help="held training images E is measured on")
+    p.add_argument("--ft-steps", type=flags.count, default=d.ft_steps, help="fine-tuning steps per candidate, block t only")
+    p.add_argument("--ft-lr", type=flags.non_negative, default=d.ft_lr, help="AdamW learning rate of those steps")
+    p.add_argument("--ft-weight-decay", type=flags.non_negative, default=d.ft_weight_decay, help="AdamW weight decay of those steps")
+    p.add_argument("--ft-reach", type=flags.positive, default=d.ft_reach, help="--search fast only: fine-tune a candidate "
                    "only if E0 <= ft_reach*eps")
-    p.add_argument("--ft-tries", type=int, default=d.ft_tries, help="--search fast only: at most this many "
+    p.add_argument("--ft-tries", type=flags.non_negative_int, default=d.ft_tries, help="--search fast only: at most this many "
                    "fine-tunes of candidates with E0 > eps per layer")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step of the search (global, "
+    p.add_argument("--batch-size", type=flags.count, default=d.batch_size, help="images per step of the search (global, "
                    "split over the processes) and of evaluation")
-    p.add_argument("--seed", type=int, default=d.seed, help="chooses the fit/held images and seeds the fine-tunes")
-    p.add_argument("--quality-images", type=int, default=0, help="held images for the score-quality measure per layer (0: off)")
+    p.add_argument("--seed", type=flags.non_negative_int, default=d.seed, help="chooses the fit/held images and seeds the fine-tunes")
+    p.add_argument("--quality-images", type=flags.non_negative_int, default=0, help="held images for the score-quality measure per layer (0: off)")
     p.add_argument("--cache-device", default="auto", choices=["auto", "cpu", "cuda"], help="where the dense caches "
                    "go: auto follows the memory plan printed at start (GPU if they fit, else pinned CPU memory)")
     finetune.add_arguments(parser)
     from pipeline import dynamic  # imported here, not at the top: pipeline/dynamic.py imports this module
     dynamic.add_arguments(parser)
     p = parser.add_argument_group("running")
-    p.add_argument("--workers", type=int, default=None, help="data loading processes per process (default: the CPUs "
+    p.add_argument("--workers", type=flags.non_negative_int, default=None, help="data loading processes per process (default: the CPUs "
                    "shared among this machine's processes, at most 8)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (counted in the log "
-                   "and report.json) instead of stopping with an error naming the first")
-    p.add_argument("--val-per-class", type=int, default=None, help="evaluate on the first k val images per class (quick runs)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files, and at the "
+                   "small-image recipe's sizes (<= 64 px) images of another size than the model's (counted in the log "
+                   "and report.json), instead of stopping with an error naming the first")
+    p.add_argument("--val-per-class", type=flags.count, default=None, help="evaluate on the first k val images per class (quick runs)")
     p.add_argument("--eval-only", action="store_true", help="only measure top-1 and FLOPs (dense, or with --masks)")
     p.add_argument("--masks", default=None, help="masks.json for --eval-only (a slimmed checkpoint carries its own)")
     p.add_argument("--export", default=None, choices=["onnx"], help="write --weights (with its masks) as an ONNX "
@@ -675,16 +673,9 @@ def check_args(args):
         raise UserError("--data folder needs --weights: a DeiT checkpoint trained on that dataset")
     if args.eps is None:
         args.eps = SearchSettings.eps if args.error == "next" else 0.2
-    if args.eps <= 0:
-        raise UserError(f"--eps must be > 0 (got {args.eps}): it is the tolerated error E")
-    if args.r_step is not None and args.r_step < 1:
-        raise UserError(f"--r-step must be >= 1 (got {args.r_step}): the number of tokens added per search step")
-    for k in ("ft_lr", "ft_weight_decay", "ft_reach"):
-        if getattr(args, k) < 0:
-            raise UserError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})")
-    for k in ("score_images", "fit_images", "held_images", "ft_steps", "batch_size"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
+    if args.masks and not args.eval_only:
+        raise UserError(f"--masks {args.masks} is for --eval-only (a search makes its own masks): add --eval-only, "
+                        "or drop --masks")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file: pass a folder (it is created if missing)")
     if args.workers is None:  # the CPUs this process may use, shared among the machine's processes
@@ -692,9 +683,6 @@ def check_args(args):
     if args.batch_size % distributed.world_size():
         raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {distributed.world_size()} "
                         "processes: pass a multiple")
-    for k in ("final_epochs", "final_lr", "warmup_epochs", "smoothing", "mixup", "cutmix", "reprob"):
-        if getattr(args, k) is not None and getattr(args, k) < 0:
-            raise UserError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})")
     if args.cache_device == "cuda" and not args.device.startswith("cuda"):
         raise UserError("--cache-device cuda needs --device cuda")
     distributed.check_device(args.device)
@@ -705,6 +693,9 @@ def settings_from_args(args, cfg):
     """The SearchSettings of parsed CLI args, with the defaults that depend on the model filled in (tokens: the
     paper's "frozen"; r_step: default_r_step)."""
     settings = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
+    patches = cfg.num_tokens - cfg.prefix_tokens
+    if args.r_step is not None and args.r_step > patches:
+        raise UserError(f"--r-step {args.r_step} is more than the model's {patches} patches: give r' in [1, {patches}]")
     settings.tokens, settings.r_step = args.tokens or "frozen", args.r_step or default_r_step(cfg)
     return settings
 
@@ -778,6 +769,8 @@ def cli(argv=None):
         return main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a file of the run could not be written: permission, no space, a file in the way
+        sys.exit(f"error: {output_error(e)}")
     except torch.OutOfMemoryError:
         sys.exit("error: " + OUT_OF_MEMORY.format(args.device))
     except RuntimeError as e:  # the CPU allocator's out-of-memory is a plain RuntimeError

@@ -230,8 +230,8 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg = cfg or ViTConfig(**kwargs)
         if cfg.img_size % cfg.patch_size or cfg.embed_dim % cfg.num_heads:
             raise UserError(f"bad config {cfg}: img_size must be a multiple of patch_size and embed_dim of num_heads")
-        # the masks (and their token semantics) a slimmed checkpoint was saved with (load_checkpoint); forward never
-        # reads them: pass keep=model.keep, tokens=model.tokens. normalisation: where cfg.mean/std came from (a line)
+        # the masks (and their token semantics) a slimmed checkpoint was saved with (load_checkpoint): forward runs
+        # them when called without keep. normalisation: where cfg.mean/std came from (a line)
         self.keep, self.tokens, self.normalisation = None, None, f"input normalisation mean {cfg.mean}, std {cfg.std}"
         self.classes = None  # the class folder names a slimmed checkpoint was trained on (checked against val's)
         self.dynamic = None  # a DPS-ViT checkpoint's predictors G and counts (pipeline/dynamic.py)
@@ -303,13 +303,16 @@ class VisionTransformer(nn.Module):
         logits = self.head(f[:, 0])
         return logits if self.head_dist is None else (logits + self.head_dist(f[:, 1])) / 2
 
-    def forward_features(self, img, keep=None, tokens="frozen"):
-        """The final prefix-token features after the last norm, (B, prefix_tokens, d)."""
-        return self.features(self.run_blocks(self.embed(img), keep, tokens))
+    def forward_features(self, img, keep=None, tokens=None):
+        """The final prefix-token features after the last norm, (B, prefix_tokens, d); keep, tokens as in forward."""
+        if keep is None and self.keep is not None:  # a slimmed checkpoint runs its own masks
+            keep, tokens = self.keep, tokens or self.tokens
+        return self.features(self.run_blocks(self.embed(img), keep, tokens or "frozen"))
 
-    def forward(self, img, keep=None, tokens="frozen"):
-        """img: (B, 3, H, W) -> logits (B, classes). keep: per layer the token indices it updates (None = dense);
-        tokens: what happens to the others, "frozen" (the paper, method.md P1) or "removed" (v1, C1)."""
+    def forward(self, img, keep=None, tokens=None):
+        """img: (B, 3, H, W) -> logits (B, classes). keep: per layer the token indices it updates (None: every token,
+        or, for a model loaded from a slimmed checkpoint, the masks it was saved with); tokens: what happens to the
+        others, "frozen" (the paper, method.md P1; the default) or "removed" (v1, C1)."""
         return self.classify(self.forward_features(img, keep, tokens))
 
 
@@ -396,6 +399,9 @@ def _checked(keep, cfg):
     for t, k in enumerate(keep, 1):
         k = torch.as_tensor(k, dtype=torch.long).flatten()
         n_prefix = cfg.prefix_tokens
+        if k.numel() and int(k.min()) < 0:
+            raise UserError(f"masks layer {t} has token index {int(k.min())}: indices run from 0 to {N - 1}, "
+                            "the class token being 0")
         if k.numel() < n_prefix or not torch.equal(k[:n_prefix], torch.arange(n_prefix)):
             raise UserError(f"masks layer {t} does not keep the prefix tokens {list(range(n_prefix))}: every layer must "
                             f"keep them ({'the class token' if n_prefix == 1 else 'the class and distillation tokens'})")
@@ -431,6 +437,8 @@ def _checked_per_image(keep, cfg):
         if k.dim() != 2 or k.shape[0] != B:
             raise UserError(f"per-image masks layer {t} have shape {tuple(k.shape)}, not ({B}, n_t): every layer keeps "
                             "the same number of tokens in each image (method.md C8)")
+        if k.numel() and int(k.min()) < 0:
+            raise UserError(f"per-image masks layer {t} have token index {int(k.min())}: indices run from 0 to {N - 1}")
         bad = (k[:, :n_prefix] != torch.arange(n_prefix, device=device)).any(1) if k.shape[1] >= n_prefix else None
         if bad is None or bool(bad.any()):
             raise UserError(f"per-image masks layer {t} do not keep the prefix tokens {list(range(n_prefix))} in image "
@@ -460,28 +468,50 @@ def prefix_mask(cfg):
     return torch.arange(cfg.prefix_tokens)
 
 
-def save_masks(path, keep, cfg, tokens, name=None, **extra):
-    """Masks file: JSON with the model's name and config, the token count, the token semantics the masks were
+def masks_record(keep, cfg, tokens, name=None, **extra):
+    """What a masks file holds: the model's name and config, the token count, the token semantics the masks were
     searched under, and the kept indices per layer."""
     keep = check_keep(keep, cfg)
-    obj = {"model": name, "config": asdict(cfg), "num_tokens": cfg.num_tokens, "tokens": check_tokens(tokens),
-           "kept_per_layer": [int(k.numel()) for k in keep], "keep": [k.tolist() for k in keep], **extra}
-    with open(path, "w") as f:
-        json.dump(obj, f)
+    return {"model": name, "config": asdict(cfg), "num_tokens": cfg.num_tokens, "tokens": check_tokens(tokens),
+            "kept_per_layer": [int(k.numel()) for k in keep], "keep": [k.tolist() for k in keep], **extra}
+
+
+def save_masks(path, keep, cfg, tokens, name=None, **extra):
+    """masks_record as a JSON file at path, written to a temporary file and renamed (never half a file)."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(masks_record(keep, cfg, tokens, name, **extra), f)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_masks_file(path):
+    """The JSON object of a masks file, or a one-line UserError saying what is wrong with it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"masks file {path} not found: pass the masks.json written by slim.py") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"masks file {path} is not valid JSON ({e}): pass the masks.json written by slim.py") from None
+    if not isinstance(obj, dict) or "keep" not in obj:
+        raise UserError(f"masks file {path} has no 'keep' entry: pass the masks.json written by slim.py")
+    return obj
+
+
+def masks_config(path):
+    """The model geometry a masks file records (its "config" entry), as a ViTConfig."""
+    obj = read_masks_file(path)
+    if not isinstance(obj.get("config"), dict):
+        raise UserError(f"masks file {path} does not record its model: pass --model or --weights as well")
+    try:
+        return ViTConfig(**obj["config"])
+    except TypeError as e:
+        raise UserError(f"masks file {path} has a config this code does not know ({e}): pass --model or --weights")
 
 
 def load_masks(path, cfg):
     """Read a masks file and check it fits cfg (token count, depth, nesting). Returns (keep, tokens); a file
     without a "tokens" entry means "frozen", the paper's semantics (method.md P1)."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"masks file {path} not found: pass the masks.json written by slim.py")
-    except json.JSONDecodeError as e:
-        raise UserError(f"masks file {path} is not valid JSON ({e}): pass the masks.json written by slim.py")
-    if not isinstance(obj, dict) or "keep" not in obj:
-        raise UserError(f"masks file {path} has no 'keep' entry: pass the masks.json written by slim.py")
+    obj = read_masks_file(path)
     if obj.get("num_tokens", cfg.num_tokens) != cfg.num_tokens:
         raise UserError(f"masks file {path} is for {obj['num_tokens']} tokens but the model has {cfg.num_tokens}: "
                         "use masks made for this model")
@@ -505,15 +535,17 @@ def _read(path_or_url):
         try:
             return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=False)
         except Exception as e:  # offline, DNS, HTTP errors: all surface as one line
-            raise UserError(f"could not download {path_or_url} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-                            "check the network, or download it elsewhere and pass the local file with --weights")
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            raise UserError(f"could not download {path_or_url} ({reason}): check the network, or download the file "
+                            "elsewhere and pass its local path (slim.py --weights PATH; in Python "
+                            "vit.deit(name, pretrained=PATH) or vit.load_checkpoint(PATH))") from None
     try:
         return torch.load(path_or_url, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path_or_url} not found: pass a .pth file or a URL")
+        raise UserError(f"checkpoint {path_or_url} not found: pass a .pth file or a URL") from None
     except Exception as e:
         raise UserError(f"checkpoint {path_or_url} could not be read as a torch file ({type(e).__name__}): "
-                        "pass a DeiT .pth checkpoint")
+                        "pass a DeiT .pth checkpoint") from None
 
 
 def infer_config(sd):

@@ -32,7 +32,7 @@ import data
 import flops
 import slim
 import vit
-from pipeline import distributed, finetune
+from pipeline import distributed, finetune, flags
 from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
 from pipeline.evaluate import autocast, save_predictions
 from pipeline.resume import load_if_made_with, write_atomically
@@ -247,11 +247,11 @@ def add_arguments(parser):
                    "fit the predictors G, then the final fine-tune (the static run's recipe unless flags override it)")
     p.add_argument("--from", dest="dynamic_from", default=None, metavar="OUT", help="a finished static run's folder "
                    "(report.json, masks.json, slimmed.pth); its data, weights and --out are the defaults")
-    p.add_argument("--flops-ratio", type=float, default=d.flops_ratio, help="scale the static counts so that the "
+    p.add_argument("--flops-ratio", type=flags.number(float, 0, 1, low_open=True), default=d.flops_ratio, help="scale the static counts so that the "
                    "FLOPs, G included, are this fraction of the static model's (the paper's DeiT-S: 2.4/2.6)")
-    p.add_argument("--predictor-width", type=int, default=d.width, help="G's hidden width (0: embed_dim / 8)")
-    p.add_argument("--predictor-steps", type=int, default=d.steps, help="AdamW steps fitting each G_t")
-    p.add_argument("--predictor-lr", type=float, default=d.lr, help="their learning rate")
+    p.add_argument("--predictor-width", type=flags.non_negative_int, default=d.width, help="G's hidden width (0: embed_dim / 8)")
+    p.add_argument("--predictor-steps", type=flags.count, default=d.steps, help="AdamW steps fitting each G_t")
+    p.add_argument("--predictor-lr", type=flags.positive, default=d.lr, help="their learning rate")
 
 
 def complete_args(args, parser):
@@ -274,11 +274,6 @@ def complete_args(args, parser):
             setattr(args, name, static.get(name))
     if args.out == parser.get_default("out"):
         args.out = args.dynamic_from
-    for name in ("predictor_width", "predictor_steps"):
-        if getattr(args, name) < (0 if name == "predictor_width" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'predictor_width' else 1}")
-    if not 0 < args.flops_ratio <= 1 or args.predictor_lr <= 0:
-        raise UserError("--flops-ratio must be in (0, 1] and --predictor-lr > 0")
 
 
 def read_report(folder):
@@ -395,7 +390,7 @@ def make_dynamic(args, teacher, bad):
         if is_main:
             save_predictions(paths["predictions"], labels=labels, static=static_preds, fitted=fitted_preds,
                              dynamic=preds)
-            torch.save(dyn.checkpoint(classes=static.classes), os.path.join(args.out, "dynamic.pth"))
+            write_atomically(os.path.join(args.out, "dynamic.pth"), dyn.checkpoint(classes=static.classes))
             write_atomically(paths["report"], report)
         log(f"DPS-ViT: top-1 {top1:.2f}% (static {report['static_top1']:.2f}%), {report['gflops']:.4f} GFLOPs with "
             f"its predictors ({report['predictor_gflops']:.4f}) counted as {tokens} (static {static_flops / 1e9:.4f}, "

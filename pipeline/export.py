@@ -30,6 +30,7 @@ import torch.nn as nn
 
 import flops
 import vit
+from pipeline.resume import write_atomically
 from vit import UserError
 
 OPSET = 18  # LayerNormalization (17) and the dynamo exporter's minimum; onnxruntime >= 1.14 runs it
@@ -111,7 +112,7 @@ def export_onnx(model, path, keep=None, tokens="frozen", source=""):
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata(model, keep, tokens, source))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(proto, path)
+    write_atomically(path, proto.SerializeToString())  # a failed write leaves no truncated .onnx
     return path
 
 

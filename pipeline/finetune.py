@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 import data
-from pipeline import distributed
+from pipeline import distributed, flags
 from pipeline.evaluate import autocast
 from pipeline.resume import load_if_made_with, write_atomically
 from vit import UserError
@@ -275,16 +275,16 @@ def add_arguments(parser):
                    "imagenet: 30 epochs, lr 5e-5 per 512 images, batch 512, 1 warm-up epoch, smoothing 0.1, RandAugment, "
                    "MixUp 0.8, CutMix 1.0, erasing 0.25, soft distillation) or light (the default otherwise: off unless "
                    "--final-epochs; lr 3e-4 per 64 images, batch 64, plain augmentation, soft distillation)")
-    f.add_argument("--final-epochs", type=float, default=None, help="epochs (0: no final fine-tune)")
-    f.add_argument("--final-lr", type=float, default=None, help="peak AdamW lr, per the recipe's lr batch (scaled "
+    f.add_argument("--final-epochs", type=flags.non_negative, default=None, help="epochs (0: no final fine-tune)")
+    f.add_argument("--final-lr", type=flags.positive, default=None, help="peak AdamW lr, per the recipe's lr batch (scaled "
                    "linearly with --final-batch-size)")
-    f.add_argument("--final-batch-size", type=int, default=None, help="global images per step, split over processes")
-    f.add_argument("--warmup-epochs", type=float, default=None)
-    f.add_argument("--smoothing", type=float, default=None, help="label smoothing (with --distill hard or none)")
+    f.add_argument("--final-batch-size", type=flags.count, default=None, help="global images per step, split over processes")
+    f.add_argument("--warmup-epochs", type=flags.non_negative, default=None)
+    f.add_argument("--smoothing", type=flags.number(float, 0, 1, high_open=True), default=None, help="label smoothing (with --distill hard or none)")
     f.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=None)
-    f.add_argument("--mixup", type=float, default=None, help="MixUp alpha (0: off)")
-    f.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
-    f.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    f.add_argument("--mixup", type=flags.non_negative, default=None, help="MixUp alpha (0: off)")
+    f.add_argument("--cutmix", type=flags.non_negative, default=None, help="CutMix alpha (0: off)")
+    f.add_argument("--reprob", type=flags.probability, default=None, help="random erasing probability")
     f.add_argument("--distill", default=None, choices=list(DISTILL), help="soft: the dense model's features "
                    "and logits; hard: DeiT's hard distillation; none: labels only")
 

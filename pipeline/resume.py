@@ -1,26 +1,70 @@
 """
-The files a long slim.py run (patch slimming, arXiv 2106.02852) resumes from: the search state (OUT/state.pt, after
-every layer) and the final fine-tune (OUT/finetune.pt). They are written atomically, and read back only when they
-were made with the same settings and every process of a torchrun launch sees the same version.
+The files a slim.py run (patch slimming, arXiv 2106.02852) writes and resumes from. Every file is written
+atomically (write_atomically), and an OSError on one becomes one line naming the path and the fix (output_error). The
+search state (OUT/state.pt, after every layer) and the final fine-tune (OUT/finetune.pt) are read back only when
+they were made with the same settings and every process of a torchrun launch sees the same version.
 """
+import contextlib
+import errno
+import io
 import json
 import os
 
+import numpy as np
 import torch
 
 from pipeline import distributed
 from vit import UserError
 
 
-def write_atomically(path, obj):
-    """obj to path (JSON for a .json path, else torch.save) through a temporary file and a rename: a run killed
-    while writing leaves the previous file, never half of one."""
+def serialise(path, obj):
+    """The bytes of obj as the file path holds it: JSON for .json, a compressed NumPy archive for .npz (obj: name ->
+    array), bytes as they are, else torch.save's format."""
+    if isinstance(obj, bytes):
+        return obj
     if path.endswith(".json"):
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
+        return json.dumps(obj, indent=1).encode()
+    buffer = io.BytesIO()
+    if path.endswith(".npz"):
+        np.savez_compressed(buffer, **obj)
     else:
-        torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+        torch.save(obj, buffer)  # into memory first: a full disk then fails in write() with ENOSPC, a plain OSError
+    return buffer.getvalue()
+
+
+def write_atomically(path, obj):
+    """Every file a run writes goes through here: obj (see serialise) to a temporary file, then renamed to path. A run
+    killed or failing while writing (a full disk, a read-only folder) leaves the previous file or none, never half of
+    one; the OSError names path and reaches the CLI, which prints it as one line (output_error)."""
+    path, tmp = str(path), f"{path}.tmp"
+    payload = serialise(path, obj)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        e.filename = e.filename or path
+        raise
+
+
+FIXES = {  # what to do about an OSError on the files of a run, by errno
+    errno.ENOSPC: "no space left there: free some, or pass --out on another disk (the same command resumes)",
+    errno.EDQUOT: "disk quota exceeded: free some space, or pass --out on another disk (the same command resumes)",
+    errno.EACCES: "permission denied: pass --out a folder you can write to",
+    errno.EPERM: "permission denied: pass --out a folder you can write to",
+    errno.EROFS: "a read-only file system: pass --out a folder on a writable disk",
+    errno.EEXIST: "a file is in the way: pass --out a folder path, not a file",
+    errno.ENOTDIR: "a file is in the way where a folder should be: pass --out a folder path",
+    errno.EISDIR: "a folder is in the way where a file should be: remove it or pass another --out",
+}
+
+
+def output_error(e):
+    """The one line the CLI prints for an OSError e on a file: the path, the system's reason and the fix."""
+    fix = FIXES.get(e.errno, e.strerror or type(e).__name__)
+    return f"cannot write {e.filename}: {fix}" if e.errno in FIXES else f"{e.filename}: {fix}"
 
 
 def same_everywhere(value, what):

@@ -24,6 +24,7 @@ from pipeline import distributed, finetune
 from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
 from pipeline.evaluate import accuracy, predict, save_predictions
 from pipeline.resume import write_atomically
+from vit import UserError
 
 
 class RunLog:
@@ -76,10 +77,11 @@ def val_dataset(args, cfg, model_classes=None):
 
 
 def skipped(bad, log):
-    """The unreadable files skipped by every rank (--skip-bad-images), logged and returned for the JSON files."""
+    """The unusable files (unreadable, or of another size than a small model's) skipped by every rank
+    (--skip-bad-images), logged and returned for the JSON files."""
     paths = sorted(set().union(*distributed.all_gather(set(bad.paths))))
     if paths:
-        log(f"skipped {len(paths)} unreadable image files (--skip-bad-images), e.g. {paths[0]}")
+        log(f"skipped {len(paths)} image files (--skip-bad-images), e.g. {paths[0]}: {bad.paths.get(paths[0], '')}")
     return {"skipped_images": len(paths), "skipped_files": paths[:20]}
 
 
@@ -94,6 +96,9 @@ def evaluate_only(args, model, bad):
     cfg = model.cfg
     val = val_dataset(args, cfg, model.classes)
     keep, found, source = model.keep, model.tokens or "frozen", args.weights
+    if args.masks and model.keep is not None:
+        raise UserError(f"--weights {args.weights} is a slimmed checkpoint with its own masks, and --masks "
+                        f"{args.masks} would replace them: drop --masks, or pass the dense checkpoint with --masks")
     if args.masks:
         (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
     tokens, note = vit.resolve_tokens(found, args.tokens, source)
@@ -177,9 +182,10 @@ def save_outputs(args, model, keep, tokens, classes, report, preds, labels, path
     cfg = model.cfg
     save_predictions(paths["predictions"], labels=labels, slimmed=preds)
     name = args.model or next((k for k, c in vit.PRESETS.items() if c == cfg), None)
-    vit.save_masks(os.path.join(args.out, "masks.json"), keep, cfg, tokens, name=name)
-    torch.save({"model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep],
-                "tokens": tokens, "classes": classes}, os.path.join(args.out, "slimmed.pth"))
+    write_atomically(os.path.join(args.out, "masks.json"), vit.masks_record(keep, cfg, tokens, name=name))
+    write_atomically(os.path.join(args.out, "slimmed.pth"), {
+        "model": model.state_dict(), "config": vit.asdict(cfg), "keep": [k.tolist() for k in keep], "tokens": tokens,
+        "classes": classes})
     write_atomically(paths["report"], report)
 
 
@@ -187,6 +193,9 @@ def search_and_finetune(args, model, bad):
     """Algorithm 1 on the training split, then the final fine-tune; top-1 of the dense, searched and slimmed models
     on val (their per-image predictions in predictions.npz). Resumes from --out."""
     t_start, cfg = time.time(), model.cfg
+    if model.keep is not None:
+        raise UserError(f"--weights {args.weights} is a slimmed checkpoint (it carries masks): a search starts from "
+                        "the dense model; pass the dense checkpoint, or evaluate this one with --eval-only")
     val = val_dataset(args, cfg, model.classes)
     train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
     data.check_classes(train_aug, cfg.num_classes)
