@@ -1,17 +1,25 @@
-"""Small helpers shared by the bench scripts (arXiv 2106.02852 reproduction): a log that goes to the terminal and to
-<folder>/log.txt, and matplotlib when it is installed (requirements-bench.txt)."""
+"""Helpers shared by the bench scripts of the patch-slimming reproduction (arXiv 2106.02852): the repository's paths
+(importing this puts the project's modules on the path), JSON files, a log to <folder>/log.txt, matplotlib when it
+is installed (requirements-bench.txt), round-robin timing and random nested masks."""
 import json
 import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # vit, slim, flops, data, pipeline
+PROXY = os.path.join(ROOT, "..", "shared", "models", "deit_tiny_p4_cifar10.pth")  # the CIFAR-10 proxy of ../shared
+CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 
 
 def read_json(path):
-    """The JSON object in path (the file closed after reading)."""
     with open(path) as f:
         return json.load(f)
 
 
 def write_json(path, obj):
-    """obj to path as indented JSON (the file closed after writing)."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
 
@@ -28,21 +36,6 @@ def folder_log(folder):
     return log
 
 
-def add_semantics_args(p, score_help, scores):
-    """The v1 benches' --tokens (default "removed", the semantics of their committed results) and --score, one of
-    scores (default by semantics: see score_of)."""
-    p.add_argument("--tokens", default="removed", choices=["frozen", "removed"],
-                   help="what a pruned patch becomes: removed (v1, C1; the committed results) or frozen (the "
-                   "paper's, P1)")
-    p.add_argument("--score", default=None, choices=list(scores), help=score_help + " (default: head-mean, v1's 'significance', with "
-                   "--tokens removed; significance, Eq. 6, with --tokens frozen)")
-
-
-def score_of(args):
-    """The score a v1 bench runs: --score, else the one that goes with --tokens."""
-    return args.score or ("head-mean" if args.tokens == "removed" else "significance")
-
-
 def pyplot():
     """matplotlib.pyplot with the file-only Agg backend, or None (with a message) when matplotlib is absent."""
     try:
@@ -53,3 +46,33 @@ def pyplot():
         print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot written")
         return None
     return plt
+
+
+def interleaved(fns, x, repeats, device=torch.device("cpu")):
+    """Seconds per call of each fn(x) (a list per fn), timed round-robin (one call of each per round, so that the
+    machine's drift hits every model alike), after 3 warm-up calls each."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    for fn in fns.values():
+        for _ in range(3):
+            fn(x)
+    sync()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def random_nested(counts, N, seed=0):
+    """Nested masks with the given kept counts (token 0 always kept), patches chosen at random, scattered like real
+    masks."""
+    g, prev, keep = torch.Generator().manual_seed(seed), torch.arange(N), []
+    for n in counts:
+        prev = torch.cat([prev[:1], prev[1:][torch.randperm(len(prev) - 1, generator=g)[:n - 1]]]).sort().values
+        keep.append(prev)
+    return keep

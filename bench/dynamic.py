@@ -1,25 +1,16 @@
 """
-DPS-ViT against PS-ViT on the CIFAR-10 proxy (arXiv 2106.02852, Sec. 4.4 and Table 1's second row; METHOD.md P6, C8):
-does letting each image choose its own patches beat the static masks at the same kept counts, and does it hold the
-accuracy at fewer FLOPs (the paper's DeiT-S: DPS 79.5% at 2.4 G against PS 79.4% at 2.6 G)?
-
-For each seed, from a finished static run (slim.py --out DIR with --seed s; DIR holds slimmed.pth, after PS's own
-final fine-tune):
-- PS+: the static model fine-tuned again with its masks, E epochs (the same recipe as the DPS runs);
-- DPS: `slim.py --dynamic --from DIR` at the static counts: G fitted (the network untouched), then E epochs of the
-  same fine-tune with G in place and frozen. So both networks get the same total fine-tuning;
-- DPS at fewer tokens: the same with --flops-ratio 2.4/2.6 (FLOPs, G included, 2.4/2.6 of the static model's).
-Then: top-1 and GFLOPs (G included) of each; paired bootstrap intervals of DPS - PS+ on the same val images, per
-seed and over the seeds (bench/stats.py); the Spearman of G's ŝ against the exact per-image Eq. 6 s, per layer, on
-held training images (each DPS run's dynamic.json); a picture of the patches different images keep at each layer
-that chooses; the speed of the dynamic forward against the static one on this machine at batch 32 and 1 (eager,
-the same weights, median of round-robin repeats).
+DPS-ViT against PS-ViT on the CIFAR-10 proxy (arXiv 2106.02852, Sec. 4.4 and Table 1; method.md P6, C8). For each
+seed, from a finished static run (slim.py --out DIR, holding slimmed.pth after PS's own final fine-tune):
+- PS+: the static model fine-tuned again with its masks, E epochs (the DPS runs' recipe);
+- DPS: `slim.py --dynamic --from DIR` at the static counts: G fitted, then the same E epochs with G in place;
+- DPS at fewer tokens: the same with --flops-ratio 2.4/2.6 (the paper's DeiT-S: DPS 79.5% at 2.4 G, PS 79.4% at 2.6 G).
+Reports top-1 and GFLOPs (G included), paired bootstrap intervals of DPS - PS+ per seed and over the seeds, G's
+Spearman against the exact per-image Eq. 6 per layer, a picture of the patches images keep, and the dynamic forward's
+speed against the static one (eager, round-robin).
 
     python bench/dynamic.py --static results/cifar10-proxy results/cifar10-proxy-seed1 --seeds 0 1
-    python bench/dynamic.py --static /tmp/static --seeds 0 --val-per-class 3 --fit-images 64 --held-images 32 \\
-        --predictor-steps 5 --final-epochs 0.002 --speed-repeats 2 --out /tmp/dps_smoke      # a smoke run
-Writes OUT.json (the summary, with the command and the machine), OUT_predictions.npz (per-image predictions of every
-model, and labels), OUT_picture.png, and one slim.py folder per run under OUT/. Every stage resumes.
+Writes OUT.json (with the command and the machine), OUT_predictions.npz, OUT_picture.png and one slim.py folder per
+run under OUT/; every stage resumes.
 """
 import argparse
 import json
@@ -32,17 +23,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import slim  # noqa: E402
-import vit  # noqa: E402
-from pipeline import finetune  # noqa: E402
-from pipeline.dynamic import DynamicSlimmed  # noqa: E402
-from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
-from common import folder_log, pyplot, read_json  # noqa: E402
-from stats import compare, compare_seeds, describe  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, folder_log, interleaved, pyplot, read_json, write_json
+import data
+import slim
+import vit
+from pipeline import finetune
+from pipeline.dynamic import DynamicSlimmed
+from pipeline.evaluate import accuracy, predict, save_predictions
+from stats import compare, compare_seeds, describe
 PAPER = {"DeiT-S": {"PS": [79.4, 2.6], "DPS": [79.5, 2.4], "dense": [79.8, 4.6]}, "ratio": 2.4 / 2.6}
 
 
@@ -120,15 +108,7 @@ def speed(dyn, static, batches, repeats):
     fns = {"static": lambda x: static(x, keep=static.keep, tokens=static.tokens), "dynamic": dyn}
     with torch.inference_mode():
         for b in batches:
-            x = torch.randn(b, 3, cfg.img_size, cfg.img_size)
-            for fn in fns.values():
-                fn(x)
-            times = {k: [] for k in fns}
-            for _ in range(repeats):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times[k].append(time.perf_counter() - t0)
+            times = interleaved(fns, torch.randn(b, 3, cfg.img_size, cfg.img_size), repeats)
             med = {k: statistics.median(v) for k, v in times.items()}
             out[b] = {"static_ms": round(1e3 * med["static"], 3), "dynamic_ms": round(1e3 * med["dynamic"], 3),
                       "dynamic_over_static": round(med["dynamic"] / med["static"], 3)}
@@ -201,8 +181,7 @@ def main():
         "speed": speed(dyn.cpu().eval(), static.eval(), args.speed_batches, args.speed_repeats),
         "threads": torch.get_num_threads(), "wall_seconds": round(time.time() - t_start, 1),
         "command": f"python bench/dynamic.py {shlex.join(sys.argv[1:])}", "machine": slim.machine()}
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out + ".json", result)
     for key in ("dps", "dps_fewer"):
         c = result[f"{key}_minus_ps_over_seeds"]
         log(f"{key} - PS+ over {c['seeds']} seeds: {c['diff']:+.2f} points (95% paired bootstrap "

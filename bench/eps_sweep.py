@@ -18,19 +18,15 @@ import time
 import torch
 from dataclasses import asdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import flops  # noqa: E402
-import slim  # noqa: E402
-from pipeline.caches import cache_search_sets  # noqa: E402
-from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
-from pipeline.finetune import light_finetune  # noqa: E402
-import vit  # noqa: E402
-from common import folder_log, pyplot, read_json, write_json  # noqa: E402
-from stats import compare, describe  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
+from common import CIFAR10, PROXY, ROOT, folder_log, pyplot, read_json, write_json
+import data
+import flops
+import slim
+from pipeline.caches import cache_search_sets
+from pipeline.evaluate import accuracy, predict, save_predictions
+from pipeline.finetune import light_finetune
+import vit
+from stats import compare, describe
 
 
 def main():
@@ -41,8 +37,7 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fig4"))
     args, rest = p.parse_known_args()
     sargs = slim.check_args(slim.get_args_parser().parse_args(
-        ["--data", "folder", "--data-path", os.path.join(SHARED, "data", "cifar10"),
-         "--weights", os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "--out", args.out] + rest))
+        ["--data", "folder", "--data-path", CIFAR10, "--weights", PROXY, "--out", args.out] + rest))
     pretrained = slim.load_model(sargs).to(torch.device(sargs.device))
     cfg = pretrained.cfg
     s = slim.settings_from_args(sargs, cfg)

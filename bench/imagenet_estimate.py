@@ -1,85 +1,54 @@
 """
-How long patch slimming (arXiv 2106.02852) takes on ImageNet with DeiT-S: each stage of slim.py timed on this
-machine at full DeiT-S shapes (224 px, 197 tokens, random weights, synthetic images; timing does not depend on
-either), per image or per step, then an ESTIMATE of the full run on 1 and 8 GPUs. Nothing here ran on ImageNet.
+How long patch slimming (arXiv 2106.02852) takes on ImageNet with DeiT-S: each stage of slim.py timed on this machine
+at full DeiT-S shapes (224 px, random weights, synthetic images), per image or per step, through the code slim.py
+runs: the dense caches (pipeline/caches), Eq. 6 (slim.layer_scores), E_{t+1} (slim.layer_error), a step of the block
+fine-tune (slim.finetune_block), a step of DeiT's recipe (pipeline/finetune.py) and the slimmed forward. Then an
+ESTIMATE of the full run for the defaults (SearchSettings, the "deit" recipe): 5,120 cached images; per layer the
+scores over 512 images and, per candidate r, a 100-step block fine-tune between two error passes over 1,024 held
+images, with the candidates per layer of the proxy's headline runs (and every r of the grid, the worst case); 30
+epochs of 1,281,167 images; 3 x 50,000 val images. A GPU is assumed to run every stage as much faster than this CPU
+as it runs DeiT-S's dense forward (940 img/s on a V100, the paper's Table 1), 8 GPUs at 90% efficiency each.
+Writes results/imagenet_estimate_<device>.json (docs/imagenet.md).
 
-The stages, run through the code slim.py runs (so the estimate moves with it):
-- cache: the dense Z_0 .. Z_L of the fit + held sample (pipeline/caches.cache_dense), per image;
-- score: Eq. 6 for one layer (slim.layer_scores, averaged over layers 1..11), per image;
-- error: E_{t+1} (slim.layer_error, two pruned blocks), per image;
-- block fine-tune: one step of slim.finetune_block at the search's batch, per step;
-- final fine-tune: one step of DeiT's recipe (pipeline/finetune.py: slimmed student forward + backward, dense
-  teacher forward) at the Fig. 5 pyramid, per image;
-- eval: the slimmed model's forward, per image.
-The estimate counts, for the default settings (SearchSettings: Alg. 1 as written, the "deit" recipe): 5,120 cached
-images; per layer the scores over 512 images and, for each candidate r tried, a block fine-tune of 100 steps between
-two error passes over 1,024 held images (E before and after). The candidates tried per layer are the mean of the
-proxy's headline runs (results/cifar10-proxy*/report.json; --trials-per-layer overrides it), and the worst case,
-every r of the grid (0, 10, ..., 190, 196: 21 per layer), is given beside it; the final fine-tune's 30 epochs of 1,281,167
-images; 50,000 val images evaluated three times (dense, searched, slimmed). A GPU is assumed to run every stage
-as much faster than this CPU as it runs DeiT-S's dense forward: 940 img/s on a V100 (the paper's Table 1); 8 GPUs
-are assumed to split every stage 8 ways at 90% efficiency, which is optimistic for the search (its block
-fine-tunes see only batch 64 / 8 per GPU). Writes results/imagenet_estimate_<device>.json.
-
-    python bench/imagenet_estimate.py               # about 4 minutes on 2 CPU cores
-    python bench/imagenet_estimate.py --device cuda # measures a GPU for real (no conversion), bf16
+    python bench/imagenet_estimate.py               # a few minutes on 2 CPU cores
+    python bench/imagenet_estimate.py --device cuda # measures a GPU for real (no conversion)
 """
 import argparse
-import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import slim  # noqa: E402
-import vit  # noqa: E402
-from pipeline import caches, finetune  # noqa: E402
-from pipeline.evaluate import autocast  # noqa: E402
-from speed import FIG5_PYRAMID  # noqa: E402
-from common import write_json  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, random_nested, read_json, write_json
+import slim
+import vit
+from pipeline import caches, finetune
+from pipeline.evaluate import autocast
+from speed import FIG5_PYRAMID
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
-V100_DENSE_IMG_S = 940  # DeiT-S dense inference on a V100, the paper's Table 1 (METHOD.md §5)
+V100_DENSE_IMG_S = 940  # DeiT-S dense inference on a V100, the paper's Table 1 (method.md §5)
 
 
 def timed(fn, repeats):
     """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    sync()
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
         t0 = time.perf_counter()
         fn()
-        sync()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def scattered_masks(cfg, counts, seed=0):
-    """Nested masks with the given counts, patches chosen at random (scattered like real masks); class token kept."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.tensor([0]), 1 + torch.randperm(cfg.num_tokens - 1, generator=g)])
-    return [order[:n].sort().values for n in counts]
+    return statistics.median(times[1:])
 
 
 def proxy_trials_per_layer():
-    """Candidates r tried per layer, the mean over the proxy's headline runs (3 where they are absent)."""
-    counts = []
-    for name in ("cifar10-proxy", "cifar10-proxy-seed1"):
-        path = os.path.join(ROOT, "results", name, "report.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                counts += [len(lay["trials"]) for lay in json.load(f)["layers"]]
-    return sum(counts) / len(counts) if counts else 3.0
+    """Candidates r tried per layer, the mean over the proxy's headline runs."""
+    counts = [len(lay["trials"]) for name in ("cifar10-proxy", "cifar10-proxy-seed1")
+              for lay in read_json(os.path.join(ROOT, "results", name, "report.json"))["layers"]]
+    return sum(counts) / len(counts)
 
 
 def main():
@@ -103,7 +72,7 @@ def main():
     cache = caches.cache_dense(model, loader, "cache", device)
     per_image["dense forward"] = timed(lambda: model(img.to(device)), args.repeats) / B
     per_image["cache"] = timed(lambda: caches.cache_dense(model, loader, "cache", device), args.repeats) / B
-    keep = scattered_masks(cfg, FIG5_PYRAMID)
+    keep = random_nested(FIG5_PYRAMID, N)
     score_s, error_s = [], []
     for t in range(1, L):  # layer t searched: layers 1..t dense, t+1..L under the Fig. 5 pyramid
         k = [torch.arange(N)] * t + keep[t:]
@@ -164,14 +133,10 @@ def main():
            "command": "python " + " ".join(sys.argv)}
     out = args.out or os.path.join(ROOT, "results", f"imagenet_estimate_{device.type}.json")
     write_json(out, res)
-    for k, v in per_image.items():
-        print(f"{k:28s} {1000 * v:9.1f} ms per image")
-    print(f"{'block fine-tune step':28s} {per_step_block:9.2f} s per step of {s.batch_size} images")
-    print(f"on this device: {here / 3600:.1f} h; ESTIMATE on 1 V100-class GPU: {sum(one_gpu.values()) / 3600:.1f} h, "
-          f"on 8: {sum(eight.values()) / 3600:.1f} h (final fine-tune {one_gpu['final fine-tune (30 epochs)'] / 3600:.1f} h"
-          f" / {eight['final fine-tune (30 epochs)'] / 3600:.1f} h); the search: {trials:.1f} candidates per layer, "
-          f"{one_gpu['search (11 layers)'] / 3600:.2f} h on 1 GPU ({res['search_worst_case_1_gpu_hours']:.2f} h if "
-          f"every r of the grid were tried); wrote {out}")
+    print("\n".join(f"{k:28s} {1000 * v:9.1f} ms per image" for k, v in per_image.items()))
+    print(f"block fine-tune step: {per_step_block:.2f} s per {s.batch_size} images; hours on this device "
+          f"{res['this_device_hours']}; ESTIMATE on 1 GPU {res['estimate_1_gpu_hours']}, on 8 "
+          f"{res['estimate_8_gpu_hours']} ({trials:.1f} candidates per layer); wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,25 @@
 """
-The kept-patch pyramid drawn over images (arXiv 2106.02852, the paper's visualisation of the patches each layer
-keeps): for each layer, the patches whose tokens survive it are shown, the dropped ones greyed out; below, the
-kept-token counts per layer against a linear pyramid of the same FLOPs. Masks are static (PS-ViT), so every
-image shows the same pattern; several images show what the kept patches cover. FLOPs (of the masks and of the
-linear pyramid) are counted under the masks' own token semantics (vit.load_masks; METHOD.md P1 "frozen": a grey
-patch keeps its last feature and stays a key/value; C1 "removed", v1: it leaves the sequence). The committed
-picture was made from the proxy run's masks, searched with the v1 variant ("removed").
+The kept patches drawn over images (arXiv 2106.02852, Fig. 5): for each layer, the patches whose tokens it updates
+are shown, the others greyed out; below, the kept-token counts per layer against a linear pyramid of the same FLOPs.
+Masks are static (PS-ViT), so every image shows the same pattern; several images show what the kept patches cover.
+FLOPs are counted under the masks' own token semantics (vit.load_masks; method.md P1 "frozen": a grey patch keeps
+its last feature and stays a key/value; C1 "removed": it leaves the sequence).
 
-    python bench/picture.py                                   # the proxy run's masks, 4 CIFAR-10 val images
+    python bench/picture.py --masks results/cifar10-proxy/masks.json --out results/fig5_picture
     python bench/picture.py --masks OUT/masks.json --data-path /data/imagenet --images 3
-Writes results/pyramid_picture.png and results/pyramid_picture.json (the masks, their tokens, counts and images
-drawn).
+Writes OUT.png and OUT.json (the masks, their tokens, counts and the images drawn).
 """
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import flops  # noqa: E402
-import vit  # noqa: E402
-from common import read_json  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
+from common import CIFAR10, ROOT, pyplot, read_json, write_json
+import data
+import flops
+import vit
 
 
 def patch_mask(keep_l, cfg):
@@ -41,13 +33,13 @@ def patch_mask(keep_l, cfg):
 def main():
     p = argparse.ArgumentParser("Draw the kept-patch pyramid over images")
     p.add_argument("--masks", default=os.path.join(ROOT, "results", "cifar10-proxy", "masks.json"))
-    p.add_argument("--data-path", default=os.path.join(SHARED, "data", "cifar10"))
+    p.add_argument("--data-path", default=CIFAR10)
     p.add_argument("--images", type=int, default=4, help="how many val images (one per class, first in folder order)")
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "pyramid_picture"))
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "fig5_picture"))
     args = p.parse_args()
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        sys.exit("error: bench/picture.py draws with matplotlib")
 
     obj = read_json(args.masks)
     cfg = vit.ViTConfig(**obj["config"])
@@ -93,11 +85,10 @@ def main():
     fig.suptitle(f"Patches kept by each layer ({os.path.relpath(args.masks, ROOT)}, tokens {tokens}); {grey}",
                  fontsize=9)
     fig.savefig(args.out + ".png", dpi=120, bbox_inches="tight")
-    json.dump({"tokens": tokens, "command": " ".join(["python bench/picture.py"] + sys.argv[1:]),
-               "masks": os.path.relpath(args.masks, ROOT), "kept_per_layer": counts, "gflops": gf / 1e9,
-               "linear_pyramid_same_flops": pyramid,
-               "images": [os.path.relpath(ds.samples[i][0], args.data_path) for i in idx]},
-              open(args.out + ".json", "w"), indent=1)
+    write_json(args.out + ".json", {
+        "tokens": tokens, "command": " ".join(["python bench/picture.py"] + sys.argv[1:]),
+        "masks": os.path.relpath(args.masks, ROOT), "kept_per_layer": counts, "gflops": gf / 1e9,
+        "linear_pyramid_same_flops": pyramid, "images": [os.path.relpath(ds.samples[i][0], args.data_path) for i in idx]})
     print(f"wrote {args.out}.png and {args.out}.json")
 
 

@@ -47,10 +47,6 @@ def kept(counts):
     return " ".join(map(str, counts))
 
 
-def search_minutes(report):
-    return sum(lay["seconds"] for lay in report["layers"]) / 60
-
-
 def headline():
     """The README's first command on two seeds: dense against slimmed, paired on the same val images."""
     runs = ["results/cifar10-proxy", "results/cifar10-proxy-seed1"]
@@ -106,7 +102,8 @@ def alg1_vs_fast():
             "| search time (min) | whole run (min) |", "|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         rows.append(f"| `{name}` (`{runs[name]}/`) | {kept(rep['kept_per_layer'])} | {100 * rep['flops_reduction']:.1f}% "
-                    f"| {rep['searched_top1']:.2f} | {rep['slimmed_top1']:.2f} | {search_minutes(rep):.1f} | "
+                    f"| {rep['searched_top1']:.2f} | {rep['slimmed_top1']:.2f} | "
+                    f"{sum(lay['seconds'] for lay in rep['layers']) / 60:.1f} | "
                     f"{rep['wall_seconds'] / 60:.1f} |")
     pa, pf = predictions(runs["alg1"]), predictions(runs["fast"])
     c = compare(pa["slimmed"] == pa["labels"], pf["slimmed"] == pf["labels"])
@@ -120,10 +117,7 @@ def alg1_vs_fast():
 
 def fig4():
     """The eps sweep (bench/eps_sweep.py) beside the paper's Fig. 4 values: every finished point of results/fig4/."""
-    folder = os.path.join(ROOT, "results", "fig4")
-    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"eps_[0-9.e-]+\.json", n)) if os.path.isdir(folder) else []
-    if not names:
-        return "*Not run yet: `results/fig4/` holds no point; `python bench/eps_sweep.py` makes them.*"
+    names = [n for n in os.listdir(os.path.join(ROOT, "results", "fig4")) if re.fullmatch(r"eps_[0-9.e-]+\.json", n)]
     points = [load(f"results/fig4/{n}") for n in names]
     dense = load("results/cifar10-proxy/report.json")["dense_top1"]
     rows = ["| ε | kept tokens per layer 1..12 | FLOPs saved | top-1 after the search | after the final fine-tune | "
@@ -133,20 +127,15 @@ def fig4():
         rows.append(f"| {pt['eps']} | {kept(pt['kept_per_layer'])} | {100 * pt['flops_saved']:.1f}% | "
                     f"{pt['top1_searched']:.2f} | {pt['top1']:.2f} | {interval(pt['dense_minus_this'])} | "
                     + (f"{paper[0]} / {paper[1]}% |" if paper else "– |"))
-    if os.path.exists(os.path.join(ROOT, "results", "fig4.json")):
-        sweep = load("results/fig4.json")
-        how = (f"Search `{sweep['settings']['search']}`, final fine-tune {sweep['final_epochs']:g} epoch at lr "
-               f"{sweep['final_lr']:g} for every point. File: `results/fig4.json`")
-    else:
-        how = "The sweep is not finished: only the points above exist. Files"
+    sweep = load("results/fig4.json")
+    how = (f"Search `{sweep['settings']['search']}`, final fine-tune {sweep['final_epochs']:g} epoch at lr "
+           f"{sweep['final_lr']:g} for every point. File: `results/fig4.json`")
     return ("\n".join(rows) + f"\n\nDense {dense:.2f}%. {how} (per point: `results/fig4/eps_<ε>.json`; "
             "predictions `results/fig4_predictions.npz`).")
 
 
 def table3():
     """The learned pyramid against uniform and linear pruning at its FLOPs (bench/table3.py), two seeds."""
-    if not os.path.exists(os.path.join(ROOT, "results", "table3_headline.json")):
-        return "*Not run yet: `results/table3_headline.json` does not exist; `python bench/table3.py` makes it.*"
     res = load("results/table3_headline.json")
     rows = ["| row | seed | kept tokens per layer 1..12 | GFLOPs | top-1 before / after the final fine-tune | "
             "learned − this (95% CI) |", "|---|---|---|---|---|---|"]
@@ -155,9 +144,7 @@ def table3():
         c = r.get("learned_minus_this")
         rows.append(f"| {row} | {seed} | {kept(r['kept_per_layer'])} | {r['gflops']:.3f} | "
                     f"{r['top1_before_final_ft']:.2f} / {r['top1']:.2f} | {interval(c) if c else ''} |")
-    pooled = "; ".join(f"learned − {row}, both seeds together: {interval(c)}" for row, c in res.get("pooled", {}).items())
-    if not pooled:
-        pooled = "Not every row has run on both seeds yet, so there is no pooled interval"
+    pooled = "; ".join(f"learned − {row}, both seeds together: {interval(c)}" for row, c in res["pooled"].items())
     return ("\n".join(rows) + f"\n\n{pooled}. Paper (DeiT-S, 2.6 G): learned 79.4 against uniform 77.2. "
             "File: `results/table3_headline.json` (predictions `results/table3_headline_predictions.npz`).")
 
@@ -173,8 +160,6 @@ def speed_runtimes(path=SPEED_RUNTIMES):
     """bench/speed.py's run of every runtime (eager, packed, torch.compile, onnxruntime): per model its batch-1 latency
     and largest-batch throughput; per semantics and runtime the speed-ups beside the FLOPs ratio; the
     absolute figure against timm's dense DeiT-S. The machine (CPU model name) and the runtimes' versions, from the file."""
-    if not os.path.exists(os.path.join(ROOT, path)):
-        return f"*Not run yet: `{path}` does not exist; `python bench/speed.py` makes it.*"
     res = load(path)
     mach, versions, batches = res["machine"], res["versions"], sorted(res["batches"])
     head = (f"`{res['command']}` (`{path}`): {res['model']}, random weights, {res['dtype']}, {res['threads']} threads "
@@ -215,8 +200,6 @@ def speed_runtimes(path=SPEED_RUNTIMES):
 def speed_summary(path=SPEED_RUNTIMES):
     """The README's speed table: per semantics and runtime, the speed-up over dense at each batch beside the FLOPs
     ratio, with the machine and the versions (the full tables are speed_runtimes')."""
-    if not os.path.exists(os.path.join(ROOT, path)):
-        return f"*Not run yet: `python bench/speed.py` makes `{path}`.*"
     res = load(path)
     batches = sorted(res["batches"], reverse=True)
     runtimes = list(next(iter(res["semantics"].values()))["speedup"])
@@ -233,11 +216,7 @@ def speed_summary(path=SPEED_RUNTIMES):
 
 def speed_profile(path=SPEED_RUNTIMES):
     """Where batch-1 time goes in each runtime (bench/speed.py's profile: onnxruntime's profiler, torch.profiler)."""
-    if not os.path.exists(os.path.join(ROOT, path)):
-        return f"*Not run yet: `{path}` does not exist; `python bench/speed.py` makes it.*"
     res = load(path)
-    if not res["profile_b1"]:
-        return f"*`{path}` holds no profile (it was run with --profile-calls 0 or without batch 1).*"
     cats = ["matmul", "attention", "gather", "write-back", "layer norm", "other"]
     rows = ["| runtime | model | profiled ms per call | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
     for label, prof in res["profile_b1"].items():
@@ -356,9 +335,6 @@ DYNAMIC = "results/dynamic.json"  # bench/dynamic.py
 
 def dynamic():
     """bench/dynamic.py: DPS-ViT against PS-ViT after the same total fine-tuning, per seed, and at fewer FLOPs."""
-    if not os.path.exists(os.path.join(ROOT, DYNAMIC)):
-        return ("*Not run yet: `python bench/dynamic.py --static results/cifar10-proxy results/cifar10-proxy-seed1 "
-                "--seeds 0 1` makes its results file.*")
     res = load(DYNAMIC)
     rows = ["| seed | model | kept tokens per layer 1..12 | GFLOPs (G included) | top-1 | DPS − PS+, points (95% paired "
             "bootstrap; McNemar p) | Spearman of ŝ against s / top-k recall, per layer (held images) |",
@@ -414,8 +390,6 @@ def peers_summary():
 
 def dynamic_summary():
     """The README's statement of bench/dynamic.py: DPS − PS+ over the seeds, at the static counts and at fewer FLOPs."""
-    if not os.path.exists(os.path.join(ROOT, DYNAMIC)):
-        return "*Not run yet: `python bench/dynamic.py --static ... --seeds 0 1` makes it.*"
     res = load(DYNAMIC)
     runs = res["runs"]
 

@@ -16,11 +16,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import slim  # noqa: E402
-from common import read_json, write_json  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, read_json, write_json
+import slim
 
 
 def compare(rerun, committed):

@@ -6,7 +6,7 @@ it (masks are nested: m_t = ... = m_{L-1}, m_L = e_0, and only the class token i
 t are dense. The score of layer t is computed as Alg. 1 first sees it: layers 1..L-1 dense, m_L = e_0, averaged
 over --score-images training images (evaluation transform). Pretrained weights, no fine-tuning. The whole val
 split's dense Z_0..Z_L is cached once, so each point runs only blocks t..L, with the weights prepacked for oneDNN
-(vit.pack_for_cpu: about 20% faster here, the same predictions up to float rounding).
+(vit.pack_for_cpu; the same predictions up to float rounding).
 
     python bench/single_layer.py --figure 6   # every layer 1..11, ratio 0.2 / 0.5 / 0.8, Eq. 6 order
     python bench/single_layer.py --figure 7   # layers 3, 7, 11, rate 0.1 .. 0.9: Eq. 6 vs attn vs random (+ others)
@@ -22,17 +22,13 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import flops  # noqa: E402
-import slim  # noqa: E402
-from pipeline.caches import cache_dense  # noqa: E402
-import vit  # noqa: E402
-from common import pyplot, write_json  # noqa: E402
-from stats import compare  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
+from common import CIFAR10, PROXY, ROOT, pyplot, write_json
+import data
+import flops
+import slim
+from pipeline.caches import cache_dense
+import vit
+from stats import compare
 FIGURES = {  # the paper's settings: layers, rates, scores
     6: ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0.2, 0.5, 0.8], ["significance"]),
     7: ([3, 7, 11], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
@@ -54,8 +50,8 @@ def main():
     p = argparse.ArgumentParser("One layer pruned alone, no fine-tuning (the paper's Fig. 6 and Fig. 7)")
     p.add_argument("--figure", type=int, choices=list(FIGURES), required=True)
     p.add_argument("--tokens", default="frozen", choices=list(vit.TOKENS))
-    p.add_argument("--weights", default=os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"))
-    p.add_argument("--data-path", default=os.path.join(SHARED, "data", "cifar10"))
+    p.add_argument("--weights", default=PROXY)
+    p.add_argument("--data-path", default=CIFAR10)
     p.add_argument("--score-images", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output prefix (default results/fig<N>)")

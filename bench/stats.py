@@ -3,23 +3,10 @@ Paired statistics for "A beats B" on the same val images (arXiv 2106.02852 repro
 correctness of two models, a paired bootstrap interval of the accuracy difference and McNemar's exact test.
 Predictions are stored compactly by the bench scripts: results/<name>_predictions.npz, one uint8/int16 array of
 predicted classes per model, plus "labels".
-
-    python bench/stats.py results/fig7_predictions.npz KEY_A KEY_B     # prints the difference and its interval
 """
 import math
-import sys
 
 import numpy as np
-
-
-def paired_bootstrap(correct_a, correct_b, samples=10000, seed=0, level=0.95):
-    """Accuracy difference a - b in points with a percentile bootstrap interval, resampling images (paired)."""
-    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(samples, len(a)))
-    diffs = 100 * (a[idx].mean(1) - b[idx].mean(1))
-    lo, hi = np.percentile(diffs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return 100 * (a.mean() - b.mean()), float(lo), float(hi)
 
 
 def mcnemar_p(correct_a, correct_b):
@@ -33,18 +20,10 @@ def mcnemar_p(correct_a, correct_b):
     return min(1.0, 2 * p)
 
 
-def compare(correct_a, correct_b):
-    """A dict: difference (points), 95% paired bootstrap interval, McNemar p, images where they disagree."""
-    d, lo, hi = paired_bootstrap(correct_a, correct_b)
-    disagree = int((np.asarray(correct_a, bool) != np.asarray(correct_b, bool)).sum())
-    return {"diff": round(d, 2), "ci95": [round(lo, 2), round(hi, 2)], "mcnemar_p": round(mcnemar_p(correct_a, correct_b), 4),
-            "disagree": disagree}
-
-
 def compare_seeds(corrects_a, corrects_b, samples=10000, seed=0):
-    """A against B over several seeds on the same images: the mean over seeds of the accuracy difference, with a
-    bootstrap that resamples images jointly for every seed (a seed's runs share the val images, so the seeds are
-    not independent samples). corrects_a, corrects_b: lists (one per seed) of per-image correctness."""
+    """A against B over one or more seeds on the same images: the mean over seeds of the accuracy difference (points),
+    with a 95% percentile bootstrap that resamples images jointly for every seed (a seed's runs share the val images,
+    so the seeds are not independent samples). corrects_a, corrects_b: lists (one per seed) of per-image correctness."""
     a, b = np.asarray(corrects_a, dtype=np.float64), np.asarray(corrects_b, dtype=np.float64)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, a.shape[1], size=(samples, a.shape[1]))
@@ -54,12 +33,14 @@ def compare_seeds(corrects_a, corrects_b, samples=10000, seed=0):
             "seeds": len(a)}
 
 
+def compare(correct_a, correct_b):
+    """One seed: the difference (points), its 95% paired bootstrap interval, McNemar p, images where they disagree."""
+    c = compare_seeds([correct_a], [correct_b])
+    disagree = int((np.asarray(correct_a, bool) != np.asarray(correct_b, bool)).sum())
+    return {"diff": c["diff"], "ci95": c["ci95"], "mcnemar_p": round(mcnemar_p(correct_a, correct_b), 4),
+            "disagree": disagree}
+
+
 def describe(c):
     return f"{c['diff']:+.2f} points (95% paired bootstrap {c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f}; McNemar p = {c['mcnemar_p']:.3g})"
 
-
-if __name__ == "__main__":
-    path, key_a, key_b = sys.argv[1:4]
-    f = np.load(path)
-    labels = f["labels"]
-    print(f"{key_a} vs {key_b}: {describe(compare(f[key_a] == labels, f[key_b] == labels))}")

@@ -3,16 +3,13 @@ The paper's Table 3 on the CIFAR-10 proxy (arXiv 2106.02852): the pyramid Algori
 pruning (the same number of patches at every layer 1..L-1) and a linear pyramid, at the same FLOPs counted as the
 paper does (P1), each followed by the same end-to-end fine-tune as the learned one (its report's --final-epochs,
 --final-lr and seed). Uniform and linear masks pick their patches by Eq. 6, top-down (slim.masks_for_counts), on
-the pretrained weights; they get no per-block fine-tuning (that is part of Alg. 1).
+the pretrained weights; they get no per-block fine-tuning (that is part of Alg. 1). --reference: slim.py output
+folders, one per seed of the learned pyramid (the first sets the FLOPs budget); each row runs once per --seeds value.
 
-    python bench/table3.py --reference results/cifar10-proxy --seeds 0 1
-    python bench/table3.py --fig4-eps 0.003      # the learned pyramid of a Fig. 4 point, with that sweep's fine-tune
---reference: slim.py output folders (one per seed of the learned pyramid: the first is used for the FLOPs
-budget); --fig4-eps instead takes the learned pyramid, its top-1 and predictions, and the fine-tune settings from
-bench/eps_sweep.py's results (seed 0). Each row is run once per --seeds value (the seed of the fine-tune's loader
-and of the score images).
-Writes results/table3.json (with paired intervals against the learned pyramid of the same seed) and adds the
-per-image predictions to results/table3_predictions.npz.
+    python bench/table3.py --reference results/cifar10-proxy results/cifar10-proxy-seed1 --seeds 0 1 \
+        --out results/table3_headline
+Writes OUT.json (paired intervals against the learned pyramid of the same seed, and over the seeds together) and
+OUT_predictions.npz (per-image predictions); a rerun skips the rows already in OUT.json.
 """
 import argparse
 import json
@@ -23,19 +20,15 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import flops  # noqa: E402
-import slim  # noqa: E402
-from pipeline.caches import cache_dense  # noqa: E402
-from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
-from pipeline.finetune import light_finetune  # noqa: E402
-import vit  # noqa: E402
-from stats import compare, compare_seeds, describe  # noqa: E402
-from common import read_json, write_json  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
+from common import ROOT, read_json, write_json
+import data
+import flops
+import slim
+from pipeline.caches import cache_dense
+from pipeline.evaluate import accuracy, predict, save_predictions
+from pipeline.finetune import light_finetune
+import vit
+from stats import compare, compare_seeds, describe
 
 
 def uniform_counts(cfg, target, tokens):
@@ -48,23 +41,12 @@ def uniform_counts(cfg, target, tokens):
 def main():
     p = argparse.ArgumentParser("Table 3: learned pyramid vs uniform and linear pruning at the same FLOPs")
     p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy")])
-    p.add_argument("--fig4-eps", type=float, default=None, help="take the learned pyramid from this Fig. 4 point")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--rows", nargs="+", default=["uniform", "linear"], choices=["uniform", "linear"])
     p.add_argument("--score-images", type=int, default=512)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "table3"))
     args = p.parse_args()
-    if args.fig4_eps is not None:  # a Fig. 4 point as the learned pyramid, in slim.py's report layout
-        sweep = read_json(os.path.join(ROOT, "results", "fig4.json"))
-        pt = read_json(os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}.json"))
-        ra = {"weights": os.path.join(SHARED, "models", "deit_tiny_p4_cifar10.pth"), "seed": sweep["settings"]["seed"],
-              "data_path": os.path.join(SHARED, "data", "cifar10"), "workers": 2, "batch_size": sweep["settings"]["batch_size"],
-              "final_epochs": sweep["final_epochs"], "final_lr": sweep["final_lr"]}
-        refs = [{"args": ra, "tokens": pt["tokens"], "slimmed_gflops": pt["gflops"], "kept_per_layer": pt["kept_per_layer"],
-                 "slimmed_top1": pt["top1"], "searched_top1": pt["top1_searched"]}]
-        args.reference = [os.path.join(ROOT, "results", "fig4", f"eps_{args.fig4_eps}")]
-    else:
-        refs = [read_json(os.path.join(r, "report.json")) for r in args.reference]
+    refs = [read_json(os.path.join(r, "report.json")) for r in args.reference]
     ra = refs[0]["args"]
     tokens = refs[0]["tokens"]
     model = vit.load_checkpoint(ra["weights"])
@@ -104,18 +86,13 @@ def main():
                      "top1": accuracy(after, labels), "seconds": round(time.time() - t0)}
             learned = [r for r, ref in zip(args.reference, refs) if ref["args"]["seed"] == seed]
             if learned:  # paired against the learned pyramid of the same seed, on the same val images
-                if args.fig4_eps is not None:
-                    lp = np.load(os.path.join(ROOT, "results", "fig4_predictions.npz"))
-                    learned_pred = lp[f"eps_{args.fig4_eps}_final"]
-                else:
-                    lp = np.load(os.path.join(learned[0], "predictions.npz"))
-                    learned_pred = lp["slimmed"]
-                entry["learned_minus_this"] = compare(learned_pred == lp["labels"], after.numpy() == labels.numpy())
+                lp = np.load(os.path.join(learned[0], "predictions.npz"))
+                entry["learned_minus_this"] = compare(lp["slimmed"] == lp["labels"], after.numpy() == labels.numpy())
                 print(f"{name}: learned minus this {describe(entry['learned_minus_this'])}", flush=True)
             res["rows"][name] = entry
             write_json(args.out + ".json", res)
             print(name, json.dumps({k: v for k, v in entry.items()}), flush=True)
-    if args.fig4_eps is None and len(refs) > 1:  # every seed together: learned minus each row, images resampled jointly
+    if len(refs) > 1:  # every seed together: learned minus each row, images resampled jointly
         preds = np.load(preds_path)
         learned = [np.load(os.path.join(r, "predictions.npz")) for r in args.reference]
         seeds = [ref["args"]["seed"] for ref in refs]
