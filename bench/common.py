@@ -10,8 +10,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # vit, slim, flops, data, pipeline
-PROXY = os.path.join(ROOT, "..", "shared", "models", "deit_tiny_p4_cifar10.pth")  # the CIFAR-10 proxy of ../shared
-CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10")
+PROXY = os.path.join(ROOT, "models", "deit_tiny_p4_cifar10.pth")  # the shipped CIFAR-10 proxy (models/README.md)
+CIFAR10 = os.path.join(ROOT, "data", "cifar10")  # written once by python slim.py --data cifar10
 
 
 def read_json(path):

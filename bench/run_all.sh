@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every result the documents cite (docs/reproducing.md), from scratch, on the ../shared CIFAR-10 proxy and
+# Every result the documents cite (docs/reproducing.md), from scratch, on the shipped CIFAR-10 proxy and
 # random-weight DeiT-S; each step writes its files under results/. Set-up: pip install -r requirements-bench.txt
 #
 #   bash bench/run_all.sh                                # everything (then: python bench/report.py)
@@ -17,10 +17,8 @@ step() {
   if "$@"; then echo "== took $(( $(date +%s) - t1 )) s: $*"; else echo "== FAILED: $*"; failed+=("$*"); fi
 }
 fresh() { if [ -z "${RESUME:-}" ]; then rm -rf "$@"; fi; }
-W=../shared/models/deit_tiny_p4_cifar10.pth
-D=../shared/data/cifar10
 R=results
-RUN=(python slim.py --data folder --data-path $D --weights $W --final-epochs 1 --final-lr 3e-4)
+RUN=(python slim.py --data cifar10 --final-epochs 1 --final-lr 3e-4)  # the README's first command
 
 # the headline (the README's first command) on two seeds, and the same with the fast path
 fresh $R/cifar10-proxy $R/cifar10-proxy-seed1 $R/cifar10-proxy-fast

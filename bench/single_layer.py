@@ -1,5 +1,5 @@
 """
-One layer pruned alone, no fine-tuning (arXiv 2106.02852, Fig. 6 and Fig. 7), on the CIFAR-10 proxy of ../shared.
+One layer pruned alone, no fine-tuning (arXiv 2106.02852, Fig. 6 and Fig. 7), on the shipped CIFAR-10 proxy.
 
 Layer t keeps the (1 - rate) best-scoring patches (plus the class token); the patches it prunes stay pruned above
 it (masks are nested: m_t = ... = m_{L-1}, m_L = e_0, and only the class token is read at the end). Layers below
