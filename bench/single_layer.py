@@ -49,7 +49,6 @@ def predictions(model, z_in, keep, tokens, t, batch_size=250):
 def main():
     p = argparse.ArgumentParser("One layer pruned alone, no fine-tuning (the paper's Fig. 6 and Fig. 7)")
     p.add_argument("--figure", type=int, choices=list(FIGURES), required=True)
-    p.add_argument("--tokens", default="frozen", choices=list(vit.TOKENS))
     p.add_argument("--weights", default=PROXY)
     p.add_argument("--data-path", default=CIFAR10)
     p.add_argument("--score-images", type=int, default=512)
@@ -75,23 +74,23 @@ def main():
     points = []
     for t in layers:
         for score in scores:
-            s = slim.layer_scores(model, score_cache.z[t - 1], top, args.tokens, t, score, 64, args.seed)
+            s = slim.layer_scores(model, score_cache.z[t - 1], top, "frozen", t, score, 64, args.seed)
             ranked = slim.ranked_candidates(s, torch.tensor([0]))  # every patch, best first
             for rate in rates:
                 n_keep = round((1 - rate) * (N - 1))
                 m_t = torch.cat([torch.tensor([0]), ranked[:n_keep]]).sort().values
                 keep = [torch.arange(N)] * (t - 1) + [m_t] * (L - t) + [torch.tensor([0])]
                 key = f"t{t}_r{rate}_{score}"
-                preds[key] = predictions(packed, val_cache.z[t - 1], keep, args.tokens, t)
+                preds[key] = predictions(packed, val_cache.z[t - 1], keep, "frozen", t)
                 top1 = float(100 * (preds[key] == labels).mean())
                 pt = {"layer": t, "rate": rate, "score": score, "kept_patches": n_keep, "top1": round(top1, 2),
-                      "gflops": flops.count_flops(cfg, keep, tokens=args.tokens) / 1e9}
+                      "gflops": flops.count_flops(cfg, keep, tokens="frozen") / 1e9}
                 if score != "significance":  # paired against the paper's score at the same layer and rate
                     pt["significance_minus_this"] = compare(preds[f"t{t}_r{rate}_significance"] == labels,
                                                             preds[key] == labels)
                 points.append(pt)
                 print(json.dumps(pt), flush=True)
-    res = {"command": " ".join(["python bench/single_layer.py"] + sys.argv[1:]), "tokens": args.tokens,
+    res = {"command": " ".join(["python bench/single_layer.py"] + sys.argv[1:]), "tokens": "frozen",
            "figure": args.figure, "dense_top1": dense_top1, "val_images": len(labels), "score_images": args.score_images,
            "points": points, "machine": slim.machine(), "seconds": round(time.time() - t_start, 1)}
     write_json(out + ".json", res)

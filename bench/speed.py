@@ -9,8 +9,8 @@ rounds is the result, beside the fastest call and the median of the per-round ra
   size, with inductor's freezing on the CPU (weights constant-folded and prepacked);
 - onnxruntime: the ONNX file pipeline/export.py writes, CPU execution provider, its idle threads not spin-waiting
   (they would compete with PyTorch's pool in the same process: docs/speed.md).
-timm's dense DeiT runs in the same rounds as the absolute reference. Random weights; without --masks, "frozen" runs
-the paper's Fig. 5 pyramid and "removed" a linear pyramid at 2.6 G, patches chosen at random. Batch-1 time is
+timm's dense DeiT runs in the same rounds as the absolute reference. Random weights; "frozen" runs the paper's Fig. 5
+pyramid and "removed" a linear pyramid at 2.6 G (other models: 2.6/4.6 of their FLOPs), patches chosen at random. Batch-1 time is
 profiled per runtime and model (torch.profiler; onnxruntime's profiler) and grouped by kind of operator. Writes
 results/speed_runtimes_<model>_<device>_<dtype>.json with the command, the machine and the runtimes' versions.
 
@@ -126,10 +126,6 @@ def get_args_parser():
     p = argparse.ArgumentParser("Speed of dense vs patch-slimmed DeiT in every runtime, both token semantics")
     p.add_argument("--model", default="deit_small", choices=list(vit.PRESETS))
     p.add_argument("--weights", default=None, help="checkpoint for the architecture (e.g. the proxy); weights unused")
-    p.add_argument("--masks", default=None, help="masks.json (timed under its own tokens); default: the paper's "
-                   "budget under each semantics")
-    p.add_argument("--tokens", default=["frozen", "removed"], nargs="+", choices=list(vit.TOKENS),
-                   help="semantics to time without --masks")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes, each timed in its own rounds")
     p.add_argument("--repeats", type=int, default=10, help="rounds at the largest batch; batch 1 runs 5x as many")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
@@ -162,12 +158,8 @@ def usable_runtimes(asked, device, dtype):
 def build(args, model, device, dtype, folder):
     """The masks of each semantics, {label: fn} of every runtime and model (timm's too), the runtimes, those left out."""
     cfg = model.cfg
-    if args.masks:
-        keep, tokens = vit.load_masks(args.masks, cfg)
-        masks = {tokens: (keep, args.masks)}
-    else:
-        gflops = 2.6 if cfg == vit.PRESETS["deit_small"] else round(flops.count_flops(cfg) / 1e9 * 2.6 / 4.6, 4)
-        masks = {tokens: default_masks(cfg, tokens, gflops) for tokens in args.tokens}
+    gflops = 2.6 if cfg == vit.PRESETS["deit_small"] else round(flops.count_flops(cfg) / 1e9 * 2.6 / 4.6, 4)
+    masks = {tokens: default_masks(cfg, tokens, gflops) for tokens in ("frozen", "removed")}
     runtimes, skipped = usable_runtimes(args.runtimes, device, dtype)
     model = model.to(device, dtype).eval()
     fns = {f"{rt} {v}": fn for rt in runtimes for v, fn in runtime_fns(rt, model, masks, device, args.threads,
