@@ -1,0 +1,321 @@
+"""
+One protocol for every token reducer beside patch slimming (arXiv 2106.02852; METHOD.md §8) on the CIFAR-10 proxy,
+off the shelf: each method's free settings are chosen by top-1 at the budget on a held-out slice of the TRAINING
+images, among a comparable number of candidates per method, each within TOLERANCE of the budget's FLOPs under its
+own exact count; val is read once, for the selected settings' final numbers, paired against patch slimming's.
+
+Candidates at a budget (the budget-matched parameter, r / keep rate / ratio, is not free: it is set by the FLOPs):
+- patch slimming: its ε sets the budget, so at a fixed budget it has no free setting; its candidates are the masks
+  searches produced at that budget (the headline's two seeds at 0.138 G; Fig. 4's counts with Eq. 6's patches from
+  two draws of score images at 0.195 G), evaluated on the dense weights like every other row;
+- ToMe: its r schedule (r and inflect -1..1 in steps of 0.05) x proportional attention on or off;
+- EViT: its pruning locations (EVIT_LAYERS: any 2, 3 or 4 of layers 2..11), keep rate at the budget;
+- PPT (bench/ppt.py): its reducing locations (PPT_LAYERS) x its variance threshold (PPT_THRESHOLDS, in units of
+  1 / (patches)^2: 0 = always prune, inf = always pool), r and its schedule at the budget;
+- PiToMe (bench/pitome.py): its margin (PITOME_MARGINS) x proportional attention on or off, keep ratio at the budget.
+Of each grid, the settings within TOLERANCE below the budget are the candidates (one per distinct forward, at most
+MOST, evenly thinned in grid order); where fewer than LEAST are (ToMe's integer r schedules at 0.195 G; PiToMe's
+constant keep ratio, 1.5% under at best), the LEAST closest below it, and the results file says how far. The
+selection (select) takes the highest held-out top-1 of the candidates, ties to the first listed.
+
+    python bench/peers_select.py                          # both budgets: ~40 min on 2 cores
+    python bench/peers_select.py --held-out-images 500    # a quick check
+Writes results/peers_selection.json (every candidate: setting, GFLOPs, held-out top-1; the selected; their val
+top-1 with paired intervals against patch slimming; each row's training compute) and
+results/peers_selection_predictions.npz (val predictions of the selected settings); docs/peers.md is rendered from
+them by bench/report.py.
+"""
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flops  # noqa: E402
+import slim  # noqa: E402
+from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
+import vit  # noqa: E402
+from vit import UserError  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
+import pitome  # noqa: E402
+import ppt  # noqa: E402
+from common import read_json, write_json  # noqa: E402
+from peers_compare import eq6_masks  # noqa: E402
+from stats import compare  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["patch slimming", "ToMe", "EViT", "PPT", "PiToMe"]
+TOLERANCE = 0.01  # a candidate's FLOPs must lie in [budget (1 - TOLERANCE), budget]
+MOST = 12         # candidates per method at most (evenly thinned from its grid)
+LEAST = 6         # candidates per method at least: where fewer lie within TOLERANCE, the closest below the budget
+TOME_INFLECTS = [round(i / 20, 2) for i in range(-20, 21)]
+EVIT_LAYERS = [ls for k in (2, 3, 4) for ls in itertools.combinations(range(2, 12), k)]  # layers 2..11
+PPT_LAYERS = [(2, 5, 8), (2, 4, 6, 8, 10), (3, 5, 7, 9, 11)]  # the released (4, 7, 10) cannot reach 0.138 G here
+PPT_THRESHOLDS = [0.0, 2.7, 8.0, math.inf]  # x 1 / (patches)^2; released DeiT-S: 7e-5 = 2.7 / 196^2
+PITOME_MARGINS = [0.0, 0.25, 0.5, 0.75, 0.9]
+
+
+class Masks:
+    """Patch slimming's candidate: kept-index masks (vit.py's keep) run on the dense weights, frozen patches (P1)."""
+
+    def __init__(self, keep, name, tokens="frozen", compute=None):
+        self.keep, self.name, self.tokens, self.compute = keep, name, tokens, compute or {}
+
+    def describe(self):
+        return self.name
+
+
+def gflops_of(cfg, cand):
+    if isinstance(cand, Masks):
+        return flops.count_flops(cfg, cand.keep, tokens=cand.tokens) / 1e9
+    return peers.peer_flops(cfg, cand) / 1e9
+
+
+def thin(items, most):
+    """At most `most` of items, evenly spaced, first and last kept."""
+    if len(items) <= most:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (most - 1))] for i in range(most)]
+
+
+def grid(cfg, method, gflops):
+    """(settings, grid points) of a peer at a budget: each grid point's settings at or below the budget (ToMe: every
+    r of each inflect; the others: the budget-matched r / keep rate / ratio of each point)."""
+    m = cfg.num_tokens - cfg.prefix_tokens
+    if method == "ToMe":
+        return [peers.ToMe(r=r, inflect=i, prop_attn=pa) for pa in (True, False) for i in TOME_INFLECTS
+                for r in range(cfg.num_tokens)], 2 * len(TOME_INFLECTS)
+    if method == "EViT":
+        points = [lambda g, ls=ls: peers.at_gflops(cfg, "evit", g, layers=ls) for ls in EVIT_LAYERS]
+    elif method == "PPT":
+        points = [lambda g, ls=ls, c=c: ppt.at_gflops(cfg, g, layers=ls, threshold=c / m ** 2, inflect=None)
+                  for ls in PPT_LAYERS for c in PPT_THRESHOLDS]
+    elif method == "PiToMe":
+        points = [lambda g, mg=mg, pa=pa: pitome.at_gflops(cfg, g, margin=mg, prop_attn=pa) for mg in PITOME_MARGINS
+                  for pa in (False, True)]
+    else:
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS[1:])}")
+    found = []
+    for at in points:
+        try:
+            found.append(at(gflops))
+        except UserError:  # this grid point cannot reach the budget
+            pass
+    return found, len(points)
+
+
+def budget_candidates(cfg, method, gflops, tolerance=TOLERANCE, most=MOST, least=LEAST):
+    """(candidates, note) of a peer at a budget: of its grid's settings at or below the budget, one per distinct
+    forward (the same tokens per layer and other fields: ToMe schedules that truncate alike are one), those within
+    tolerance of it, evenly thinned to `most`; where fewer than `least` are, the `least` closest below it, and the
+    note says how far the farthest lies."""
+    settings, points = grid(cfg, method, gflops)
+    cost = {c: gflops_of(cfg, c) for c in settings}
+    distinct = {}
+    for c in settings:
+        if cost[c] <= gflops:
+            free = {k: 0 for k in ("r", "inflect", "rate", "ratio") if k in vars(c)}  # the budget-matched fields
+            distinct.setdefault((tuple(peers.tokens_per_layer(cfg, c)), type(c)(**{**vars(c), **free})), c)
+    below = list(distinct.values())
+    reached = len({type(c)(**{**vars(c), **{k: 0 for k in ("rate", "ratio", "r", "inflect") if k in vars(c)}})
+                   for c in settings})
+    notes = [f"{points - reached} of {points} grid points cannot reach the budget"] if method != "ToMe" and \
+        reached < points else []
+    within = [c for c in below if cost[c] >= gflops * (1 - tolerance)]
+    if len(within) < least:
+        bar = sorted((cost[c] for c in below), reverse=True)[:least][-1]
+        within = [c for c in below if cost[c] >= bar]  # ties at the bar all in
+        notes.append(f"{len([c for c in below if cost[c] >= gflops * (1 - tolerance)])} distinct settings within "
+                     f"{100 * tolerance:g}% of the budget: the {len(within)} closest below it, down to "
+                     f"{100 * (1 - min(cost[c] for c in within) / gflops):.2f}% under it")
+    return thin(within, most), "; ".join(notes)
+
+
+def held_out_slice(data_path, cfg, images, seed):
+    """`images` training images (eval transform), a seeded draw, as a TensorDataset: never val."""
+    train = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False, mean=cfg.mean, std=cfg.std)
+    sub = data.subset(train, total=images, seed=seed)
+    x, y = zip(*(sub[i] for i in range(len(sub))))
+    return torch.utils.data.TensorDataset(torch.stack(x), torch.as_tensor(y))
+
+
+def run_candidate(model, cand, ds, workers=0, desc="eval"):
+    """Predicted classes and labels of cand (a peer setting or Masks) on the weights of model over ds."""
+    if isinstance(cand, Masks):
+        return predict(model, ds, cand.keep, cand.tokens, workers=workers, desc=desc)
+    return predict(peers.PeerModel(model, cand), ds, workers=workers, desc=desc)
+
+
+def score_candidates(model, cands, held, gflops, tolerance=TOLERANCE, log=print):
+    """Each candidate's row: setting, GFLOPs, within tolerance, held-out top-1. Reads only `held`."""
+    rows = []
+    for c in cands:
+        t0 = time.time()
+        preds, labels = run_candidate(model, c, held, desc=f"held-out {c.describe()}")
+        g = gflops_of(model.cfg, c)
+        rows.append({"setting": c.describe(), "gflops": g, "within_tolerance": bool(gflops * (1 - tolerance) -
+                     1e-12 <= g <= gflops + 1e-12), "held_out_top1": accuracy(preds, labels),
+                     "seconds": round(time.time() - t0, 1)})
+        log(f"  {c.describe()}: {g:.4f} G, held-out top-1 {rows[-1]['held_out_top1']:.2f}")
+    return rows
+
+
+def select(rows):
+    """The index of the selected candidate: the highest held-out top-1, ties to the first listed. Reads nothing
+    but the candidates' rows (their held-out top-1)."""
+    return max(range(len(rows)), key=lambda i: (rows[i]["held_out_top1"], -i))
+
+
+def ps_candidates(cfg, dense, train_eval, budget_source, score_images):
+    """Patch slimming's candidates at a budget (see the docstring), with the training compute of their search."""
+    out = []
+    for src in budget_source:
+        if "masks" in src:
+            keep, _ = vit.load_masks(src["masks"], cfg)
+        else:
+            keep = eq6_masks(dense, train_eval, src["counts"], "frozen", src["score_seed"], score_images)
+        out.append(Masks(keep, src["name"], compute=src["compute"]))
+    return out
+
+
+def search_compute(report, ft_steps, batch, what="Alg. 1's block fine-tunes of the search that chose these masks "
+                   "(one block at a time; off the shelf, the weights evaluated are the dense ones)"):
+    """The block fine-tunes of an Alg. 1 search (each tried r fine-tunes block t for ft_steps steps): steps, images."""
+    steps = sum(len(lay["trials"]) for lay in report["layers"]) * ft_steps
+    return {"optimiser_steps": steps, "images_seen": steps * batch, "what": what}
+
+
+def old_protocol_compute(n_train, ref_dirs):
+    """The training compute of results/peers.json's fine-tuned rows (bench/peers_compare.py --finetune; their
+    settings picked by FLOPs alone): every row's final fine-tune (drop_last batches of the train set), plus, at the
+    headline budget, patch slimming's search (Alg. 1's block fine-tunes) before it."""
+    old = read_json(os.path.join(ROOT, "results", "peers.json"))
+    ft = old["finetune"]
+    steps = int(math.floor(n_train / ft["batch_size"]) * ft["epochs"])
+    out = {"final_finetune": {"epochs": ft["epochs"], "batch_size": ft["batch_size"], "optimiser_steps": steps,
+                              "images_seen": steps * ft["batch_size"]}, "budgets": {}}
+    headline = next(iter(old["budgets"]))
+    for budget, b in old["budgets"].items():
+        rows = {}
+        for name, r in b["rows"].items():
+            if not r.get("finetuned"):
+                continue
+            search = {"optimiser_steps": 0, "images_seen": 0}
+            if name == "patch slimming" and budget == headline:
+                reports = [read_json(os.path.join(d, "report.json")) for d in ref_dirs]
+                search = {f"seed {rep['settings']['seed']}": search_compute(
+                    rep, rep["settings"]["ft_steps"], rep["settings"]["batch_size"], "Alg. 1's block fine-tunes "
+                    "(one block at a time), whose weights the final fine-tune starts from") for rep in reports}
+            rows[name] = {"seeds": sorted(r["finetuned"]), "search_before_the_finetune": search}
+        out["budgets"][budget] = rows
+    return out
+
+
+def budgets(ref_dirs):
+    """{name: (GFLOPs, [patch slimming's candidate sources])}: the headline's and Fig. 4's eps 0.001."""
+    out = {}
+    reports = [read_json(os.path.join(d, "report.json")) for d in ref_dirs]
+    g = reports[0]["slimmed_gflops"]
+    out[f"{g:.3f} G"] = (g, [{"name": f"{os.path.relpath(d, ROOT)}/masks.json (Alg. 1, seed {r['settings']['seed']})",
+                              "masks": os.path.join(d, "masks.json"),
+                              "compute": search_compute(r, r["settings"]["ft_steps"], r["settings"]["batch_size"])}
+                             for d, r in zip(ref_dirs, reports)])
+    pt = read_json(os.path.join(ROOT, "results", "fig4", "eps_0.001.json"))
+    steps = sum(len(lay["trials"]) for lay in pt["layers"]) * reports[0]["settings"]["ft_steps"]
+    compute = {"optimiser_steps": steps, "images_seen": steps * reports[0]["settings"]["batch_size"],
+               "what": "Alg. 1's block fine-tunes of the Fig. 4 search that chose these counts (the patches are "
+               "Eq. 6's on the dense weights)"}
+    out[f"{pt['gflops']:.3f} G"] = (pt["gflops"], [
+        {"name": f"results/fig4/eps_0.001.json counts, patches by Eq. 6 (score images seed {s})",
+         "counts": pt["kept_per_layer"], "score_seed": s, "compute": compute} for s in (0, 1)])
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser("Every method's free settings chosen on held-out training images, val read once")
+    p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy"),
+                                                      os.path.join(ROOT, "results", "cifar10-proxy-seed1")])
+    p.add_argument("--held-out-images", type=int, default=3000, help="training images the selection reads")
+    p.add_argument("--held-out-seed", type=int, default=2024, help="the draw of those images")
+    p.add_argument("--score-images", type=int, default=512, help="Eq. 6 score images of the Fig. 4 masks")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "peers_selection"))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ref = read_json(os.path.join(args.reference[0], "report.json"))
+    data_path = os.path.join(ROOT, ref["args"]["data_path"])
+    dense = vit.load_checkpoint(os.path.join(ROOT, ref["weights"]))
+    cfg = dense.cfg
+    train_eval = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False, mean=cfg.mean, std=cfg.std)
+    held = held_out_slice(data_path, cfg, args.held_out_images, args.held_out_seed)
+    command = " ".join(["python bench/peers_select.py"] + sys.argv[1:])
+    res = {"command": command, "machine": slim.machine(), "weights": ref["weights"], "tolerance": TOLERANCE,
+           "held_out": {"split": "train", "images": len(held), "seed": args.held_out_seed,
+                        "transform": "eval (no augmentation)"},
+           "grids": {"ToMe inflect": TOME_INFLECTS, "EViT layers": EVIT_LAYERS, "PPT layers": PPT_LAYERS,
+                     "PPT thresholds x 1/(patches)^2": [str(c) for c in PPT_THRESHOLDS],
+                     "PiToMe margins (x proportional attention off, on)": PITOME_MARGINS},
+           "dense_gflops": flops.count_flops(cfg) / 1e9, "flops_note": flops.NOT_COUNTED + "; each reducer's own "
+           "matching, energy or fused token counted (matmuls); PPT counted as if every image pools (its upper bound)",
+           "budgets": {}}
+    preds_d, labels_d = run_candidate(dense, Masks(None, "dense"), held, desc="held-out dense")
+    res["held_out"]["dense_top1"] = accuracy(preds_d, labels_d)
+    chosen = {}
+    for name, (g, sources) in budgets(args.reference).items():
+        print(f"budget {name}", flush=True)
+        b = res["budgets"][name] = {"target_gflops": g, "methods": {}}
+        for method in METHODS:
+            if method == "patch slimming":
+                cands, note = ps_candidates(cfg, dense, train_eval, sources, args.score_images), ""
+            else:
+                cands, note = budget_candidates(cfg, method, g)
+            rows = score_candidates(dense, cands, held, g)
+            i = select(rows)
+            b["methods"][method] = {"candidates": rows, "selected": i, "note": note}
+            chosen[(name, method)] = cands[i]
+            write_json(args.out + ".json", res)
+
+    # val, read once: the selected settings' final numbers, paired against patch slimming's selected masks
+    val = data.build_dataset(data_path, "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
+    preds, labels = predict(dense, val, workers=args.workers, desc="val dense")
+    res["val_images"], res["dense"] = len(val), {"top1": accuracy(preds, labels), "gflops": res["dense_gflops"]}
+    save_predictions(args.out + "_predictions.npz", labels=labels, dense=preds)
+    n_train = len(train_eval)
+    for name, b in res["budgets"].items():
+        ps_correct = None
+        for method in METHODS:
+            cand = chosen[(name, method)]
+            preds, labels = run_candidate(dense, cand, val, args.workers, desc=f"val {name} {method}")
+            save_predictions(args.out + "_predictions.npz", **{f"{name}__{method}".replace(" ", "_"): preds})
+            correct = preds.numpy() == labels.numpy()
+            m = b["methods"][method]
+            m["val"] = {"setting": cand.describe(), "gflops": gflops_of(cfg, cand), "top1": accuracy(preds, labels),
+                        "tokens_per_layer": flops.kept_counts(cfg, cand.keep) if isinstance(cand, Masks) else
+                        [n for n, _ in peers.tokens_per_layer(cfg, cand)]}
+            if method == "patch slimming":
+                ps_correct = correct
+            else:
+                m["val"]["ps_minus_this"] = compare(ps_correct, correct)
+            m["training"] = {"off_the_shelf": {"optimiser_steps": 0, "images_seen": 0},
+                             "selection_images": len(held),
+                             "search": cand.compute if isinstance(cand, Masks) else None}
+            print(f"{name} {method}: {cand.describe()}: val top-1 {m['val']['top1']:.2f}%", flush=True)
+            write_json(args.out + ".json", res)
+    res["train_images"] = n_train
+    res["finetuned_old_protocol"] = old_protocol_compute(n_train, args.reference)
+    write_json(args.out + ".json", res)
+    print(f"wrote {args.out}.json and {args.out}_predictions.npz")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
