@@ -162,10 +162,11 @@ SCORES = {"significance": significance_score, "head-mean": head_mean_score, "att
 
 
 def spearman(a, b):
-    """Rank correlation of two 1-D tensors (no ties expected in real-valued scores)."""
-    ra, rb = (v.argsort().argsort().double() for v in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+    """Spearman's rho along the last dimension: (..., n) each -> (...), Pearson's correlation of the ranks (ties,
+    rare in real-valued scores, broken by position)."""
+    ra, rb = (v.argsort(-1).argsort(-1).double() for v in (a, b))
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------- running blocks from the cache
@@ -472,7 +473,7 @@ def search_layer(model, t, keep, fit, held, settings, log, quality_images=0):
         for name in SCORES:
             sc = scores if name == settings.score else layer_scores(model, scoring, full, tokens, t, name, batch_size,
                                                                     settings.seed)
-            info["spearman"][name] = round(spearman(sc[ranked], truth), 4)
+            info["spearman"][name] = round(float(spearman(sc[ranked], truth)), 4)
     candidates = candidate_masks(forced, ranked, settings.r_step)
     k_t, info["trials"], e = SEARCH_LOOPS[settings.search](model, t, keep, candidates, fit, held, settings)
     info.update(kept=int(k_t.numel()), E=float(f"{e.relative:.4g}"), E_abs=float(f"{e.absolute:.4g}"))

@@ -140,13 +140,6 @@ def dynamic_targets(dyn, z_in, t):
     return slim.significance_score(records)
 
 
-def rank_correlation(a, b):
-    """Spearman's rho of each row of a and b, (B, n) each -> (B,) (ties broken by position)."""
-    ra, rb = (v.argsort(1).argsort(1).double() for v in (a, b))
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
-
-
 def top_k_recall(s_hat, s, k):
     """The share of the k best patches by s (exact) that the k best by s_hat (predicted) find, per row: (B,)."""
     hit = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(k, dim=1).indices, True)
@@ -164,7 +157,7 @@ def ranking_quality(dyn, t, z_in, batch_size):
         s = dynamic_targets(dyn, z, t)[:, P:]
         with autocast(device):
             s_hat = dyn.predictors[str(t)](z[:, P:]).float()
-        total += torch.tensor([rank_correlation(s_hat, s).sum().item(), top_k_recall(s_hat, s, k).sum().item(), len(z)],
+        total += torch.tensor([slim.spearman(s_hat, s).sum().item(), top_k_recall(s_hat, s, k).sum().item(), len(z)],
                               dtype=torch.float64)
     total = distributed.all_reduce_sum(total)
     return {"spearman": round((total[0] / total[2]).item(), 4), "top_k_recall": round((total[1] / total[2]).item(), 4)}
