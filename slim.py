@@ -1,7 +1,10 @@
 """
-Patch slimming (Tang et al., "Patch Slimming for Efficient Vision Transformers", CVPR 2022, arXiv 2106.02852):
-significance scores, the top-down mask search of the paper's Algorithm 1 with per-layer fine-tuning, and the CLI.
+Patch slimming (Tang et al., "Patch Slimming for Efficient Vision Transformers", CVPR 2022, arXiv 2106.02852), the
+method: significance scores, the top-down mask search of the paper's Algorithm 1 with per-layer fine-tuning, and
+DPS-ViT's predictor. `python slim.py ...` starts the command line, which lives in pipeline/cli.py.
 
+    python slim.py --data cifar10 --out results/cifar10-proxy --final-epochs 1 --final-lr 3e-4   # the shipped proxy
+    # -> top-1 61.04% (dense 61.36%) at 62.2% fewer FLOPs: results/cifar10-proxy/report.json (12-13 min, 2-core Xeon)
     python slim.py --data imagenet --data-path /path/to/imagenet               # slim the released DeiT-S
     python slim.py --data folder --data-path DIR --weights ckpt.pth --out OUT  # any ImageFolder + DeiT ckpt
     python slim.py --eval-only --data ... [--masks OUT/masks.json]             # top-1 and FLOPs -> OUT/eval.json
@@ -32,22 +35,18 @@ Two loops choose r (--search, C6):
 - "fast" (an option, not the paper's loop): search_layer_fast, whose docstring says in one place how it differs.
 """
 import copy
-import os
-import platform
-import shlex
-import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
-import data
 import vit
-from pipeline import distributed, finetune, flags
+from pipeline import distributed, finetune
 from pipeline.evaluate import autocast
-from pipeline.resume import load_if_made_with, output_error, write_atomically
+from pipeline.resume import load_if_made_with, write_atomically
+from pipeline.distributed import machine  # noqa: F401  (peers scripts read slim.machine; to go)
 from vit import UserError
 
 
@@ -591,198 +590,5 @@ def top_k_listmle(s_hat, s, k):
     return (rest - ranked)[:, :k].mean()
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def get_args_parser():
-    d = SearchSettings()
-    parser = flags.Parser(description="Patch slimming (arXiv 2106.02852): top-down mask search for a DeiT")
-    p = parser.add_argument_group("what to slim (a first run needs --data, --data-path and, with --data folder, "
-                                  "--weights)")
-    p.add_argument("--data", default="imagenet", choices=["imagenet", "folder", "cifar10"],
-                   help="imagenet: DIR/{train,val}/<wnid>; folder: any ImageFolder tree DIR/{train,val}/<class>; "
-                   "cifar10: the shipped proxy model on CIFAR-10, downloaded once into DIR as such a tree")
-    p.add_argument("--data-path", default=None, help="dataset root holding train/ and val/ (--data cifar10: default "
-                   "data/cifar10)")
-    p.add_argument("--model", default=None, choices=list(vit.PRESETS),
-                   help="architecture; default deit_small, or the --weights checkpoint's own")
-    p.add_argument("--weights", default=None, help="checkpoint path or URL (default: the model's DeiT release)")
-    p.add_argument("--mean", type=flags.number(float), nargs=3, default=None, help="input normalisation mean (default: the model's: "
-                   "its checkpoint's config, its preset's, or ImageNet's, as the log says)")
-    p.add_argument("--std", type=flags.positive, nargs=3, default=None, help="input normalisation std (likewise)")
-    p.add_argument("--out", default="results/run", help="output folder; a rerun with the same folder resumes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p = parser.add_argument_group("the method (method.md labels)")
-    p.add_argument("--tokens", default=None, choices=list(vit.TOKENS),
-                   help="what a pruned patch becomes: frozen (the paper's, method.md P1; default for a search) or "
-                   "removed (v1, C1); with --eval-only the masks' own, unless given")
-    p.add_argument("--score", default=d.score, choices=list(SCORES), help="patch score: significance (Eq. 6, the "
-                   "paper's), head-mean (v1), attn (Fig. 7's baseline), class-attn (EViT-like) or random")
-    p.add_argument("--error", default=d.error, choices=list(ERRORS), help="the error Alg. 1 tests: next (E_{l+1}, the "
-                   "paper's, method.md P4) or final (v1: cumulative error of the final class feature)")
-    p.add_argument("--eps", type=flags.positive, default=None, help=f"tolerated error (default {d.eps} for --error next, 0.2 "
-                   "for --error final). next: E_{l+1} on C4's relative scale, ||diag(m)(Z^-Z)||^2 / ||diag(m)Z||^2 "
-                   "(our normalisation: the paper's Eq. 3 is unnormalised, so its 0.01/0.02 do not transfer; "
-                   "report.json gives the absolute error too)")
-    p.add_argument("--search", default=d.search, choices=list(SEARCH_LOOPS), help="the loop over r (C6): alg1, "
-                   "Alg. 1 as written (a block fine-tune at every r); fast, E0-bisection with skips "
-                   "(slim.search_layer_fast says how it differs)")
-    p.add_argument("--r-step", type=flags.count, default=None, dest="r_step", help="r', tokens added per search "
-                   "step (default: 10 of 196 patches, scaled by the patch count)")
-    p = parser.add_argument_group("the search's samples and block fine-tunes (Alg. 1, C5, C6)")
-    p.add_argument("--score-images", type=flags.count, default=d.score_images, help="training images the scores average over")
-    p.add_argument("--fit-images", type=flags.count, default=d.fit_images, help="cached augmented training images for fine-tuning")
-    p.add_argument("--held-images", type=flags.count, default=d.held_images, help="held training images E is measured on")
-    p.add_argument("--ft-steps", type=flags.count, default=d.ft_steps, help="fine-tuning steps per candidate, block t only")
-    p.add_argument("--ft-lr", type=flags.non_negative, default=d.ft_lr, help="AdamW learning rate of those steps")
-    p.add_argument("--ft-weight-decay", type=flags.non_negative, default=d.ft_weight_decay, help="AdamW weight decay of those steps")
-    p.add_argument("--ft-reach", type=flags.positive, default=d.ft_reach, help="--search fast only: fine-tune a candidate "
-                   "only if E0 <= ft_reach*eps")
-    p.add_argument("--ft-tries", type=flags.non_negative_int, default=d.ft_tries, help="--search fast only: at most this many "
-                   "fine-tunes of candidates with E0 > eps per layer")
-    p.add_argument("--batch-size", type=flags.count, default=d.batch_size, help="images per step of the search (global, "
-                   "split over the processes) and of evaluation")
-    p.add_argument("--seed", type=flags.non_negative_int, default=d.seed, help="chooses the fit/held images and seeds the fine-tunes")
-    p.add_argument("--quality-images", type=flags.non_negative_int, default=0, help="held images for the score-quality measure per layer (0: off)")
-    p.add_argument("--cache-device", default="auto", choices=["auto", "cpu", "cuda"], help="where the dense caches "
-                   "go: auto follows the memory plan printed at start (GPU if they fit, else pinned CPU memory)")
-    finetune.add_arguments(parser)
-    from pipeline import dynamic  # imported here, not at the top: pipeline/dynamic.py imports this module
-    dynamic.add_arguments(parser)
-    p = parser.add_argument_group("running")
-    p.add_argument("--workers", type=flags.non_negative_int, default=None, help="data loading processes per process (default: the CPUs "
-                   "shared among this machine's processes, at most 8)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files, and at the "
-                   "small-image recipe's sizes (<= 64 px) images of another size than the model's (counted in the log "
-                   "and report.json), instead of stopping with an error naming the first")
-    p.add_argument("--val-per-class", type=flags.count, default=None, help="evaluate on the first k val images per class (quick runs)")
-    p.add_argument("--eval-only", action="store_true", help="only measure top-1 and FLOPs (dense, or with --masks)")
-    p.add_argument("--masks", default=None, help="masks.json for --eval-only (a slimmed checkpoint carries its own)")
-    p.add_argument("--export", default=None, choices=["onnx"], help="write --weights (with its masks) as an ONNX "
-                   "file to --out (default: the checkpoint's folder) and stop (pipeline/export.py)")
-    return parser
-
-
-def check_args(args):
-    """Every bad input is a one-line UserError naming the fix."""
-    if args.data == "cifar10":  # the shipped proxy (models/README.md) on CIFAR-10, written once as an ImageFolder tree
-        args.data_path = data.cifar10_tree(args.data_path or data.CIFAR10_DIR)
-        args.weights = args.weights or vit.PROXY_CHECKPOINT
-    if not args.data_path:
-        raise UserError("--data-path is required: the folder holding train/ and val/ (e.g. /data/imagenet)")
-    if args.data == "folder" and not args.weights:
-        raise UserError("--data folder needs --weights: a DeiT checkpoint trained on that dataset")
-    if args.eps is None:
-        args.eps = SearchSettings.eps if args.error == "next" else 0.2
-    if args.masks and not args.eval_only:
-        raise UserError(f"--masks {args.masks} is for --eval-only (a search makes its own masks): add --eval-only, "
-                        "or drop --masks")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file: pass a folder (it is created if missing)")
-    if args.workers is None:  # the CPUs this process may use, shared among the machine's processes
-        args.workers = data.default_workers(distributed.local_world_size())
-    if args.batch_size % distributed.world_size():
-        raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {distributed.world_size()} "
-                        "processes: pass a multiple")
-    if args.cache_device == "cuda" and not args.device.startswith("cuda"):
-        raise UserError("--cache-device cuda needs --device cuda")
-    distributed.check_device(args.device)
-    return args
-
-
-def settings_from_args(args, cfg):
-    """The SearchSettings of parsed CLI args, with the defaults that depend on the model filled in (tokens: the
-    paper's "frozen"; r_step: default_r_step)."""
-    settings = SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
-    patches = cfg.num_tokens - cfg.prefix_tokens
-    if args.r_step is not None and args.r_step > patches:
-        raise UserError(f"--r-step {args.r_step} is more than the model's {patches} patches: give r' in [1, {patches}]")
-    settings.tokens, settings.r_step = args.tokens or "frozen", args.r_step or default_r_step(cfg)
-    return settings
-
-
-def run_identity(args):
-    """What besides the settings identifies a search (saved in its state, compared on resume): weights and data."""
-    return {"weights": args.weights or f"release {args.model or 'deit_small'}", "data_path": os.path.abspath(args.data_path)}
-
-
-def load_model(args):
-    """The model of --model / --weights, with --mean/--std (when given) as its input normalisation."""
-    if args.weights:
-        model = vit.load_checkpoint(args.weights, expect=vit.PRESETS[args.model] if args.model else None)
-    else:
-        model = vit.deit(args.model or "deit_small", pretrained=True)
-    if args.mean or args.std:
-        model.cfg = replace(model.cfg, mean=args.mean or model.cfg.mean, std=args.std or model.cfg.std)
-        model.normalisation = f"input normalisation mean {model.cfg.mean}, std {model.cfg.std}: from --mean/--std"
-    return model
-
-
-def cpu_model():
-    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine():
-    """What results files record of the machine they were made on."""
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-            "arch": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def main(args):
-    """The CLI (get_args_parser): --eval-only measures a model; otherwise Algorithm 1, then the final fine-tune.
-    pipeline/run.py runs each path stage by stage."""
-    from pipeline import dynamic, run  # imported here, not at the top: they import this module
-    if args.export:  # no data, no device: the checkpoint to an ONNX file (pipeline/export.py)
-        from pipeline import export
-        return export.main(args, default_out=get_args_parser().get_default("out"))
-    device = distributed.setup(args.device)  # joins the process group under torchrun (pipeline/distributed.py)
-    if args.dynamic or args.dynamic_from:  # DPS-ViT from a finished static run: its data and weights the defaults
-        dynamic.complete_args(args, get_args_parser())
-    args = check_args(args)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    bad = data.BadFiles(skip=args.skip_bad_images)
-    model = load_model(args).to(device)
-    if args.dynamic or model.dynamic is not None:  # DPS-ViT (Sec. 4.4): its fit and fine-tune, or --eval-only of a dynamic.pth
-        return dynamic.main(args, model, bad)
-    return run.evaluate_only(args, model, bad) if args.eval_only else run.search_and_finetune(args, model, bad)
-
-
-OUT_OF_MEMORY = "out of memory on {}: pass a smaller --batch-size (or --final-batch-size), or --cache-device cpu"
-
-
-def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    args.command = "python slim.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # as the log records it
-    try:
-        return main(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a file of the run could not be written: permission, no space, a file in the way
-        sys.exit(f"error: {output_error(e)}")
-    except torch.OutOfMemoryError:
-        sys.exit("error: " + OUT_OF_MEMORY.format(args.device))
-    except RuntimeError as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
-        if "can't allocate memory" in str(e) or "out of memory" in str(e):
-            sys.exit("error: " + OUT_OF_MEMORY.format(args.device))
-        raise
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted: rerun the same command to continue from what {args.out} holds")
-    finally:
-        distributed.cleanup()
-
-
-if __name__ == "__main__":
-    cli()
+if __name__ == "__main__":  # python slim.py ...: the command line, pipeline/cli.py (the one import that points up)
+    from pipeline.cli import cli; cli()

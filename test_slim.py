@@ -33,6 +33,8 @@ import flops
 import slim
 import vit
 from pipeline import caches, evaluate
+from pipeline import cli as pipeline_cli
+from pipeline.cli import cli
 from pipeline import run as pipeline_run
 from pipeline import finetune as pipeline_finetune
 from vit import UserError
@@ -731,12 +733,12 @@ def test_normalisation_comes_from_the_model(tmp_path):
     raw = torch.as_tensor(np.array(Image.open(ds.samples[0][0]).convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
     assert torch.allclose(ds[0][0], (raw / 255 - 0.5) / 0.25, atol=1e-6)
     argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--workers", "0"]
-    slim.cli(argv + ["--weights", str(tmp_path / "c.pth"), "--out", str(tmp_path / "a")])
+    cli(argv + ["--weights", str(tmp_path / "c.pth"), "--out", str(tmp_path / "a")])
     assert "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25): from the checkpoint's config" in (tmp_path / "a" / "eval.log").read_text()
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, tmp_path / "bare.pth")
-    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b")])
+    cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b")])
     assert "std (0.229, 0.224, 0.225): assumed ImageNet's" in (tmp_path / "b" / "eval.log").read_text()
-    slim.cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c"), "--mean", "0.4", "0.4",
+    cli(argv + ["--weights", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c"), "--mean", "0.4", "0.4",
                      "0.4", "--std", "0.2", "0.2", "0.2"])
     assert "mean (0.4, 0.4, 0.4), std (0.2, 0.2, 0.2): from --mean/--std" in (tmp_path / "c" / "eval.log").read_text()
 
@@ -889,7 +891,7 @@ def test_odd_image_modes_become_rgb(tmp_path):
 def test_cli_bad_input(tmp_path, capsys):
     def run(*argv):
         with pytest.raises(SystemExit) as e:
-            slim.cli(list(argv))
+            cli(list(argv))
         return str(e.value.code)
     run("--data-path", "x", "--search", "exact")
     assert "invalid choice: 'exact'" in capsys.readouterr().err
@@ -926,7 +928,7 @@ def test_numeric_flags_refuse_nan_infinity_and_values_out_of_range(bad, capsys):
     """Must-hold 3 of the bad-input issue: each is one line on stderr naming the flag and its range, exit status 2,
     before anything runs."""
     with pytest.raises(SystemExit) as e:
-        slim.cli(["--data", "cifar10", "--data-path", CIFAR, "--eval-only", *bad])
+        cli(["--data", "cifar10", "--data-path", CIFAR, "--eval-only", *bad])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and err.startswith(f"error: argument {bad[0]}: "), err
     assert re.search(r"[\[(][-\d.inf]+, [-\d.inf]+[\])]", err), err  # the range
@@ -935,7 +937,7 @@ def test_numeric_flags_refuse_nan_infinity_and_values_out_of_range(bad, capsys):
 def test_every_numeric_flag_is_range_checked():
     """No flag of slim.py is a bare int or float: each numeric type rejects NaN and infinity where it parses."""
     import argparse
-    actions = [a for a in slim.get_args_parser()._actions if a.type not in (None, str) and a.option_strings]
+    actions = [a for a in pipeline_cli.get_args_parser()._actions if a.type not in (None, str) and a.option_strings]
     assert len(actions) >= 25
     for a in actions:
         assert a.type not in (int, float), a.option_strings
@@ -946,7 +948,7 @@ def test_every_numeric_flag_is_range_checked():
 
 def test_search_settings_beyond_the_model_are_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--r-step 1000 is more than the model's 64 patches: give r' in \[1, 64\]"):
-        slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--r-step", "1000", "--out",
+        cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--r-step", "1000", "--out",
                   str(tmp_path / "o"), "--workers", "0"])
 
 
@@ -957,11 +959,11 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     base = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--workers", "0", "--val-per-class", "1"]
     for argv in (base + ["--eval-only"], base + ["--fit-images", "16"]):
         with pytest.raises(SystemExit) as e:
-            slim.cli(argv + ["--out", str(tmp_path / "afile" / "sub")])
+            cli(argv + ["--out", str(tmp_path / "afile" / "sub")])
         assert str(e.value.code) == (f"error: cannot write {tmp_path / 'afile' / 'sub'}: a file is in the way where a "
                                      "folder should be: pass --out a folder path")
     with pytest.raises(SystemExit, match=r"^error: cannot write .*afile: a file is in the way: pass --out a folder"):
-        slim.cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path / "afile")])
+        cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path / "afile")])
 
 
 def enospc_on(monkeypatch, suffix, after=0):
@@ -1007,16 +1009,16 @@ def test_a_full_disk_leaves_no_partial_file_and_the_same_command_resumes(tmp_pat
             "--val-per-class", "2", "--workers", "0", "--batch-size", "32"]
     enospc_on(monkeypatch, "state.pt.tmp", after=1)
     with pytest.raises(SystemExit) as e:
-        slim.cli(argv)
+        cli(argv)
     assert str(e.value.code) == (f"error: cannot write {out / 'state.pt'}: no space left there: free some, or pass "
                                  "--out on another disk (the same command resumes)")
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
     saved = torch.load(out / "state.pt", weights_only=False)
     assert saved["next"] == vit.load_checkpoint(PROXY_CKPT).cfg.depth - 2  # one layer (L-1) was searched
     monkeypatch.undo()
-    resumed = slim.cli(argv)
+    resumed = cli(argv)
     assert resumed["resumed"] is True
-    fresh = slim.cli([a if a != str(out) else str(tmp_path / "fresh") for a in argv])
+    fresh = cli([a if a != str(out) else str(tmp_path / "fresh") for a in argv])
     assert resumed["kept_per_layer"] == fresh["kept_per_layer"]
     assert (out / "masks.json").read_text() == (tmp_path / "fresh" / "masks.json").read_text()
 
@@ -1025,7 +1027,7 @@ def test_a_full_disk_leaves_no_partial_file_and_the_same_command_resumes(tmp_pat
 def test_a_failed_export_leaves_no_truncated_onnx_file(tmp_path, monkeypatch):
     enospc_on(monkeypatch, ".onnx.tmp")
     with pytest.raises(SystemExit, match="no space left there"):
-        slim.cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path)])
+        cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1044,11 +1046,11 @@ def test_images_of_another_size_than_a_small_model_are_refused_or_skipped(tmp_pa
     argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", PROXY_CKPT, "--workers", "0",
             "--out", str(tmp_path / "ev")]
     with pytest.raises(SystemExit) as e:
-        slim.cli(argv)
+        cli(argv)
     message = str(e.value.code)
     assert "\n" not in message and "big.jpg is 640x480 px but the model takes 32x32" in message
     assert "--skip-bad-images" in message
-    ev = slim.cli(argv + ["--skip-bad-images"])
+    ev = cli(argv + ["--skip-bad-images"])
     assert ev["skipped_images"] == 2 and ev["val_images"] == 20 and ev["val_files"] == 22
     assert "skipped 2 image files (--skip-bad-images)" in (tmp_path / "ev" / "eval.log").read_text()
 
@@ -1060,11 +1062,11 @@ def test_masks_and_slimmed_checkpoints_in_the_wrong_place_are_refused(tmp_path):
     masks = os.path.join(REPO, "results", "cifar10-proxy", "masks.json")
     base = ["--data", "folder", "--data-path", CIFAR, "--workers", "0", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="is a slimmed checkpoint with its own masks, and --masks .* would replace"):
-        slim.cli(base + ["--eval-only", "--weights", str(slimmed), "--masks", masks])
+        cli(base + ["--eval-only", "--weights", str(slimmed), "--masks", masks])
     with pytest.raises(SystemExit, match="--masks .* is for --eval-only"):
-        slim.cli(base + ["--weights", PROXY_CKPT, "--masks", masks])
+        cli(base + ["--weights", PROXY_CKPT, "--masks", masks])
     with pytest.raises(SystemExit, match="is a slimmed checkpoint \\(it carries masks\\): a search starts from the dense"):
-        slim.cli(base + ["--weights", str(slimmed)])
+        cli(base + ["--weights", str(slimmed)])
 
 
 def test_python_api_of_a_slimmed_model_and_of_offline_weights(tmp_path, monkeypatch):
@@ -1098,7 +1100,7 @@ def test_flops_cli_takes_the_geometry_of_the_masks_file(capsys):
 
 
 def test_results_files_hold_top1_without_float_noise(tmp_path):
-    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--workers", "0",
+    ev = cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--workers", "0",
                    "--val-per-class", "3", "--out", str(tmp_path)])
     text = (tmp_path / "eval.json").read_text()
     assert ev["top1"] == round(ev["top1"], 4) and not re.search(r'"top1": \d+\.\d{5,}', text), text
@@ -1114,13 +1116,13 @@ def test_val_classes_that_differ_from_train_or_the_checkpoint_are_refused(tmp_pa
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
     def run(root, weights=ckpt):
         with pytest.raises(SystemExit) as e:
-            slim.cli(["--eval-only", "--data", "folder", "--data-path", root, "--weights", str(weights), "--workers",
+            cli(["--eval-only", "--data", "folder", "--data-path", root, "--weights", str(weights), "--workers",
                       "0", "--out", str(tmp_path / "out")])
         return str(e.value.code)
     shifted = class_folders(tmp_path / "shifted", names, renamed)
     assert "has other class folders than train/ (only here: ['zc3'], only in train/: ['c3'])" in run(shifted)
     with pytest.raises(SystemExit, match="other class folders than train/"):  # the search path alike
-        slim.cli(["--data", "folder", "--data-path", shifted, "--weights", str(ckpt), "--workers", "0",
+        cli(["--data", "folder", "--data-path", shifted, "--weights", str(ckpt), "--workers", "0",
                   "--out", str(tmp_path / "search")])
     val_only = class_folders(tmp_path / "val_only", None, renamed)
     slimmed = tmp_path / "slimmed.pth"
@@ -1128,23 +1130,25 @@ def test_val_classes_that_differ_from_train_or_the_checkpoint_are_refused(tmp_pa
     assert vit.load_checkpoint(str(slimmed)).classes == names
     assert "other class folders than the checkpoint (only here: ['zc3']" in run(val_only, slimmed)
     same = class_folders(tmp_path / "same", names, names)
-    ok = slim.cli(["--eval-only", "--data", "folder", "--data-path", same, "--weights", str(slimmed), "--workers", "0",
+    ok = cli(["--eval-only", "--data", "folder", "--data-path", same, "--weights", str(slimmed), "--workers", "0",
                    "--out", str(tmp_path / "ok")])
     assert ok["val_images"] == 10
     with pytest.raises(SystemExit, match="has no train/ subfolder"):  # the search needs train/, and says so
-        slim.cli(["--data", "folder", "--data-path", val_only, "--weights", str(ckpt), "--workers", "0",
+        cli(["--data", "folder", "--data-path", val_only, "--weights", str(ckpt), "--workers", "0",
                   "--out", str(tmp_path / "search")])
 
 
-def test_checked_args_are_complete(tmp_path, monkeypatch):
-    """check_args leaves no default to be filled later: the bench scripts build their settings from its result alone
-    (an unresolved --workers once reached the DataLoader of bench/eps_sweep.py as None)."""
+def test_completed_args_are_complete(tmp_path, monkeypatch):
+    """complete_args leaves no default to be filled later (the bench scripts build their settings from its result
+    alone), and check_args changes nothing."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    args = slim.check_args(slim.get_args_parser().parse_args(["--data-path", "x", "--out", str(tmp_path / "o")]))
-    assert isinstance(args.workers, int) and args.workers >= 0
-    assert isinstance(args.eps, float) and args.eps > 0
-    assert slim.check_args(slim.get_args_parser().parse_args(["--data-path", "x", "--workers", "0"])).workers == 0
-    parse = slim.get_args_parser().parse_args
+    args = pipeline_cli.complete_args(pipeline_cli.get_args_parser().parse_args(["--data-path", "x", "--error", "final"]))
+    assert isinstance(args.workers, int) and args.workers >= 1 and args.eps == pipeline_cli.FINAL_EPS
+    before = dict(vars(args))
+    pipeline_cli.check_args(args)
+    assert vars(args) == before
+    assert pipeline_cli.complete_args(pipeline_cli.get_args_parser().parse_args(["--data-path", "x", "--workers", "0"])).workers == 0
+    parse = pipeline_cli.get_args_parser().parse_args
     assert parse(["--data-path", "x"]).search == "alg1"
     assert parse(["--data-path", "x", "--search", "fast"]).search == "fast"
 
@@ -1159,11 +1163,11 @@ def test_unreadable_files_are_one_line_or_skipped(tmp_path):
                ckpt)
     argv = ["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--workers", "1"]
     with pytest.raises(SystemExit) as e:
-        slim.cli(argv + ["--out", str(tmp_path / "a")])
+        cli(argv + ["--out", str(tmp_path / "a")])
     msg = str(e.value.code)
     assert "\n" not in msg and "is not a readable image" in msg and "--skip-bad-images" in msg
     assert "truncated.JPEG" in msg or "notes.JPEG" in msg
-    result = slim.cli(argv + ["--out", str(tmp_path / "b"), "--skip-bad-images"])
+    result = cli(argv + ["--out", str(tmp_path / "b"), "--skip-bad-images"])
     on_disk = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert result["val_images"] == on_disk["val_images"] == 6 and on_disk["skipped_images"] == 2
     assert sorted(os.path.basename(p) for p in on_disk["skipped_files"]) == ["notes.JPEG", "truncated.JPEG"]
@@ -1196,7 +1200,7 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
     ckpt = tmp_path / "small.pth"
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, ckpt)
     with pytest.raises(SystemExit) as e:
-        slim.cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(tmp_path / "o"),
+        cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(tmp_path / "o"),
                   "--workers", "0"])
     assert str(e.value.code).startswith("error: out of memory on cpu: pass a smaller --batch-size")
     assert "--cache-device cpu" in str(e.value.code)
@@ -1280,7 +1284,7 @@ def test_cifar10_without_tree_or_network_is_one_line(tmp_path, monkeypatch, caps
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit) as e:
-        slim.cli(["--data", "cifar10", "--data-path", str(tmp_path / "none"), "--eval-only", "--out", str(tmp_path / "o")])
+        cli(["--data", "cifar10", "--data-path", str(tmp_path / "none"), "--eval-only", "--out", str(tmp_path / "o")])
     message = str(e.value)
     assert "\n" not in message and str(tmp_path / "none") in message and "could not be downloaded (URLError)" in message
     assert "connect to the network" in message and "--data-path" in message
@@ -1288,7 +1292,7 @@ def test_cifar10_without_tree_or_network_is_one_line(tmp_path, monkeypatch, caps
 
 def test_data_cifar10_uses_the_shipped_proxy(tmp_path):
     """--data cifar10 with no --weights evaluates the shipped checkpoint (models/) on the tree it is given."""
-    ev = slim.cli(["--data", "cifar10", "--data-path", CIFAR, "--eval-only", "--val-per-class", "2", "--workers", "0",
+    ev = cli(["--data", "cifar10", "--data-path", CIFAR, "--eval-only", "--val-per-class", "2", "--workers", "0",
                    "--out", str(tmp_path / "ev")])
     assert ev["val_images"] == 20
     log = (tmp_path / "ev" / "eval.log").read_text()
@@ -1331,6 +1335,57 @@ def test_train_proxy_writes_a_checkpoint_of_the_shipped_format(tmp_path):
     assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3) and lr[10] == pytest.approx(1e-3)
     assert lr[100] == pytest.approx(1e-5) and lr[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def project_imports():
+    """module -> (the project modules it imports, those imported inside a function), read from the source; the launcher
+    under `if __name__ == "__main__":` is left out (slim.py's two lines that start the CLI)."""
+    import ast
+    import glob
+    files = ["vit.py", "flops.py", "data.py", "slim.py"] + sorted(glob.glob(os.path.join(REPO, "pipeline", "*.py")))
+    names = {os.path.relpath(os.path.join(REPO, f), REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__"): f
+             for f in files}
+    graph, deferred = {}, {}
+    for name, f in names.items():
+        with open(os.path.join(REPO, f), encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        launcher = {id(n) for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+                    for n in ast.walk(node)}
+        in_function = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(node) if n is not node}
+        for node in ast.walk(tree):
+            if id(node) in launcher or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            found = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for target in found:
+                if target in names and target != name and target != "pipeline":
+                    graph.setdefault(name, set()).add(target)
+                    if id(node) in in_function:
+                        deferred.setdefault(name, set()).add(target)
+    return graph, deferred
+
+
+def test_the_import_graph_points_down_only():
+    """Must-hold 1 of the redesign: no module imports one that imports it, directly or through others, and no project
+    import is deferred into a function to dodge a circle. vit is at the bottom; the CLI (pipeline.cli) at the top."""
+    graph, deferred = project_imports()
+    assert deferred == {}
+    order, state = [], {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            pytest.fail(f"import circle: {' -> '.join(path + [m])}")
+        if state.get(m) != "done":
+            state[m] = "open"
+            for n in sorted(graph.get(m, ())):
+                visit(n, path + [m])
+            state[m], _ = "done", order.append(m)
+    for m in sorted(graph):
+        visit(m, [])
+    assert "vit" not in graph and graph["slim"] <= {"vit", "pipeline.distributed", "pipeline.finetune",
+                                                    "pipeline.evaluate", "pipeline.resume"}
+    assert not any("pipeline.cli" in targets for targets in graph.values())
 
 
 SPEC_FREE = ["README.md", "docs", "models", "slim.py", "vit.py", "flops.py", "data.py", "pipeline", "bench"]
@@ -1378,7 +1433,7 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
     argv = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "128",
             "--held-images", "64", "--score-images", "32", "--ft-steps", "2", "--val-per-class", "10", "--eps", "0.3",
             "--quality-images", "16", "--workers", "1"]
-    report = slim.cli(argv)
+    report = cli(argv)
     on_disk = json.loads((out / "report.json").read_text())
     cfg = vit.load_checkpoint(PROXY_CKPT).cfg
     keep, tokens = vit.load_masks(out / "masks.json", cfg)
@@ -1389,22 +1444,22 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
     rhos = [v for lay in on_disk["layers"] for v in lay.get("spearman", {}).values()]  # layers with >= 3 candidates
     slimmed = vit.load_checkpoint(out / "slimmed.pth")  # weights + masks + semantics, loadable as promised
     assert [k.tolist() for k in slimmed.keep] == [k.tolist() for k in keep] and slimmed.tokens == "frozen"
-    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
+    ev = cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
                    "--out", str(tmp_path / "ev"), "--val-per-class", "10", "--workers", "1"])
     assert ev["top1"] == pytest.approx(on_disk["slimmed_top1"]) and ev["gflops"] == pytest.approx(on_disk["slimmed_gflops"])
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top1"] == ev["top1"]
-    ev2 = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
+    ev2 = cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "slimmed.pth"),
                     "--out", str(tmp_path / "ev"), "--val-per-class", "10", "--workers", "1", "--tokens", "removed"])
     assert ev2["tokens"] == "removed" and ev2["gflops"] < ev["gflops"]  # explicit, and logged as such
     assert "searched with tokens='frozen'" in (tmp_path / "ev" / "eval.log").read_text()
     from pipeline import run
     monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("the dense model was evaluated before the refusal"))
     with pytest.raises(SystemExit, match=r"other settings \(eps 0.3 -> 0.5\)"):  # refused before any work
-        slim.cli(argv[:-6] + ["--eps", "0.5", "--quality-images", "16", "--workers", "1"])
+        cli(argv[:-6] + ["--eps", "0.5", "--quality-images", "16", "--workers", "1"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"keep": [[0, 1]] * 3}))
     with pytest.raises(SystemExit, match="masks have 3 layers but the model has depth 12"):
-        slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--masks", str(bad),
+        cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--masks", str(bad),
                   "--out", str(tmp_path / "ev2")])
 
 
@@ -1414,7 +1469,7 @@ def test_torchrun_two_processes_reach_the_one_process_result(tmp_path):
     argv = ["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--fit-images", "128", "--held-images",
             "64", "--score-images", "32", "--ft-steps", "3", "--val-per-class", "20", "--eps", "0.02", "--workers", "1",
             "--final-epochs", "0.003"]
-    one = slim.cli(argv + ["--out", str(tmp_path / "one")])
+    one = cli(argv + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "slim.py", *argv, "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -1475,7 +1530,7 @@ def test_cli_search_and_eval_on_deit3_and_distilled_release_checkpoints(tmp_path
     root = image_folder(tmp_path / "data", classes=3, train_per_class=6, val_per_class=2, size=(224, 240))
     ckpt = release_checkpoint(tmp_path / "release.pth", preset, num_classes=3)
     out = tmp_path / "out"
-    report = slim.cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(out),
+    report = cli(["--data", "folder", "--data-path", str(root), "--weights", str(ckpt), "--out", str(out),
                        "--fit-images", "16", "--held-images", "4", "--score-images", "4", "--ft-steps", "1",
                        "--batch-size", "4", "--eps", "0.01", "--workers", "0"])
     assert (report["fit_images_used"], report["held_images_used"]) == (9, 4)  # 18 training images: at most half
@@ -1488,7 +1543,7 @@ def test_cli_search_and_eval_on_deit3_and_distilled_release_checkpoints(tmp_path
     assert {k: json.loads((out / "masks.json").read_text())["config"][k] for k in family} == family  # recognised
     log = (out / "log.txt").read_text()
     assert "assumed ImageNet's: the checkpoint does not say" in log
-    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(out / "slimmed.pth"),
+    ev = cli(["--eval-only", "--data", "folder", "--data-path", str(root), "--weights", str(out / "slimmed.pth"),
                    "--out", str(tmp_path / "ev"), "--workers", "0"])
     assert ev["top1"] == pytest.approx(report["slimmed_top1"]) and ev["gflops"] == pytest.approx(report["slimmed_gflops"])
     assert "from the checkpoint's config" in (tmp_path / "ev" / "eval.log").read_text()  # slimmed.pth carries it
@@ -1826,7 +1881,7 @@ def test_export_cli_on_the_proxy_matches_pytorch_on_real_images(tmp_path, capsys
     (checked once, with the frozen masks). Both graphs hold the multiply-adds flops.py counts."""
     import onnx
     path, keep, tokens = slimmed_proxy(tmp_path, os.path.join(REPO, masks))
-    written = slim.cli(["--export", "onnx", "--weights", str(path)])
+    written = cli(["--export", "onnx", "--weights", str(path)])
     assert written == str(tmp_path / f"slimmed_{tokens}.onnx") and f"tokens {tokens}" in capsys.readouterr().out
     model = vit.load_checkpoint(PROXY_CKPT)
     val = data.build_dataset(CIFAR, "val", 32, mean=model.cfg.mean, std=model.cfg.std)
@@ -1840,7 +1895,7 @@ def test_export_cli_on_the_proxy_matches_pytorch_on_real_images(tmp_path, capsys
     assert json.loads(meta["classes"])[0] == "airplane" and meta["tokens"] == tokens
     if tokens == "removed":
         return
-    dense = slim.cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path / "dense")])
+    dense = cli(["--export", "onnx", "--weights", PROXY_CKPT, "--out", str(tmp_path / "dense")])
     assert dense == str(tmp_path / "dense" / "deit_tiny_p4_cifar10.onnx")
     got = pipeline_export.ort_session(dense).run(["logits"], {"img": img.numpy()})[0]
     with torch.no_grad():
@@ -1856,24 +1911,24 @@ def test_export_bad_input_is_one_line(tmp_path, monkeypatch):
     keep = random_nested_keep(SMALL_CFG, 1)
     vit.save_masks(tmp_path / "masks.json", keep, SMALL_CFG, "frozen")
     with pytest.raises(SystemExit, match=r"masks.json is a masks file, not a model: pass the slimmed.pth beside it"):
-        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "masks.json")])
+        cli(["--export", "onnx", "--weights", str(tmp_path / "masks.json")])
     (tmp_path / "masks.pth").write_text((tmp_path / "masks.json").read_text())
     with pytest.raises(SystemExit, match=r"holds JSON \(a masks file\?\), not a model"):
-        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "masks.pth")])
+        cli(["--export", "onnx", "--weights", str(tmp_path / "masks.pth")])
     torch.save({"model": {"conv1.weight": torch.zeros(8, 3, 3, 3)}}, tmp_path / "resnet.pth")
     with pytest.raises(SystemExit, match="not a DeiT/timm ViT state dict"):
-        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "resnet.pth")])
+        cli(["--export", "onnx", "--weights", str(tmp_path / "resnet.pth")])
     with pytest.raises(SystemExit, match="--export needs --weights"):
-        slim.cli(["--export", "onnx"])
+        cli(["--export", "onnx"])
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict(), "dynamic": {"counts": [17, 9, 5, 1]}},
                tmp_path / "dynamic.pth")
     with pytest.raises(SystemExit, match="is a DPS-ViT checkpoint .* the export writes static masks only"):
-        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "dynamic.pth")])
+        cli(["--export", "onnx", "--weights", str(tmp_path / "dynamic.pth")])
     torch.save({"model": vit.VisionTransformer(SMALL_CFG).state_dict()}, tmp_path / "small.pth")
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it raises ImportError
     with pytest.raises(SystemExit, match=r"needs the optional packages onnx, onnxscript \(onnxscript is missing\): "
                                          r"pip install -r requirements-export.txt"):
-        slim.cli(["--export", "onnx", "--weights", str(tmp_path / "small.pth")])
+        cli(["--export", "onnx", "--weights", str(tmp_path / "small.pth")])
     code = ("import sys, slim, flops, data; from pipeline import run; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnx', 'onnxscript', 'onnxruntime'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -2158,12 +2213,12 @@ def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
     --eval-only, its resume and its refusals, on the CIFAR-10 proxy."""
     out = tmp_path / "run"
     common = ["--val-per-class", "3", "--workers", "1", "--batch-size", "32"]
-    slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "64",
+    cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(out), "--fit-images", "64",
               "--held-images", "32", "--score-images", "16", "--ft-steps", "1", "--eps", "0.01", "--r-step", "16",
               *common])
     argv = ["--dynamic", "--from", str(out), "--fit-images", "64", "--held-images", "32", "--predictor-steps", "5",
             "--final-epochs", "0.0013", "--flops-ratio", "0.95", *common]
-    report = slim.cli(argv)
+    report = cli(argv)
     on_disk = json.loads((out / "dynamic.json").read_text())
     cfg = vit.load_checkpoint(PROXY_CKPT).cfg
     static_counts = [k.numel() for k in vit.load_masks(out / "masks.json", cfg)[0]]
@@ -2177,26 +2232,26 @@ def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
     for name, p in dyn.predictors.named_parameters():  # G frozen in the fine-tune: exactly the fitted predictor
         assert torch.equal(p, torch.load(out / "dynamic_state.pt", weights_only=False)["predictors"][name])
     assert any(not torch.equal(p, q) for p, q in zip(dyn.vit.parameters(), slimmed.parameters()))  # the network moved
-    ev = slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"),
+    ev = cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"),
                    "--out", str(tmp_path / "ev"), *common])
     assert ev["top1"] == pytest.approx(on_disk["dynamic_top1"]) and ev["gflops"] == pytest.approx(on_disk["gflops"])
-    again = slim.cli(argv)  # the same command resumes: nothing is fitted or fine-tuned again
+    again = cli(argv)  # the same command resumes: nothing is fitted or fine-tuned again
     assert again["dynamic_top1"] == pytest.approx(on_disk["dynamic_top1"])
     assert "the predictor fit in" in (out / "dynamic_log.txt").read_text()
     # the log opens with the command slim.cli ran, not the calling process's own arguments (pytest's here)
     assert (out / "dynamic_log.txt").read_text().startswith(f"python slim.py --dynamic --from {out} ")
     with pytest.raises(SystemExit, match=r"other settings \(steps 5 -> 6\)"):
-        slim.cli([a if a != "5" else "6" for a in argv])
+        cli([a if a != "5" else "6" for a in argv])
     with pytest.raises(SystemExit, match="drop --masks"):
-        slim.cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"),
+        cli(["--eval-only", "--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"),
                   "--masks", str(out / "masks.json"), "--out", str(tmp_path / "ev")])
     with pytest.raises(SystemExit, match="is a DPS-ViT checkpoint: evaluate it with --eval-only"):
-        slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"), "--out",
+        cli(["--data", "folder", "--data-path", CIFAR, "--weights", str(out / "dynamic.pth"), "--out",
                   str(tmp_path / "s")])
     with pytest.raises(SystemExit, match="has no report.json"):
-        slim.cli(["--dynamic", "--from", str(tmp_path / "ev")])
+        cli(["--dynamic", "--from", str(tmp_path / "ev")])
     with pytest.raises(SystemExit, match="--dynamic needs --from OUT"):
-        slim.cli(["--dynamic", "--data", "folder", "--data-path", CIFAR])
+        cli(["--dynamic", "--data", "folder", "--data-path", CIFAR])
 
 
 def test_dynamic_fit_under_torchrun_two_processes_equals_one_process(tmp_path):
@@ -2205,12 +2260,12 @@ def test_dynamic_fit_under_torchrun_two_processes_equals_one_process(tmp_path):
     the dynamic model's predictions equal one process's, up to float summation order."""
     static = tmp_path / "static"
     common = ["--val-per-class", "3", "--workers", "1", "--batch-size", "32"]
-    slim.cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(static), "--fit-images",
+    cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(static), "--fit-images",
               "64", "--held-images", "32", "--score-images", "16", "--ft-steps", "1", "--eps", "0.01", "--r-step", "16",
               *common])
     argv = ["--dynamic", "--from", str(static), "--fit-images", "64", "--held-images", "32", "--predictor-steps", "4",
             "--final-epochs", "0", "--flops-ratio", "0.95", *common]
-    one = slim.cli(argv + ["--out", str(tmp_path / "one")])
+    one = cli(argv + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "slim.py", *argv, "--out", str(tmp_path / "two")], cwd=os.path.dirname(os.path.abspath(__file__)),

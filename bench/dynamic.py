@@ -25,7 +25,8 @@ import torch
 
 from common import ROOT, folder_log, interleaved, pyplot, read_json, write_json
 import data
-import slim
+from pipeline.distributed import machine  # noqa: E402
+from pipeline.cli import cli  # noqa: E402
 import vit
 from pipeline import finetune
 from pipeline.dynamic import DynamicSlimmed
@@ -42,7 +43,7 @@ def dynamic_run(static_dir, out, seed, ratio, args):
     argv += ["--final-epochs", str(args.final_epochs)] if args.final_epochs is not None else []
     argv += ["--final-lr", str(args.final_lr)] if args.final_lr is not None else []
     argv += ["--val-per-class", str(args.val_per_class)] if args.val_per_class else []
-    slim.cli(argv)
+    cli(argv)
     with open(os.path.join(out, "dynamic.json")) as f:
         return json.load(f)
 
@@ -180,7 +181,7 @@ def main():
         "val_images": len(labels_np), "picture": picture(dyn, val_all, args.out + "_picture.png"),
         "speed": speed(dyn.cpu().eval(), static.eval(), args.speed_batches, args.speed_repeats),
         "threads": torch.get_num_threads(), "wall_seconds": round(time.time() - t_start, 1),
-        "command": f"python bench/dynamic.py {shlex.join(sys.argv[1:])}", "machine": slim.machine()}
+        "command": f"python bench/dynamic.py {shlex.join(sys.argv[1:])}", "machine": machine()}
     write_json(args.out + ".json", result)
     for key in ("dps", "dps_fewer"):
         c = result[f"{key}_minus_ps_over_seeds"]

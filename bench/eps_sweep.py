@@ -22,6 +22,9 @@ from common import CIFAR10, PROXY, ROOT, folder_log, pyplot, read_json, write_js
 import data
 import flops
 import slim
+from pipeline.distributed import machine  # noqa: E402
+from pipeline import cli as cli_args  # noqa: E402
+from pipeline import run  # noqa: E402
 from pipeline.caches import cache_search_sets
 from pipeline.evaluate import accuracy, predict, save_predictions
 from pipeline.finetune import light_finetune
@@ -36,11 +39,12 @@ def main():
     p.add_argument("--final-lr", type=float, default=3e-4)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fig4"))
     args, rest = p.parse_known_args()
-    sargs = slim.check_args(slim.get_args_parser().parse_args(
+    sargs = cli_args.complete_args(cli_args.get_args_parser().parse_args(
         ["--data", "folder", "--data-path", CIFAR10, "--weights", PROXY, "--out", args.out] + rest))
-    pretrained = slim.load_model(sargs).to(torch.device(sargs.device))
+    cli_args.check_args(sargs)
+    pretrained = run.load_model(sargs).to(torch.device(sargs.device))
     cfg = pretrained.cfg
-    s = slim.settings_from_args(sargs, cfg)
+    s = run.settings_from_args(sargs, cfg)
     log = folder_log(args.out)
 
     t_start = time.time()
@@ -82,7 +86,7 @@ def main():
         points.append(pt)
     summary = {"command": " ".join(["python bench/eps_sweep.py"] + sys.argv[1:]), "dense_top1": dense_top1,
                "dense_gflops": dense_gflops, "final_epochs": args.final_epochs, "final_lr": args.final_lr,
-               "settings": asdict(s), "machine": slim.machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
+               "settings": asdict(s), "machine": machine(), "wall_seconds_this_run": round(time.time() - t_start, 1),
                "points": [{k: v for k, v in p.items() if k != "layers"} for p in points]}
     write_json(args.out + ".json", summary)
     plot(summary, args.out + ".png")

@@ -105,7 +105,7 @@ fi
 import json, os, sys
 import xml.etree.ElementTree as ET
 sys.path.insert(0, os.getcwd())
-import slim
+from pipeline.distributed import machine
 out, mode, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def read(path):
     try:
@@ -140,7 +140,7 @@ if speed:
     steps["speed"]["rows"] = speed["rows"]
     steps["speed"]["paper_v100"] = speed["paper_v100"]
 failed = [n for n, s in steps.items() if s["status"].startswith("failed")]
-result = {"mode": "cpu smoke" if mode == "--cpu-smoke" else "gpu", "seconds": seconds, "machine": slim.machine(),
+result = {"mode": "cpu smoke" if mode == "--cpu-smoke" else "gpu", "seconds": seconds, "machine": machine(),
           "failed": failed, "steps": steps}
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -24,6 +24,7 @@ import torch
 
 from common import ROOT, random_nested, read_json, write_json
 import slim
+from pipeline.distributed import machine  # noqa: E402
 import vit
 from pipeline import caches, finetune
 from pipeline.evaluate import autocast
@@ -118,8 +119,8 @@ def main():
     gpu_speedup = 1.0 if device.type == "cuda" else V100_DENSE_IMG_S * per_image["dense forward"]
     one_gpu = {k: v / gpu_speedup for k, v in seconds.items()}
     eight = {k: v / (8 * 0.9) for k, v in one_gpu.items()}
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else slim.machine()["cpu"],
-           "machine": slim.machine(), "per_image_seconds": per_image, "block_finetune_step_seconds": per_step_block,
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else machine()["cpu"],
+           "machine": machine(), "per_image_seconds": per_image, "block_finetune_step_seconds": per_step_block,
            "this_device_hours": {k: v / 3600 for k, v in seconds.items()}, "this_device_total_hours": here / 3600,
            "estimate_note": "ESTIMATE, not measured: every stage assumed to speed up like DeiT-S dense inference "
                             f"({V100_DENSE_IMG_S} img/s on a V100, the paper's Table 1), 8 GPUs at 90% efficiency",

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from common import ROOT, read_json, write_json
-import slim
+from pipeline.distributed import machine  # noqa: E402
 
 
 def compare(rerun, committed):
@@ -46,7 +46,7 @@ def main():
     for r in runs:
         print(f"{r['committed']}: masks {'equal' if r['same_masks'] else 'DIFFER'}, predictions differing "
               f"{r['predictions_differing']}; {r['wall_minutes']} min ({r['search_minutes']} of search)")
-    write_json(args.out, {"runs": runs, "note": args.note, "machine": slim.machine(),
+    write_json(args.out, {"runs": runs, "note": args.note, "machine": machine(),
                           "command": f"python bench/rerun_check.py {shlex.join(sys.argv[1:])}"})
     print(f"wrote {args.out}")
 

@@ -26,6 +26,7 @@ from common import CIFAR10, PROXY, ROOT, pyplot, write_json
 import data
 import flops
 import slim
+from pipeline.distributed import machine  # noqa: E402
 from pipeline.caches import cache_dense
 import vit
 from stats import compare
@@ -92,7 +93,7 @@ def main():
                 print(json.dumps(pt), flush=True)
     res = {"command": " ".join(["python bench/single_layer.py"] + sys.argv[1:]), "tokens": "frozen",
            "figure": args.figure, "dense_top1": dense_top1, "val_images": len(labels), "score_images": args.score_images,
-           "points": points, "machine": slim.machine(), "seconds": round(time.time() - t_start, 1)}
+           "points": points, "machine": machine(), "seconds": round(time.time() - t_start, 1)}
     write_json(out + ".json", res)
     np.savez_compressed(out + "_predictions.npz", **preds)
     plot(res, out + ".png")

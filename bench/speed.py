@@ -31,7 +31,7 @@ import torch
 
 from common import interleaved, random_nested, write_json  # noqa: F401 (peers_speed imports interleaved from here)
 import flops
-import slim
+from pipeline.distributed import machine  # noqa: E402
 import vit
 from pipeline import export
 
@@ -192,7 +192,7 @@ def main(args):
     masks, fns, runtimes, skipped = build(args, model, device, dtype, folder)
     dense_gf = flops.count_flops(cfg) / 1e9
     res = {"command": shlex.join(["python", "bench/speed.py", *sys.argv[1:]]), "model": name, "device": args.device,
-           "dtype": args.dtype, "machine": slim.machine(), "versions": versions(fns, runtimes),
+           "dtype": args.dtype, "machine": machine(), "versions": versions(fns, runtimes),
            "threads": torch.get_num_threads(), "runtimes": runtimes, "runtimes_not_timed": skipped,
            "batches": args.batches, "dense_gflops": dense_gf, "paper_v100": PAPER_V100, "rows": {}, "semantics": {},
            "profile_b1": {}}

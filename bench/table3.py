@@ -24,6 +24,7 @@ from common import ROOT, read_json, write_json
 import data
 import flops
 import slim
+from pipeline.distributed import machine  # noqa: E402
 from pipeline.caches import cache_dense
 from pipeline.evaluate import accuracy, predict, save_predictions
 from pipeline.finetune import light_finetune
@@ -58,7 +59,7 @@ def main():
     train_eval = data.build_dataset(ra["data_path"], "train", cfg.img_size, train_transform=False)
     res = read_json(args.out + ".json") if os.path.exists(args.out + ".json") else {"rows": {}}
     res.update(command=" ".join(["python bench/table3.py"] + sys.argv[1:]), tokens=tokens, target_gflops=target / 1e9,
-               final_epochs=ra["final_epochs"], final_lr=ra["final_lr"], machine=slim.machine())
+               final_epochs=ra["final_epochs"], final_lr=ra["final_lr"], machine=machine())
     for r, ref in zip(args.reference, refs):  # the learned pyramid: from its own run
         res["rows"][f"learned seed {ref['args']['seed']}"] = {
             "folder": os.path.relpath(r, ROOT), "kept_per_layer": ref["kept_per_layer"], "gflops": ref["slimmed_gflops"],

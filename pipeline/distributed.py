@@ -19,6 +19,7 @@ gloo on the CPU, NCCL on CUDA. How each stage splits its work over the K process
 Only rank 0 writes files and logs.
 """
 import os
+import platform
 import re
 from datetime import timedelta
 
@@ -119,3 +120,24 @@ def shard(n):
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """What results files record of the machine they were made on."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+            "arch": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

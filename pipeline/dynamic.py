@@ -32,7 +32,7 @@ import data
 import flops
 import slim
 import vit
-from pipeline import distributed, finetune, flags
+from pipeline import distributed, finetune, flags, run
 from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
 from pipeline.evaluate import autocast, save_predictions
 from pipeline.resume import load_if_made_with, write_atomically
@@ -285,7 +285,6 @@ def main(args, model, bad):
 
 def evaluate_only(args, model, bad):
     """--eval-only --weights OUT/dynamic.pth: top-1 on val and FLOPs with G, to OUT/eval.json."""
-    from pipeline import run
     if args.masks:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint, whose images choose their own masks: "
                         "drop --masks")
@@ -298,7 +297,7 @@ def evaluate_only(args, model, bad):
         top1, _, labels = run.evaluate(dyn, val, None, dyn.tokens, args, bad, "eval DPS-ViT")
         result = {"top1": top1, **flops_of(dyn), "val_images": len(labels), "val_files": len(val),
                   "weights": args.weights, **run.skipped(bad, log), "processes": distributed.world_size(),
-                  "machine": slim.machine()}
+                  "machine": distributed.machine()}
         if distributed.is_main():
             write_atomically(os.path.join(args.out, "eval.json"), result)
         log(f"DPS-ViT: top-1 {top1:.2f}% on {len(labels)} {args.data} val images, {result['gflops']:.4f} GFLOPs with "
@@ -318,7 +317,6 @@ def flops_of(dyn):
 
 def make_dynamic(args, teacher, bad):
     """Stages 1-4 of the module docstring. teacher: the static run's dense network."""
-    from pipeline import run
     t_start, device, is_main = time.time(), slim.device_of(teacher), distributed.is_main()
     static = vit.load_checkpoint(os.path.join(args.dynamic_from, "slimmed.pth")).to(device)
     if static.keep is None:
@@ -379,7 +377,7 @@ def make_dynamic(args, teacher, bad):
                        "settings": asdict(s), "final_finetune": asdict(ft), "from": args.dynamic_from,
                        "static_report_top1": static_report.get("slimmed_top1"), **run.skipped(bad, log),
                        "wall_seconds": round(time.time() - t_start, 1), "processes": distributed.world_size(),
-                       "args": vars(args), "machine": slim.machine(), "flops_note": flops.NOT_COUNTED})
+                       "args": vars(args), "machine": distributed.machine(), "flops_note": flops.NOT_COUNTED})
         if is_main:
             save_predictions(paths["predictions"], labels=labels, static=static_preds, fitted=fitted_preds,
                              dynamic=preds)

@@ -28,8 +28,10 @@ import os
 import torch
 import torch.nn as nn
 
+import data
 import flops
 import vit
+from pipeline import run
 from pipeline.resume import write_atomically
 from vit import UserError
 
@@ -68,7 +70,6 @@ def require(*names):
 
 def metadata(model, keep, tokens, source):
     """The ONNX model's metadata_props (strings): what a user of the file must know to feed it and read it."""
-    import data
     cfg = model.cfg
     counts = flops.kept_counts(cfg, keep)
     return {
@@ -153,8 +154,7 @@ def load_for_export(args):
         if head.startswith(b"{"):
             raise UserError(f"--weights {args.weights} holds JSON (a masks file?), not a model: pass the slimmed.pth "
                             f"written beside it, or the dense checkpoint with --masks {args.weights}")
-    import slim
-    model = slim.load_model(args)  # --model / --weights / --mean / --std, as every slim.py path reads them
+    model = run.load_model(args)  # --model / --weights / --mean / --std, as every slim.py path reads them
     if getattr(model, "dynamic", None) is not None:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint (each image chooses its patches, Sec. 4.4): "
                         "the export writes static masks only; pass the static run's slimmed.pth")

@@ -11,9 +11,8 @@ Only rank 0 writes files and logs; under torchrun every rank runs the same steps
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 
-import torch
 from tqdm import tqdm
 
 import data
@@ -60,6 +59,34 @@ def open_log(args, name, model):
         f"processes: {world} (world size; {group}), device {device}, {args.workers} data workers each")
     log(model.normalisation)
     return log
+
+
+def load_model(args):
+    """The model of --model / --weights, with --mean/--std (when given) as its input normalisation."""
+    if args.weights:
+        model = vit.load_checkpoint(args.weights, expect=vit.PRESETS[args.model] if args.model else None)
+    else:
+        model = vit.deit(args.model or "deit_small", pretrained=True)
+    if args.mean or args.std:
+        model.cfg = replace(model.cfg, mean=args.mean or model.cfg.mean, std=args.std or model.cfg.std)
+        model.normalisation = f"input normalisation mean {model.cfg.mean}, std {model.cfg.std}: from --mean/--std"
+    return model
+
+
+def settings_from_args(args, cfg):
+    """The SearchSettings of parsed CLI args, with the defaults that depend on the model filled in (tokens: the
+    paper's "frozen"; r_step: default_r_step)."""
+    settings = slim.SearchSettings(**{f.name: getattr(args, f.name) for f in fields(slim.SearchSettings)})
+    patches = cfg.num_tokens - cfg.prefix_tokens
+    if args.r_step is not None and args.r_step > patches:
+        raise UserError(f"--r-step {args.r_step} is more than the model's {patches} patches: give r' in [1, {patches}]")
+    settings.tokens, settings.r_step = args.tokens or "frozen", args.r_step or slim.default_r_step(cfg)
+    return settings
+
+
+def run_identity(args):
+    """What besides the settings identifies a search (saved in its state, compared on resume): weights and data."""
+    return {"weights": args.weights or f"release {args.model or 'deit_small'}", "data_path": os.path.abspath(args.data_path)}
 
 
 def evaluate(model, val, keep, tokens, args, bad, name):
@@ -110,7 +137,7 @@ def evaluate_only(args, model, bad):
         result = {"top1": top1, "gflops": gf, "dense_gflops": dense_gf, "tokens": tokens,
                   "kept_per_layer": flops.kept_counts(cfg, keep), "val_images": len(labels), "val_files": len(val),
                   "weights": args.weights, "masks": args.masks, **skipped(bad, log),
-                  "processes": distributed.world_size(), "machine": slim.machine()}
+                  "processes": distributed.world_size(), "machine": distributed.machine()}
         if distributed.is_main():
             write_atomically(os.path.join(args.out, "eval.json"), result)
         log(f"top-1 {top1:.2f}% on {len(labels)} {args.data} val images, {gf:.3f} GFLOPs counted as {tokens} "
@@ -166,7 +193,7 @@ def finetune_stage(args, model, keep, tokens, ft, val, bad, paths, run_id, log):
         save_predictions(paths["predictions"], labels=labels, searched=preds)
     log(f"after the search (per-layer fine-tuning only): top-1 {searched_top1:.2f}%")
     cfg = model.cfg
-    teacher = slim.load_model(args).to(slim.device_of(model)) if ft.distill != "none" else None
+    teacher = load_model(args).to(slim.device_of(model)) if ft.distill != "none" else None
     train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase,
                                   mean=cfg.mean, std=cfg.std)
     finetune.finetune(model, teacher, keep, tokens, train_ft, ft, paths["finetune"],
@@ -199,8 +226,8 @@ def search_and_finetune(args, model, bad):
     val = val_dataset(args, cfg, model.classes)
     train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
     data.check_classes(train_aug, cfg.num_classes)
-    settings, ft = slim.settings_from_args(args, cfg), finetune.settings_from_args(args)
-    run_id = slim.run_identity(args)
+    settings, ft = settings_from_args(args, cfg), finetune.settings_from_args(args)
+    run_id = run_identity(args)
     paths = {k: os.path.join(args.out, f) for k, f in (("state", "state.pt"), ("finetune", "finetune.pt"),
                                                       ("report", "report.json"), ("predictions", "predictions.npz"))}
     # a resume with other settings is refused here, before any work
@@ -223,7 +250,7 @@ def search_and_finetune(args, model, bad):
             "settings": asdict(settings), "fit_images_used": n_fit, "held_images_used": n_held,
             "final_finetune": asdict(ft), "layers": state["layers"], "wall_seconds": round(time.time() - t_start, 1),
             "resumed": saved is not None, **skipped(bad, log), "processes": distributed.world_size(),
-            "args": vars(args), "machine": slim.machine(), "flops_note": flops.NOT_COUNTED})
+            "args": vars(args), "machine": distributed.machine(), "flops_note": flops.NOT_COUNTED})
         save_outputs(args, model, keep, tokens, train_aug.classes, report, preds, labels, paths)
         log(f"slimmed: top-1 {slimmed_top1:.2f}% (dense {report['dense_top1']:.2f}%), {slim_flops / 1e9:.3f} GFLOPs "
             f"counted as {tokens} (dense {dense_flops / 1e9:.3f}, {100 * report['flops_reduction']:.1f}% fewer); "
