@@ -14,8 +14,10 @@ Rows at each budget:
   (block fine-tuning included) is read from the run's files, and so, at the headline budget, is its top-1 after the
   final fine-tune; at a Fig. 4 budget that fine-tune is run here from the dense weights, as the other rows' are;
 - ToMe with constant r (its default), ToMe with its r schedule searched too (an integer r lands far from some
-  budgets), and EViT (keep rate at layers 4, 7, 10): the setting closest at or below the budget (peers.at_gflops);
-  a budget a peer cannot reach is recorded as such;
+  budgets), and EViT (keep rate at layers 4, 7, 10): the setting closest at or below the budget in FLOPs
+  (peers.at_gflops), not chosen for accuracy; a budget a peer cannot reach is recorded as such. bench/peers_select.py
+  is the protocol that chooses every method's settings (PPT's and PiToMe's too) by top-1 on held-out training
+  images instead, off the shelf;
 - the linear pyramid (flops.linear_pyramid) with patches chosen by Eq. 6, built as bench/table3.py builds it (its
   fine-tuned rows are read from that script's results when they hold the same counts);
 - patch slimming with its row's masks, but pruned patches removed (METHOD.md C1, `--tokens removed`) instead of

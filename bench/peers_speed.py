@@ -1,11 +1,13 @@
 """
-Real speed of ToMe and EViT beside patch slimming (arXiv 2106.02852; METHOD.md §8) at DeiT-S shapes, each at the
+Real speed of ToMe, EViT, PPT and PiToMe beside patch slimming (arXiv 2106.02852; METHOD.md §8) at DeiT-S shapes, each at the
 paper's budget under its own exact count: images/s at batch 32 and batch-1 latency, timed interleaved in one run
 (bench/speed.py's `interleaved`: one call of each model per round, so the machine's drift hits all alike), and the
 ratio to dense. Random weights (timing does not depend on them; the peers' choices of tokens do not change their
 counts). Patch slimming runs the paper's Fig. 5 pyramid, 2.66 G as the paper counts (it reports 2.6 G), frozen
-patches (P1), patches scattered at random like real masks; ToMe (constant r) and EViT (keep rate at layers 4, 7,
-10) the setting closest at or below --gflops (bench/peers.py).
+patches (P1), patches scattered at random like real masks; ToMe (constant r), EViT (keep rate at layers 4, 7,
+10), PPT (r at layers 4, 7, 10, its released DeiT-S threshold 7e-5; bench/ppt.py) and PiToMe (keep ratio, margin
+0.75; bench/pitome.py) the setting closest at or below --gflops (bench/peers.py). PPT's cost per image depends on
+whether it pools or prunes (the matching is skipped when it prunes); random weights decide it here.
 
     python bench/peers_speed.py                  # DeiT-S, CPU, float32, 12 rounds: run it on a quiet machine
     python bench/peers_speed.py --repeats 3      # a quick check
@@ -23,6 +25,8 @@ import flops  # noqa: E402
 import slim  # noqa: E402
 import vit  # noqa: E402
 import peers  # noqa: E402
+import pitome  # noqa: E402
+import ppt  # noqa: E402
 from speed import default_masks, interleaved  # noqa: E402
 from common import write_json  # noqa: E402
 
@@ -30,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
-    p = argparse.ArgumentParser("Speed of ToMe and EViT beside patch slimming at the same GFLOPs")
+    p = argparse.ArgumentParser("Speed of ToMe, EViT, PPT and PiToMe beside patch slimming at the same GFLOPs")
     p.add_argument("--model", default="deit_small", choices=list(vit.PRESETS))
     p.add_argument("--gflops", type=float, default=2.6, help="the budget (the paper's PS-ViT DeiT-S: 2.6 of 4.6)")
     p.add_argument("--batch", type=int, default=32)
@@ -55,7 +59,8 @@ def main():
         "patch slimming": (lambda x: model(x, keep=keep, tokens="frozen"), flops.count_flops(cfg, keep),
                            masks + ", frozen (P1)", flops.kept_counts(cfg, keep)),
     }
-    for peer in (tome, evit):
+    extra = (ppt.at_gflops(cfg, args.gflops, threshold=7e-5), pitome.at_gflops(cfg, args.gflops))
+    for peer in (tome, evit) + extra:
         rows[type(peer).__name__] = (peers.PeerModel(model, peer), peers.peer_flops(cfg, peer), peer.describe(),
                                      [n for n, _ in peers.tokens_per_layer(cfg, peer)])
     fns = {name: row[0] for name, row in rows.items()}
