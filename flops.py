@@ -13,7 +13,7 @@ on the real forward in test_slim.py. The DeiT-S pyramid of the paper's Fig. 5 co
 import argparse
 import sys
 
-from vit import PRESETS, UserError, check_keep, check_tokens, load_checkpoint, load_masks, masks_config, resolve_tokens
+from vit import PRESETS, UserError, check_keep, check_tokens, load_masks, masks_config, read_checkpoint, resolve_tokens
 
 NOT_COUNTED = "MACs of matmuls/convs only; norms, softmax, GELU and adds are not counted (as DeiT/fvcore)"
 
@@ -122,7 +122,7 @@ def get_args_parser():
 
 
 def main(args):
-    model = load_checkpoint(args.weights) if args.weights else None
+    model, info = read_checkpoint(args.weights) if args.weights else (None, None)
     if model is not None:
         cfg = model.cfg
     elif args.model or not args.masks:
@@ -134,7 +134,7 @@ def main(args):
         (keep, found), source = load_masks(args.masks, cfg), args.masks
     elif model is not None and model.keep is not None:
         keep, found, source = model.keep, model.tokens, args.weights
-    dynamic = model.dynamic if model is not None else None  # a DPS-ViT checkpoint: its counts, predictors included
+    dynamic = info.dynamic if info is not None else None  # a DPS-ViT checkpoint: its counts, predictors included
     if dynamic and args.masks:
         raise UserError(f"{args.weights} is a DPS-ViT checkpoint, whose images choose their own masks: drop --masks")
     if dynamic:

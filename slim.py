@@ -259,32 +259,6 @@ def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
     return (total[:N] / total[N]).float()
 
 
-@torch.no_grad()
-def true_impact(model, z_in, keep, tokens, t, candidates, batch_size):
-    """The truth a score should rank: for each candidate token i, prune i alone at layer t and measure ||f - f_full||
-    of the final features the heads read, averaged over z_in (inputs of block t). Block t's other rows do not change when row i is pruned, so
-    block t runs once; under "frozen" row i then keeps its input Z_{t-1}[i] (P1), under "removed" it leaves."""
-    N, device = model.cfg.num_tokens, device_of(model)
-    impact = torch.zeros(len(candidates), dtype=torch.float64)
-    for start in range(0, len(z_in), batch_size):
-        x = z_in[start:start + batch_size].to(device)
-        with autocast(device):
-            y = model.blocks[t - 1](x)
-            f = model.features(model.run_blocks(y, keep, tokens, t + 1)).float()
-            for j, i in enumerate(candidates.tolist()):
-                rest = torch.cat([torch.arange(i), torch.arange(i + 1, N)])
-                k = with_layer(keep, t, rest)
-                if tokens == "frozen":
-                    y_i = y.clone()
-                    y_i[:, i] = x[:, i]
-                else:
-                    y_i = y.index_select(1, rest.to(device))
-                fi = model.features(model.run_blocks(y_i, k, tokens, t + 1)).float()
-                impact[j] += (fi - f).flatten(1).norm(dim=-1).sum().double().cpu()
-    count = distributed.all_reduce_sum(torch.tensor([float(len(z_in))], dtype=torch.float64))
-    return (distributed.all_reduce_sum(impact) / count).float()
-
-
 # ----------------------------------------------------------------------------- fine-tuning (method.md C5)
 
 
@@ -456,7 +430,7 @@ def search_layer_fast(model, t, keep, candidates, fit, held, settings):
 SEARCH_LOOPS = {"alg1": search_layer_alg1, "fast": search_layer_fast}
 
 
-def search_layer(model, t, keep, fit, held, settings, log, quality_images=0):
+def search_layer(model, t, keep, fit, held, settings, log):
     """Choose m_t given m_{t+1..L} (Alg. 1, lines 3-10). fit, held: LayerCaches of block t. Returns (m_t, the layer's
     record for report.json)."""
     N, tokens, batch_size = model.cfg.num_tokens, settings.tokens, settings.batch_size
@@ -466,13 +440,6 @@ def search_layer(model, t, keep, fit, held, settings, log, quality_images=0):
     forced = keep[t]                                            # line 4: m_t starts as m_{t+1} (so nested)
     ranked = ranked_candidates(scores, forced)
     info = {"layer": t}
-    if quality_images and len(ranked) >= 3:  # how well each score ranks the true impact, in the state it is used
-        truth = true_impact(model, held.z_in[held.positions < quality_images], full, tokens, t, ranked, batch_size)
-        info["spearman"] = {}
-        for name in SCORES:
-            sc = scores if name == settings.score else layer_scores(model, scoring, full, tokens, t, name, batch_size,
-                                                                    settings.seed)
-            info["spearman"][name] = round(float(spearman(sc[ranked], truth)), 4)
     candidates = candidate_masks(forced, ranked, settings.r_step)
     k_t, info["trials"], e = SEARCH_LOOPS[settings.search](model, t, keep, candidates, fit, held, settings)
     info.update(kept=int(k_t.numel()), E=float(f"{e.relative:.4g}"), E_abs=float(f"{e.absolute:.4g}"))
@@ -504,11 +471,10 @@ def load_state(state_path, made_with):
     return load_if_made_with(state_path, made_with, "a search", "start over", "next")
 
 
-def search(model, fit, held, settings, log, state_path=None, stop_after=None, run_id=None, quality_images=0):
+def search(model, fit, held, settings, log, state_path=None, run_id=None):
     """Algorithm 1: m_L = e_0 (P1, Sec. 4.2; every prefix token for a distilled DeiT), then t = L-1 ... 1. fit, held: DenseCaches. Resumes from state_path
     when it exists, provided it was made with the same settings (and run_id: what else identifies the run, such as
-    the weights and data); otherwise a one-line error. stop_after (tests) stops after that many layers, as an
-    interruption would."""
+    the weights and data); otherwise a one-line error. The state is written after every layer."""
     L, N = model.cfg.depth, model.cfg.num_tokens
     made_with = {**asdict(settings), **(run_id or {})}
     state = {"keep": [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)], "layers": [], "next": L - 1,
@@ -519,13 +485,9 @@ def search(model, fit, held, settings, log, state_path=None, stop_after=None, ru
         model.load_state_dict(state["model"])
         log(f"resuming the search at layer {state['next']} from {state_path}" if state["next"] > 0 else
             f"the search in {state_path} is complete: its masks and weights are used")
-    done = 0
     for t in range(state["next"], 0, -1):
-        if stop_after is not None and done == stop_after:
-            return None
         t0 = time.time()
-        k_t, info = search_layer(model, t, state["keep"], at_layer(fit, t), at_layer(held, t), settings, log,
-                                 quality_images)
+        k_t, info = search_layer(model, t, state["keep"], at_layer(fit, t), at_layer(held, t), settings, log)
         info["seconds"] = round(time.time() - t0, 1)
         state["keep"][t - 1] = k_t
         state["layers"].append(info)
@@ -534,7 +496,6 @@ def search(model, fit, held, settings, log, state_path=None, stop_after=None, ru
         state["model"] = model.state_dict()
         if state_path and distributed.is_main():
             write_atomically(state_path, state)
-        done += 1
     return state
 
 

@@ -230,11 +230,9 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg = cfg or ViTConfig(**kwargs)
         if cfg.img_size % cfg.patch_size or cfg.embed_dim % cfg.num_heads:
             raise UserError(f"bad config {cfg}: img_size must be a multiple of patch_size and embed_dim of num_heads")
-        # the masks (and their token semantics) a slimmed checkpoint was saved with (load_checkpoint): forward runs
-        # them when called without keep. normalisation: where cfg.mean/std came from (a line)
-        self.keep, self.tokens, self.normalisation = None, None, f"input normalisation mean {cfg.mean}, std {cfg.std}"
-        self.classes = None  # the class folder names a slimmed checkpoint was trained on (checked against val's)
-        self.dynamic = None  # a DPS-ViT checkpoint's predictors G and counts (pipeline/dynamic.py)
+        # the masks (and their token semantics) a slimmed checkpoint was saved with (read_checkpoint): forward runs
+        # them when called without keep
+        self.keep, self.tokens = None, None
         self.patch_embed = PatchEmbed(cfg)
         d, P = cfg.embed_dim, cfg.prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -578,11 +576,27 @@ def timm_names(sd):
     return {re.sub(r"^(blocks\.\d+\.)gamma_([12])$", r"\1ls\2.gamma", k): v for k, v in sd.items()}
 
 
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint carries besides the weights, returned beside the model by read_checkpoint."""
+    normalisation: str              # a line for the log: the input mean/std and where they came from
+    keep: list = None               # a slimmed checkpoint's masks m_1..m_L (also model.keep, which forward runs)
+    tokens: str = None              # their semantics, "frozen" (P1) or "removed" (C1)
+    classes: list = None            # the class folder names it was trained on (checked against the data's)
+    dynamic: dict = None            # a DPS-ViT checkpoint's predictors G and counts (pipeline/dynamic.py)
+
+
 def load_checkpoint(path_or_url, expect=None):
-    """A ready model (eval mode) from a release checkpoint ({"model": sd}), a bare state dict, or a slimmed
-    checkpoint written by slim.py (then model.keep and model.tokens hold its masks and their semantics). The architecture comes from the
-    checkpoint's "config" entry when present, else from its shapes. expect: a ViTConfig the checkpoint
-    must match (e.g. the preset of --model); any difference is a one-line error naming the fields."""
+    """The model of read_checkpoint, alone: what a Python user wants (a slimmed checkpoint's model runs its masks)."""
+    return read_checkpoint(path_or_url, expect)[0]
+
+
+def read_checkpoint(path_or_url, expect=None):
+    """(model, CheckpointInfo): a ready model (eval mode) from a release checkpoint ({"model": sd}), a bare state
+    dict, or a checkpoint written by slim.py (a slimmed one: model.keep and model.tokens hold its masks and their
+    semantics). The architecture comes from the checkpoint's "config" entry when present, else from its shapes.
+    expect: a ViTConfig the checkpoint must match (e.g. the preset of --model); any difference is a one-line error
+    naming the fields."""
     ck = _read(path_or_url)
     sd = ck.get("model", ck) if isinstance(ck, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -620,12 +634,13 @@ def load_checkpoint(path_or_url, expect=None):
         raise UserError(f"checkpoint {path_or_url} has NaN or inf values in {len(bad)} tensors (first: {bad[0]}): "
                         "it is broken; pass a checkpoint from before the training diverged")
     model.load_state_dict(sd, strict=True)
-    model.classes = ck.get("classes") if isinstance(ck.get("classes"), list) else None
-    model.dynamic = ck.get("dynamic") if isinstance(ck.get("dynamic"), dict) else None  # DPS-ViT: pipeline/dynamic.py
     if ck.get("keep") is not None:  # a slimmed checkpoint; without a "tokens" entry its masks are "frozen" (P1)
         model.keep, model.tokens = check_keep(ck["keep"], cfg), check_tokens(ck.get("tokens", "frozen"))
-    model.normalisation = f"input normalisation mean {cfg.mean}, std {cfg.std}: {normalisation}"
-    return model.eval()
+    info = CheckpointInfo(normalisation=f"input normalisation mean {cfg.mean}, std {cfg.std}: {normalisation}",
+                          keep=model.keep, tokens=model.tokens,
+                          classes=ck.get("classes") if isinstance(ck.get("classes"), list) else None,
+                          dynamic=ck.get("dynamic") if isinstance(ck.get("dynamic"), dict) else None)
+    return model.eval(), info
 
 
 def deit(name, pretrained=None):

@@ -169,7 +169,7 @@ def main():
         runs.append(row)
     labels_np = labels.numpy()
     save_predictions(args.out + "_predictions.npz", labels=labels, **preds)
-    dyn = DynamicSlimmed.from_checkpoint(vit.load_checkpoint(os.path.join(args.out, f"dps_seed{args.seeds[0]}",
+    dyn = DynamicSlimmed.from_checkpoint(*vit.read_checkpoint(os.path.join(args.out, f"dps_seed{args.seeds[0]}",
                                                                           "dynamic.pth")))
     static = vit.load_checkpoint(os.path.join(args.static[0], "slimmed.pth"))
     torch.manual_seed(0)

@@ -74,7 +74,6 @@ def get_args_parser():
     p.add_argument("--batch-size", type=flags.count, default=d.batch_size, help="images per step of the search (global, "
                    "split over the processes) and of evaluation")
     p.add_argument("--seed", type=flags.non_negative_int, default=d.seed, help="chooses the fit/held images and seeds the fine-tunes")
-    p.add_argument("--quality-images", type=flags.non_negative_int, default=0, help="held images for the score-quality measure per layer (0: off)")
     p.add_argument("--cache-device", default="auto", choices=["auto", "cpu", "cuda"], help="where the dense caches "
                    "go: auto follows the memory plan printed at start (GPU if they fit, else pinned CPU memory)")
     finetune.add_arguments(parser)
@@ -139,10 +138,13 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bad = data.BadFiles(skip=args.skip_bad_images)
-    model = run.load_model(args).to(device)
-    if args.dynamic or model.dynamic is not None:  # DPS-ViT (Sec. 4.4): its fit and fine-tune, or --eval-only of a dynamic.pth
-        return dynamic.main(args, model, bad)
-    return run.evaluate_only(args, model, bad) if args.eval_only else run.search_and_finetune(args, model, bad)
+    model, info = run.load_model(args)
+    model.to(device)
+    if args.dynamic or info.dynamic is not None:  # DPS-ViT (Sec. 4.4): its fit and fine-tune, or --eval-only of a dynamic.pth
+        return dynamic.main(args, model, info, bad)
+    if args.eval_only:
+        return run.evaluate_only(args, model, info, bad)
+    return run.search_and_finetune(args, model, info, bad)
 
 
 OUT_OF_MEMORY = "out of memory on {}: pass a smaller --batch-size (or --final-batch-size), or --cache-device cpu"

@@ -111,15 +111,15 @@ class DynamicSlimmed(nn.Module):
         return self.classify(self.forward_features(img, keep, tokens))
 
     def checkpoint(self, **extra):
-        """What dynamic.pth holds: the ViT as vit.load_checkpoint reads it, and "dynamic": counts, tokens and G."""
+        """What dynamic.pth holds: the ViT as vit.read_checkpoint reads it, and "dynamic": counts, tokens and G."""
         return {"model": self.vit.state_dict(), "config": asdict(self.cfg), **extra, "dynamic": {
             "counts": self.counts, "tokens": self.tokens, "width": self.width,
             "predictors": self.predictors.state_dict()}}
 
     @classmethod
-    def from_checkpoint(cls, model):
-        """The DPS-ViT of a ViT that vit.load_checkpoint read from a checkpoint() file (model.dynamic)."""
-        d = model.dynamic
+    def from_checkpoint(cls, model, info):
+        """The DPS-ViT of what vit.read_checkpoint read from a checkpoint() file: the ViT and its info.dynamic."""
+        d = info.dynamic
         dyn = cls(model, d["counts"], d["tokens"], d["width"])
         try:
             dyn.predictors.load_state_dict(d["predictors"])
@@ -274,26 +274,26 @@ def read_report(folder):
         return json.load(f)
 
 
-def main(args, model, bad):
+def main(args, model, info, bad):
     """slim.py's entry for DPS-ViT: --eval-only of a dynamic.pth, or the dynamic run (--dynamic --from OUT; model is
     then the dense network of the static run, the fine-tune's teacher)."""
-    if model.dynamic is not None and not args.eval_only:
+    if info.dynamic is not None and not args.eval_only:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint: evaluate it with --eval-only; a search or "
                         "a dynamic run starts from a static model")
-    return evaluate_only(args, model, bad) if args.eval_only else make_dynamic(args, model, bad)
+    return evaluate_only(args, model, info, bad) if args.eval_only else make_dynamic(args, model, info, bad)
 
 
-def evaluate_only(args, model, bad):
+def evaluate_only(args, model, info, bad):
     """--eval-only --weights OUT/dynamic.pth: top-1 on val and FLOPs with G, to OUT/eval.json."""
     if args.masks:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint, whose images choose their own masks: "
                         "drop --masks")
-    dyn = DynamicSlimmed.from_checkpoint(model)
+    dyn = DynamicSlimmed.from_checkpoint(model, info)
     if args.tokens not in (None, dyn.tokens):
         raise UserError(f"--weights {args.weights} is a DPS-ViT fitted and fine-tuned under tokens={dyn.tokens!r}: "
                         "drop --tokens (its predictors were fitted to that semantics)")
-    val = run.val_dataset(args, dyn.cfg, model.classes)
-    with run.open_log(args, "eval.log", model) as log:
+    val = run.val_dataset(args, dyn.cfg, info.classes)
+    with run.open_log(args, "eval.log", model, info) as log:
         top1, _, labels = run.evaluate(dyn, val, None, dyn.tokens, args, bad, "eval DPS-ViT")
         result = {"top1": top1, **flops_of(dyn), "val_images": len(labels), "val_files": len(val),
                   "weights": args.weights, **run.skipped(bad, log), "processes": distributed.world_size(),
@@ -315,23 +315,52 @@ def flops_of(dyn):
             "predictor_width": dyn.width}
 
 
-def make_dynamic(args, teacher, bad):
-    """Stages 1-4 of the module docstring. teacher: the static run's dense network."""
-    t_start, device, is_main = time.time(), slim.device_of(teacher), distributed.is_main()
-    static = vit.load_checkpoint(os.path.join(args.dynamic_from, "slimmed.pth")).to(device)
-    if static.keep is None:
-        raise UserError(f"{args.dynamic_from}/slimmed.pth carries no masks: pass a static run's folder")
-    cfg, static_report = static.cfg, read_report(args.dynamic_from)
+def settings_from_args(args, static, static_report):
+    """The DynamicSettings and the final fine-tune's settings of a dynamic run from the static model and its report:
+    the static counts, or, with --flops-ratio, counts scaled so that the FLOPs with G are that fraction of the
+    static model's; the static run's recipe unless flags override it. Also returns the note on --tokens, if any."""
+    cfg = static.cfg
     tokens, note = vit.resolve_tokens(static.tokens, args.tokens, f"{args.dynamic_from}/slimmed.pth")
     static_counts = flops.kept_counts(cfg, static.keep)
-    static_flops = flops.count_flops(cfg, static.keep, tokens=tokens)
     width = args.predictor_width or max(1, cfg.embed_dim // 8)
     counts = static_counts if args.flops_ratio == 1 else flops.scaled_counts(
-        cfg, static_counts, args.flops_ratio * static_flops, tokens, width)
+        cfg, static_counts, args.flops_ratio * flops.count_flops(cfg, static.keep, tokens=tokens), tokens, width)
     s = DynamicSettings(counts=counts, tokens=tokens, flops_ratio=args.flops_ratio, width=width,
                         steps=args.predictor_steps, lr=args.predictor_lr, fit_images=args.fit_images,
                         held_images=args.held_images, batch_size=args.batch_size, seed=args.seed)
     ft = finetune.settings_from_args(args, base=finetune.FinetuneSettings(**static_report["final_finetune"]))
+    return s, ft, note
+
+
+def fit_stage(args, dyn, s, classes, paths, made_with, bad, log):
+    """Stage 2: the dense caches of the fit and held images (skipped when the saved fit is complete), then every
+    G_t fitted top-down, resumable. classes: the static checkpoint's class names. Returns the per-layer records."""
+    cfg, saved = dyn.cfg, load_state(paths["state"], made_with)
+    fit_cache = held_cache = None
+    if not saved or saved["next"] > 0:
+        train = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
+        data.check_classes(train, cfg.num_classes, classes)
+        n_fit, n_held = search_set_sizes(s, len(train))
+        cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // distributed.world_size()),
+                                        slim.device_of(dyn), args.cache_device)
+        log(plan)
+        fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, s, args.workers, log,
+                                                  cache_device, bad)
+    return fit(dyn, fit_cache, held_cache, s, paths["state"], made_with, log)
+
+
+def make_dynamic(args, teacher, teacher_info, bad):
+    """Stages 1-4 of the module docstring. teacher: the static run's dense network (teacher_info: its checkpoint's)."""
+    t_start, device, is_main = time.time(), slim.device_of(teacher), distributed.is_main()
+    static, static_info = vit.read_checkpoint(os.path.join(args.dynamic_from, "slimmed.pth"))
+    static.to(device)
+    if static.keep is None:
+        raise UserError(f"{args.dynamic_from}/slimmed.pth carries no masks: pass a static run's folder")
+    cfg, static_report = static.cfg, read_report(args.dynamic_from)
+    s, ft, note = settings_from_args(args, static, static_report)
+    counts, tokens, width = s.counts, s.tokens, s.width
+    static_counts = flops.kept_counts(cfg, static.keep)
+    static_flops = flops.count_flops(cfg, static.keep, tokens=tokens)
     made_with = {**asdict(s), "from": os.path.abspath(args.dynamic_from), "data_path": os.path.abspath(args.data_path)}
     paths = {k: os.path.join(args.out, f) for k, f in (
         ("state", "dynamic_state.pt"), ("finetune", "dynamic_finetune.pt"), ("report", "dynamic.json"),
@@ -340,26 +369,14 @@ def make_dynamic(args, teacher, bad):
     if ft.epochs > 0:
         finetune.check_resume(paths["finetune"], {**asdict(ft), "dynamic": made_with})
     dyn = DynamicSlimmed(copy.deepcopy(static), counts, tokens, width).to(device)  # static: evaluated as it is
-    val = run.val_dataset(args, cfg, static.classes)
-    with run.open_log(args, "dynamic_log.txt", teacher) as log:
+    val = run.val_dataset(args, cfg, static_info.classes)
+    with run.open_log(args, "dynamic_log.txt", teacher, teacher_info) as log:
         if note:
             log(note)
         log(f"DPS-ViT from {args.dynamic_from}: counts {counts} (static {static_counts}), tokens {tokens}, G width "
             f"{width} at layers {slim.predicted_layers(cfg, counts)}\nfit settings: {json.dumps(asdict(s))}\n"
             f"final fine-tune settings: {json.dumps(asdict(ft))}")
-        saved = load_state(paths["state"], made_with)
-        fit_cache = held_cache = None
-        if not saved or saved["next"] > 0:
-            train = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
-            data.check_classes(train, cfg.num_classes, static.classes)
-            n_fit, n_held = search_set_sizes(s, len(train))
-            cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // distributed.world_size()), device,
-                                            args.cache_device)
-            log(plan)
-            fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, s, args.workers, log,
-                                                      cache_device, bad)
-        layers = fit(dyn, fit_cache, held_cache, s, paths["state"], made_with, log)
-        del fit_cache, held_cache
+        layers = fit_stage(args, dyn, s, static_info.classes, paths, made_with, bad, log)
         report = {"static_top1": None, "fitted_top1": None}
         report["static_top1"], static_preds, labels = run.evaluate(static, val, static.keep, tokens, args, bad,
                                                                    "static")
@@ -381,7 +398,7 @@ def make_dynamic(args, teacher, bad):
         if is_main:
             save_predictions(paths["predictions"], labels=labels, static=static_preds, fitted=fitted_preds,
                              dynamic=preds)
-            write_atomically(os.path.join(args.out, "dynamic.pth"), dyn.checkpoint(classes=static.classes))
+            write_atomically(os.path.join(args.out, "dynamic.pth"), dyn.checkpoint(classes=static_info.classes))
             write_atomically(paths["report"], report)
         log(f"DPS-ViT: top-1 {top1:.2f}% (static {report['static_top1']:.2f}%), {report['gflops']:.4f} GFLOPs with "
             f"its predictors ({report['predictor_gflops']:.4f}) counted as {tokens} (static {static_flops / 1e9:.4f}, "

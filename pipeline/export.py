@@ -68,8 +68,9 @@ def require(*names):
         raise UserError(f"ONNX export needs the optional packages {', '.join(names)} ({e.name} is missing): {EXTRA}")
 
 
-def metadata(model, keep, tokens, source):
-    """The ONNX model's metadata_props (strings): what a user of the file must know to feed it and read it."""
+def metadata(model, keep, tokens, source, info=None):
+    """The ONNX model's metadata_props (strings): what a user of the file must know to feed it and read it. info:
+    the checkpoint's vit.CheckpointInfo (where the normalisation came from, the class names), when known."""
     cfg = model.cfg
     counts = flops.kept_counts(cfg, keep)
     return {
@@ -80,10 +81,10 @@ def metadata(model, keep, tokens, source):
         "mean": json.dumps(list(cfg.mean)),
         "std": json.dumps(list(cfg.std)),
         "eval_transform": " ".join(str(data.build_transform(cfg.img_size, False, mean=cfg.mean, std=cfg.std)).split()),
-        "normalisation_source": model.normalisation,
+        "normalisation_source": info.normalisation if info else "",
         "output": f"logits: float32 (batch, {cfg.num_classes})" + (
             ", the mean of the class and distillation heads" if cfg.prefix_tokens == 2 else ""),
-        "classes": json.dumps(model.classes) if model.classes else "",
+        "classes": json.dumps(info.classes) if info and info.classes else "",
         "config": json.dumps(vit.asdict(cfg)),
         "tokens": "dense" if keep is None else tokens,
         "kept_per_layer": json.dumps(counts),
@@ -94,7 +95,7 @@ def metadata(model, keep, tokens, source):
     }
 
 
-def export_onnx(model, path, keep=None, tokens="frozen", source=""):
+def export_onnx(model, path, keep=None, tokens="frozen", source="", info=None):
     """Write model (with masks keep under `tokens`, or dense) to the ONNX file `path`: dynamic batch, the kept indices
     as constants, metadata as metadata(). Returns path."""
     onnx, _ = require("onnx", "onnxscript")
@@ -111,7 +112,7 @@ def export_onnx(model, path, keep=None, tokens="frozen", source=""):
         raise UserError(f"torch.onnx.export failed on this model ({type(e).__name__}: {first}): it exports vit.py's "
                         "DeiT family; check the checkpoint, or report it with the torch version") from None
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata(model, keep, tokens, source))
+    onnx.helper.set_model_props(proto, metadata(model, keep, tokens, source, info))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomically(path, proto.SerializeToString())  # a failed write leaves no truncated .onnx
     return path
@@ -142,7 +143,7 @@ def max_logit_difference(path, model, keep, tokens, batch=2, seed=0):
 
 
 def load_for_export(args):
-    """(model, keep, tokens, source) from --weights (a slimmed checkpoint carries its masks) and --masks / --tokens."""
+    """(model, info, keep, tokens, source) from --weights (a slimmed checkpoint carries its masks) and --masks / --tokens."""
     if not args.weights:
         raise UserError("--export needs --weights: the slimmed.pth written by slim.py (or a dense checkpoint)")
     if str(args.weights).endswith(".json"):
@@ -154,17 +155,20 @@ def load_for_export(args):
         if head.startswith(b"{"):
             raise UserError(f"--weights {args.weights} holds JSON (a masks file?), not a model: pass the slimmed.pth "
                             f"written beside it, or the dense checkpoint with --masks {args.weights}")
-    model = run.load_model(args)  # --model / --weights / --mean / --std, as every slim.py path reads them
-    if getattr(model, "dynamic", None) is not None:
+    model, info = run.load_model(args)  # --model / --weights / --mean / --std, as every slim.py path reads them
+    if info.dynamic is not None:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint (each image chooses its patches, Sec. 4.4): "
                         "the export writes static masks only; pass the static run's slimmed.pth")
     keep, found, source = model.keep, model.tokens or "frozen", args.weights
+    if args.masks and model.keep is not None:
+        raise UserError(f"--weights {args.weights} is a slimmed checkpoint with its own masks, and --masks "
+                        f"{args.masks} would replace them: drop --masks, or pass the dense checkpoint with --masks")
     if args.masks:
         (keep, found), source = vit.load_masks(args.masks, model.cfg), args.masks
     tokens, note = vit.resolve_tokens(found, args.tokens, source)
     if note:
         print(note)
-    return model, keep, tokens, source
+    return model, info, keep, tokens, source
 
 
 def main(args, default_out):
@@ -173,11 +177,11 @@ def main(args, default_out):
     if args.export != "onnx":
         raise UserError(f"--export {args.export} is not a format this exports: use --export onnx")
     require("onnx", "onnxscript")  # before loading anything
-    model, keep, tokens, source = load_for_export(args)
+    model, info, keep, tokens, source = load_for_export(args)
     local = os.path.isfile(args.weights)
     out = os.path.dirname(os.path.abspath(args.weights)) if args.out == default_out and local else args.out
     name = os.path.splitext(os.path.basename(str(args.weights)))[0] if local else "model"
-    path = export_onnx(model, os.path.join(out, name + ".onnx"), keep, tokens, source)
+    path = export_onnx(model, os.path.join(out, name + ".onnx"), keep, tokens, source, info)
     try:
         diff = max_logit_difference(path, model, keep, tokens)
         check = f"max |logit difference| to PyTorch in onnxruntime {diff:.1e}"

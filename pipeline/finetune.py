@@ -185,70 +185,89 @@ def train_step(model, student, teacher, opt, s, batch, step, total, warmup, mix,
     return loss
 
 
-def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
-             interrupt_at=None, frozen=None):
-    """Fine-tune `student` (with masks keep under `tokens`) end to end on train_ds with recipe s (FinetuneSettings).
-    ckpt_path: the checkpoint it resumes from and writes (None: none); made_with: what else identifies the run
-    (masks, weights), compared on resume. interrupt_at (tests): behave as if interrupted after that many steps.
-    frozen: a submodule of student the fine-tune leaves as it is (DPS-ViT's predictors G, pipeline/dynamic.py).
-    Returns the number of steps run in this call."""
-    device, world, rank = next(student.parameters()).device, distributed.world_size(), distributed.rank()
-    if s.batch_size % world:
-        raise UserError(f"--final-batch-size {s.batch_size} is not a multiple of the {world} processes: "
-                        "pass a multiple")
-    per_rank = s.batch_size // world
-    if len(train_ds) < s.batch_size:
-        raise UserError(f"the training set has {len(train_ds)} images, fewer than --final-batch-size {s.batch_size}")
-    view = data.SeededView(train_ds, s.seed)
-    sampler = ResumableSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True)
-    steps_per_epoch = sampler.num_samples // per_rank
-    total = max(1, round(s.epochs * steps_per_epoch))
-    warmup = round(s.warmup_epochs * steps_per_epoch)
+class Schedule:
+    """The steps of a fine-tune of train_ds with recipe s over this launch's processes: the seeded view of the images,
+    the resumable sampler of this rank, images per rank and step, steps per epoch, total and warm-up steps."""
+
+    def __init__(self, train_ds, s):
+        world = distributed.world_size()
+        if s.batch_size % world:
+            raise UserError(f"--final-batch-size {s.batch_size} is not a multiple of the {world} processes: "
+                            "pass a multiple")
+        if len(train_ds) < s.batch_size:
+            raise UserError(f"the training set has {len(train_ds)} images, fewer than --final-batch-size {s.batch_size}")
+        self.per_rank = s.batch_size // world
+        self.view = data.SeededView(train_ds, s.seed)
+        self.sampler = ResumableSampler(self.view, num_replicas=world, rank=distributed.rank(), shuffle=True,
+                                        seed=s.seed, drop_last=True)
+        self.steps_per_epoch = self.sampler.num_samples // self.per_rank
+        self.total = max(1, round(s.epochs * self.steps_per_epoch))
+        self.warmup = round(s.warmup_epochs * self.steps_per_epoch)
+
+    def start_epoch(self, step):
+        """Position the view and the sampler at `step` (mid-epoch after a resume); returns the epoch (0-based)."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        self.view.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = in_epoch * self.per_rank
+        return epoch
+
+
+def optimiser(student, frozen, s, ckpt_path, settings, plan, log):
+    """AdamW over student's parameters (those of `frozen` aside) and the step to start from: 0, or where the saved
+    fine-tune at ckpt_path stopped (its weights and optimiser state loaded)."""
     fixed = set() if frozen is None else set(frozen.parameters())
     trained = [p for p in student.parameters() if p not in fixed]
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
-    step, settings = 0, {**asdict(s), **made_with}
     saved = check_resume(ckpt_path, settings)
-    if saved:
-        student.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        step = saved["step"]
-        log(f"resuming the final fine-tune from {ckpt_path}: epoch {step // steps_per_epoch + 1}, step "
-            f"{step % steps_per_epoch} of {steps_per_epoch} ({step}/{total} done)" if step < total else
-            f"the final fine-tune in {ckpt_path} is complete ({total} steps)")
+    if not saved:
+        return opt, 0
+    student.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    step, per_epoch = saved["step"], plan.steps_per_epoch
+    log(f"resuming the final fine-tune from {ckpt_path}: epoch {step // per_epoch + 1}, step {step % per_epoch} of "
+        f"{per_epoch} ({step}/{plan.total} done)" if step < plan.total else
+        f"the final fine-tune in {ckpt_path} is complete ({plan.total} steps)")
+    return opt, step
+
+
+def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
+             frozen=None):
+    """Fine-tune `student` (with masks keep under `tokens`) end to end on train_ds with recipe s (FinetuneSettings).
+    ckpt_path: the checkpoint it resumes from and writes (None: none); made_with: what else identifies the run
+    (masks, weights), compared on resume. SIGINT/SIGTERM (StopRequest) end it after a whole step, saved.
+    frozen: a submodule of student the fine-tune leaves as it is (DPS-ViT's predictors G, pipeline/dynamic.py).
+    Returns the number of steps run in this call."""
+    device, world = next(student.parameters()).device, distributed.world_size()
+    plan, settings = Schedule(train_ds, s), {**asdict(s), **made_with}
+    opt, step = optimiser(student, frozen, s, ckpt_path, settings, plan, log)
     model = WithFeatures(student, keep, tokens)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     mix = data.mixup_cutmix(student.cfg.num_classes, s.mixup, s.cutmix)
-    loader = data.loader(view, per_rank, workers=workers, sampler=sampler, drop_last=True, bad=bad, keep_empty=True)
-    bar = distributed.progress(total=total, initial=step, desc="final fine-tune")
-    first, t0, every = step, time.time(), max(1, min(steps_per_epoch // 10, 200))
+    loader = data.loader(plan.view, plan.per_rank, workers=workers, sampler=plan.sampler, drop_last=True, bad=bad,
+                         keep_empty=True)
+    bar = distributed.progress(total=plan.total, initial=step, desc="final fine-tune")
+    first, t0, every = step, time.time(), max(1, min(plan.steps_per_epoch // 10, 200))
     student.train()
     stopping = False  # decided only from the all-reduced flags, so that every rank stops at the same step
     with StopRequest() as stop:
         try:
-            while step < total and not stopping:
-                epoch, in_epoch = divmod(step, steps_per_epoch)
-                view.epoch = epoch
-                sampler.set_epoch(epoch)
-                sampler.start = in_epoch * per_rank
+            while step < plan.total and not stopping:
+                epoch = plan.start_epoch(step)
                 for batch in loader:
-                    loss = train_step(model, student, teacher, opt, s, batch, step, total, warmup, mix,
-                                      stop.flag or step == interrupt_at, epoch)
+                    loss = train_step(model, student, teacher, opt, s, batch, step, plan.total, plan.warmup, mix,
+                                      stop.flag, epoch)
                     if loss is None:
                         stopping = True
                         break
                     step += 1
                     bar.update()
-                    if step % every == 0 or step == total:  # every rank gets here: the mean loss of all ranks
-                        mean_loss = distributed.all_reduce_sum(loss.detach().float().cpu()).item() / world
-                        rate = (step - first) * s.batch_size / (time.time() - t0)
-                        log(f"final fine-tune: epoch {epoch + 1}/{math.ceil(total / steps_per_epoch)}, step "
-                            f"{step}/{total}, loss {mean_loss:.4f}, {rate:.0f} img/s, "
-                            f"ETA {(total - step) * s.batch_size / rate / 60:.1f} min")
-                    if step % steps_per_epoch == 0 or step == total:  # the end of an epoch
+                    if step % every == 0 or step == plan.total:  # every rank gets here: the mean loss of all ranks
+                        log_progress(log, loss, step, first, t0, plan, s)
+                    if step % plan.steps_per_epoch == 0 or step == plan.total:  # the end of an epoch
                         save_checkpoint(ckpt_path, student, opt, step, settings)
                         break
         except (RuntimeError, OSError):
@@ -258,14 +277,23 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     bar.close()
     if stopping:
         save_checkpoint(ckpt_path, student, opt, step, settings)
-        log(f"final fine-tune interrupted after step {step}/{total} (epoch {step // steps_per_epoch + 1}): saved "
-            f"{ckpt_path}; rerun the same command to continue")
+        log(f"final fine-tune interrupted after step {step}/{plan.total} (epoch {step // plan.steps_per_epoch + 1}): "
+            f"saved {ckpt_path}; rerun the same command to continue")
         raise KeyboardInterrupt
     distributed.barrier()
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
     return step - first
+
+
+def log_progress(log, loss, step, first, t0, plan, s):
+    """A line of the log: the epoch and step, the loss averaged over the processes, the rate and the time left."""
+    mean_loss = distributed.all_reduce_sum(loss.detach().float().cpu()).item() / distributed.world_size()
+    rate = (step - first) * s.batch_size / (time.time() - t0)
+    log(f"final fine-tune: epoch {(step - 1) // plan.steps_per_epoch + 1}/{math.ceil(plan.total / plan.steps_per_epoch)}, "
+        f"step {step}/{plan.total}, loss {mean_loss:.4f}, {rate:.0f} img/s, "
+        f"ETA {(plan.total - step) * s.batch_size / rate / 60:.1f} min")
 
 
 def add_arguments(parser):

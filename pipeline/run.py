@@ -47,9 +47,9 @@ class RunLog:
             self.file.close()
 
 
-def open_log(args, name, model):
+def open_log(args, name, model, info):
     """The run's log in --out (created only now that the inputs are known to be good), started with the command,
-    the configuration, the model, the processes and the input normalisation."""
+    the configuration, the model, the processes and the input normalisation (info: its vit.CheckpointInfo)."""
     if distributed.is_main():
         os.makedirs(args.out, exist_ok=True)
     log = RunLog(os.path.join(args.out, name))
@@ -57,20 +57,20 @@ def open_log(args, name, model):
     group = f"torchrun, {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else "no process group"
     log(f"{getattr(args, 'command', 'python slim.py')}\nconfiguration: {json.dumps(vars(args))}\nmodel: {model.cfg}\n"
         f"processes: {world} (world size; {group}), device {device}, {args.workers} data workers each")
-    log(model.normalisation)
+    log(info.normalisation)
     return log
 
 
 def load_model(args):
-    """The model of --model / --weights, with --mean/--std (when given) as its input normalisation."""
-    if args.weights:
-        model = vit.load_checkpoint(args.weights, expect=vit.PRESETS[args.model] if args.model else None)
-    else:
-        model = vit.deit(args.model or "deit_small", pretrained=True)
+    """(model, vit.CheckpointInfo) of --weights, or of --model's release (default DeiT-S), with --mean/--std (when
+    given) as its input normalisation."""
+    name = args.model or "deit_small"
+    expect = vit.PRESETS[args.model] if args.model else None if args.weights else vit.PRESETS[name]
+    model, info = vit.read_checkpoint(args.weights or vit.RELEASE_URLS[name], expect=expect)
     if args.mean or args.std:
         model.cfg = replace(model.cfg, mean=args.mean or model.cfg.mean, std=args.std or model.cfg.std)
-        model.normalisation = f"input normalisation mean {model.cfg.mean}, std {model.cfg.std}: from --mean/--std"
-    return model
+        info.normalisation = f"input normalisation mean {model.cfg.mean}, std {model.cfg.std}: from --mean/--std"
+    return model, info
 
 
 def settings_from_args(args, cfg):
@@ -117,11 +117,11 @@ def finetune_identity(keep, tokens, run_id):
     return {"keep": [k.tolist() for k in keep], "tokens": tokens, **run_id}
 
 
-def evaluate_only(args, model, bad):
+def evaluate_only(args, model, info, bad):
     """--eval-only: top-1 on val and FLOPs of the model as loaded (dense, or a slimmed checkpoint's masks), or with
     --masks; written to OUT/eval.json."""
     cfg = model.cfg
-    val = val_dataset(args, cfg, model.classes)
+    val = val_dataset(args, cfg, info.classes)
     keep, found, source = model.keep, model.tokens or "frozen", args.weights
     if args.masks and model.keep is not None:
         raise UserError(f"--weights {args.weights} is a slimmed checkpoint with its own masks, and --masks "
@@ -129,7 +129,7 @@ def evaluate_only(args, model, bad):
     if args.masks:
         (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
     tokens, note = vit.resolve_tokens(found, args.tokens, source)
-    with open_log(args, "eval.log", model) as log:
+    with open_log(args, "eval.log", model, info) as log:
         if note:
             log(note)
         top1, _, labels = evaluate(model, val, keep, tokens, args, bad, "eval")
@@ -178,8 +178,7 @@ def search_stage(args, model, train_aug, settings, saved, bad, paths, run_id, lo
                                         slim.device_of(model), args.cache_device)
         log(plan)
         fit, held = cache_search_sets(model, train_aug, args.data_path, settings, args.workers, log, cache_device, bad)
-    state = slim.search(model, fit, held, settings, log, paths["state"], run_id=run_id,
-                        quality_images=args.quality_images)
+    state = slim.search(model, fit, held, settings, log, paths["state"], run_id=run_id)
     return state, n_fit, n_held
 
 
@@ -193,7 +192,7 @@ def finetune_stage(args, model, keep, tokens, ft, val, bad, paths, run_id, log):
         save_predictions(paths["predictions"], labels=labels, searched=preds)
     log(f"after the search (per-layer fine-tuning only): top-1 {searched_top1:.2f}%")
     cfg = model.cfg
-    teacher = load_model(args).to(slim.device_of(model)) if ft.distill != "none" else None
+    teacher = load_model(args)[0].to(slim.device_of(model)) if ft.distill != "none" else None
     train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment, erase=ft.erase,
                                   mean=cfg.mean, std=cfg.std)
     finetune.finetune(model, teacher, keep, tokens, train_ft, ft, paths["finetune"],
@@ -216,14 +215,14 @@ def save_outputs(args, model, keep, tokens, classes, report, preds, labels, path
     write_atomically(paths["report"], report)
 
 
-def search_and_finetune(args, model, bad):
+def search_and_finetune(args, model, info, bad):
     """Algorithm 1 on the training split, then the final fine-tune; top-1 of the dense, searched and slimmed models
     on val (their per-image predictions in predictions.npz). Resumes from --out."""
     t_start, cfg = time.time(), model.cfg
     if model.keep is not None:
         raise UserError(f"--weights {args.weights} is a slimmed checkpoint (it carries masks): a search starts from "
                         "the dense model; pass the dense checkpoint, or evaluate this one with --eval-only")
-    val = val_dataset(args, cfg, model.classes)
+    val = val_dataset(args, cfg, info.classes)
     train_aug = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
     data.check_classes(train_aug, cfg.num_classes)
     settings, ft = settings_from_args(args, cfg), finetune.settings_from_args(args)
@@ -235,7 +234,7 @@ def search_and_finetune(args, model, bad):
     if saved is not None and ft.epochs > 0 and saved["next"] == 0:
         finetune.check_resume(paths["finetune"],
                               {**asdict(ft), **finetune_identity(saved["keep"], settings.tokens, run_id)})
-    with open_log(args, "log.txt", model) as log:
+    with open_log(args, "log.txt", model, info) as log:
         log(f"search settings: {json.dumps(asdict(settings))}\nfinal fine-tune settings: {json.dumps(asdict(ft))}")
         report = dense_stage(args, model, val, bad, paths, run_id, log)
         state, n_fit, n_held = search_stage(args, model, train_aug, settings, saved, bad, paths, run_id, log)
