@@ -80,16 +80,16 @@ class SearchSettings:
 
 # ----------------------------------------------------------------------------- scores (Sec. 4.2, method.md §3)
 #
-# Each score is a pure function of the records of one forward over blocks t..L (vit.VisionTransformer.run_blocks):
-# records[0] is layer t, run dense (every row of Z_{t-1} updated), records[1:] are layers t+1..L under their masks.
-# A record is a vit.BlockRecord: P (B, H, n_q, n_keys), the per-head attention of its query rows over its key rows,
-# the global indices of those rows (query_rows = m_l; key_rows = all N under "frozen", the rows alive under
-# "removed"), and for records[0] only, U (B, H, n_q, d) = P^h |Z_{t-1}| and head_out (B, H, n_q, d).
-# Every score returns (B, N): one value per token.
+# Each score is a pure function score(maps, z_in, block) of one forward over blocks t..L
+# (vit.VisionTransformer.attention_maps): maps[0] is layer t, run dense (every row of Z_{t-1} updated), maps[1:] are
+# layers t+1..L under their masks; z_in is Z_{t-1}, block t's input (C3b), and block is block t (the v1 score reads
+# its weights). A map is a vit.AttentionMap: P (B, H, n_q, n_keys), the per-head attention of its query rows over its
+# key rows, and the global indices of those rows (query_rows = m_l; key_rows = all N under "frozen", the rows alive
+# under "removed"). Every score returns (B, N): one value per token.
 
 
 def embed_map(rec, N):
-    """A record's attention as N x N matrices per head, rows m_l, columns its key rows, zeros elsewhere: diag(m_l) P^h_l
+    """A map's attention as N x N matrices per head, rows m_l, columns its key rows, zeros elsewhere: diag(m_l) P^h_l
     in the paper's global indexing. (B, H, N, N)."""
     P = rec.P.float()
     full = P.new_zeros(P.shape[0], P.shape[1], N, N)
@@ -97,13 +97,13 @@ def embed_map(rec, N):
     return full
 
 
-def path_sum(records, N):
+def path_sum(maps, N):
     """Σ over every path of heads (one head per layer t+1..L) of ||A[:, i]||², A = Π_{l=t+1..L} diag(m_l) P^h_l,
     evaluated exactly by the recursion of method.md C3a: G ← Σ_h (D_L P^h_L)ᵀ(D_L P^h_L), then for l = L-1 .. t+1
     G ← Σ_h (D_l P^h_l)ᵀ G (D_l P^h_l); the path sum of token i is G[i, i]. Cost H·n_l·N² per layer and image.
-    records: layers t+1..L (per-image masks, DPS-ViT: each record embedded whole by per_image_map). Returns (B, N)."""
+    maps: layers t+1..L (per-image masks, DPS-ViT: each map embedded whole by per_image_map). Returns (B, N)."""
     G = None
-    for rec in reversed(records):
+    for rec in reversed(maps):
         rec = rec if rec.query_rows.dim() == 1 else per_image_map(rec, N)
         P, rows, keys = rec.P.float(), rec.query_rows, rec.key_rows
         inner = P if G is None else G[:, rows][:, :, rows].unsqueeze(1) @ P       # G[m_l, m_l] P^h: (B, H, n_q, n_keys)
@@ -114,46 +114,56 @@ def path_sum(records, N):
 
 
 def per_image_map(rec, N):
-    """A record of per-image masks (query_rows (B, n_q); key_rows (N,) or (B, n_keys)) as embed_map's diag(m_l) P^h_l
-    per image, with every row and column: a BlockRecord with P (B, H, N, N) and query and key rows all N."""
+    """A map of per-image masks (query_rows (B, n_q); key_rows (N,) or (B, n_keys)) as embed_map's diag(m_l) P^h_l
+    per image, with every row and column: an AttentionMap with P (B, H, N, N) and query and key rows all N."""
     P = rec.P.float()
     B, H, n_q, n_keys = P.shape
     keys = rec.key_rows.to(P.device).expand(B, -1)
     cols = P.new_zeros(B, H, n_q, N).scatter_(3, keys[:, None, None].expand(-1, H, n_q, -1), P)
     full = P.new_zeros(B, H, N, N).scatter_(2, rec.query_rows.to(P.device)[:, None, :, None].expand(-1, H, -1, N), cols)
     every = torch.arange(N, device=P.device)
-    return vit.BlockRecord(full, every, every)
+    return vit.AttentionMap(full, every, every)
 
 
-def significance_score(records):
+def significance_score(maps, z_in, block=None):
     """Eq. 6 (method.md P3): s_{t,i} = Σ_{head paths} ||A[:, i] U^h_t[i, :]||²_F with U^h_t = P^h_t |Z_{t-1}|, the sum over
     one head per layer t..L. As ||a bᵀ||²_F = ||a||² ||b||², it factors (C3a) into path_sum(layers t+1..L) times
     Σ_h ||U^h_t[i, :]||² (layer t's head). (B, N)."""
-    N = records[0].U.shape[2]
-    return path_sum(records[1:], N) * records[0].U.float().pow(2).sum(-1).sum(1)
+    U = maps[0].P.float() @ z_in.float().abs().unsqueeze(1)                   # U^h_t = P^h_t |Z_{t-1}|: (B, H, N, d)
+    return path_sum(maps[1:], U.shape[2]) * U.pow(2).sum(-1).sum(1)
 
 
-def head_mean_score(records):
+def head_outputs(block, z_in, P):
+    """What each head of block t adds to the residual, (B, H, n, d): LayerScale of (P^h V^h) W_o^h, with V from the
+    block's own projection of LN1(Z_{t-1}) (the v1 score's U)."""
+    attn = block.attn
+    B, n, d = z_in.shape
+    v = attn.heads(block.norm1(z_in))[2].float()                              # (B, H, n, dh)
+    w_o = attn.proj.weight.float().view(d, attn.num_heads, attn.head_dim).permute(1, 2, 0)  # head h's columns of W_o
+    return block.ls1((P.float() @ v) @ w_o)
+
+
+def head_mean_score(maps, z_in, block):
     """The v1 score (method.md §3, "v1 head-mean"): ||Ā[:, i]||² Σ_h ||U_h[i, :]||² with Ā = Π_{l=t+1..L} diag(m_l) P̄_l,
     P̄ the head-averaged attention, and U_h head h's output after W_o. (B, N)."""
-    N = records[0].head_out.shape[2]
-    A = None
-    for rec in reversed(records[1:]):
+    head_out = head_outputs(block, z_in, maps[0].P)
+    N, A = head_out.shape[2], None
+    for rec in reversed(maps[1:]):
         M = embed_map(rec, N).mean(1)                                              # diag(m_l) P̄_l: (B, N, N)
         A = M if A is None else A @ M
-    return A.pow(2).sum(1) * records[0].head_out.float().pow(2).sum(-1).sum(1)
+    return A.pow(2).sum(1) * head_out.float().pow(2).sum(-1).sum(1)
 
 
-def attn_score(records):
+def attn_score(maps, z_in=None, block=None):
     """Fig. 7's "Attn" baseline, read as in method.md §3: the norm of patch i's column of layer t's attention, over
     its queries and heads. (B, N)."""
-    return records[0].P.float().pow(2).sum(dim=(1, 2)).sqrt()
+    return maps[0].P.float().pow(2).sum(dim=(1, 2)).sqrt()
 
 
-def class_attention_score(records):
+def class_attention_score(maps, z_in=None, block=None):
     """The class token's head-averaged attention at layer t+1 to each token (EViT's criterion, averaged into a static
     mask). (B, N)."""
-    return embed_map(records[1], records[0].U.shape[2]).mean(1)[:, 0]
+    return embed_map(maps[1], maps[0].P.shape[-1]).mean(1)[:, 0]
 
 
 SCORES = {"significance": significance_score, "head-mean": head_mean_score, "attn": attn_score,
@@ -250,11 +260,11 @@ def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
         return torch.rand(N, generator=torch.Generator().manual_seed(seed + t))
     total = torch.zeros(N + 1, dtype=torch.float64)  # score sums, then the image count (all-reduced under torchrun)
     for i in range(0, len(z_in), batch_size):
-        records = []
+        z = z_in[i:i + batch_size].to(device)
         with autocast(device):
-            model.run_blocks(z_in[i:i + batch_size].to(device), keep, tokens, t, records=records)
-        total[:N] += SCORES[score](records).sum(0).double().cpu()
-        total[N] += len(records[0].P)
+            _, maps = model.attention_maps(z, keep, tokens, t)
+            total[:N] += SCORES[score](maps, z, model.blocks[t - 1]).sum(0).double().cpu()
+        total[N] += len(z)
     total = distributed.all_reduce_sum(total)
     return (total[:N] / total[N]).float()
 

@@ -265,12 +265,11 @@ def test_gathered_forward_equals_the_eq2_reference(seed, tokens, family):
     with torch.no_grad():
         out, ref = model(x, keep=keep, tokens=tokens), eq2_reference(model, x, keep, tokens)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
-        records = []  # the recording path (explicit softmax) computes the same thing
-        y = model.run_blocks(model.embed(x), keep, tokens, records=records)
+        y, maps = model.attention_maps(model.embed(x), keep, tokens)  # the explicit softmax computes the same thing
         assert torch.allclose(model.classify(model.features(y)), ref, atol=1e-5)
     n_keys = model.cfg.num_tokens if tokens == "frozen" else keep[-2].numel()
-    assert records[-1].P.shape[2:] == (keep[-1].numel(), n_keys)  # kept queries x (all | alive) keys
-    assert torch.equal(records[-1].query_rows, keep[-1])
+    assert maps[-1].P.shape[2:] == (keep[-1].numel(), n_keys)  # kept queries x (all | alive) keys
+    assert torch.equal(maps[-1].query_rows, keep[-1])
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -349,10 +348,9 @@ def test_eq6_exact_recursion_equals_brute_force_paths(t, tokens):
     with torch.no_grad():
         maps = []
         eq2_reference(model, img, keep, tokens, maps)
-        records = []
         x_t = maps[t - 1][1]  # Z_{t-1}, the input of block t
-        model.run_blocks(x_t, keep, tokens, start=t, records=records)
-        got = slim.significance_score(records)
+        _, attention = model.attention_maps(x_t, keep, tokens, start=t)
+        got = slim.significance_score(attention, x_t)
     D = [torch.diag(torch.zeros(N).index_fill(0, k, 1.0)) for k in keep]
     for b in range(img.shape[0]):
         want = torch.zeros(N)
@@ -363,7 +361,7 @@ def test_eq6_exact_recursion_equals_brute_force_paths(t, tokens):
                 A = D[l - 1] @ maps[l - 1][0][b, h] @ A
             want += torch.stack([torch.outer(A[:, i], U[i]).pow(2).sum() for i in range(N)])
         assert torch.allclose(got[b], want, rtol=1e-4, atol=1e-7), (got[b], want)
-    assert len(records) == L - t + 1 and records[0].U.shape == (2, H, N, TINY_CFG.embed_dim)
+    assert len(attention) == L - t + 1
 
 
 def test_head_mean_score_matches_its_definition():
@@ -375,10 +373,10 @@ def test_head_mean_score_matches_its_definition():
     keep = [torch.arange(N), torch.tensor([0, 2, 4]), torch.tensor([0, 4]), torch.tensor([0])]
     img = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        maps, records = [], []
+        maps = []
         eq2_reference(model, img, keep, "removed", maps)
-        model.run_blocks(maps[0][1], keep, "removed", start=1, records=records)
-        got = slim.head_mean_score(records)
+        _, attention = model.attention_maps(maps[0][1], keep, "removed", start=1)
+        got = slim.head_mean_score(attention, maps[0][1], model.blocks[0])
         a = model.blocks[0].attn
         v = a.qkv(model.blocks[0].norm1(maps[0][1]))[..., 2 * a.head_dim * a.num_heads:]
         v = v.view(2, N, a.num_heads, a.head_dim).transpose(1, 2)
@@ -402,14 +400,14 @@ def test_comparison_scores():
     keep = [torch.arange(N), torch.tensor([0, 2, 4]), torch.tensor([0, 4]), torch.tensor([0])]
     img = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        records, maps = [], []
-        model.run_blocks(model.embed(img), keep, "frozen", records=records)
+        maps = []
+        _, attention = model.attention_maps(model.embed(img), keep, "frozen")
         eq2_reference(model, img, keep, "frozen", maps)
     P1, P2 = maps[0][0], maps[1][0]                       # layers t = 1 (dense) and t+1 = 2: (B, H, N, N)
     want_attn = torch.stack([torch.tensor([sum(P1[b, h, q, i].item() ** 2 for h in range(P1.shape[1])
                                                for q in range(N)) ** 0.5 for i in range(N)]) for b in range(2)])
-    assert torch.allclose(slim.attn_score(records), want_attn, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(slim.class_attention_score(records), P2[:, :, 0].mean(1), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(slim.attn_score(attention), want_attn, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(slim.class_attention_score(attention), P2[:, :, 0].mean(1), rtol=1e-4, atol=1e-6)
     x = model.embed(img)
     a = slim.layer_scores(model, x, keep, "frozen", 1, "random", 8, seed=3)  # --seed decides the random baseline
     assert a.shape == (N,) and not torch.equal(a, slim.layer_scores(model, x, keep, "frozen", 1, "random", 8, seed=4))
@@ -426,9 +424,8 @@ def test_layer_scores_average_over_images_whatever_the_batch():
         z1 = model.blocks[0](model.embed(torch.randn(5, 3, 8, 8)))           # Z_1, the input of block 2
         per_image = []
         for b in range(5):
-            records = []
-            model.run_blocks(z1[b:b + 1], keep, "frozen", start=2, records=records)
-            per_image.append(slim.significance_score(records)[0])
+            _, attention = model.attention_maps(z1[b:b + 1], keep, "frozen", start=2)
+            per_image.append(slim.significance_score(attention, z1[b:b + 1])[0])
     want = torch.stack(per_image).mean(0)
     got = slim.layer_scores(model, z1, keep, "frozen", 2, "significance", batch_size=2)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
@@ -2110,9 +2107,8 @@ def test_per_image_forward_equals_static_and_the_per_image_eq2_reference(tokens,
         for b in range(3):
             alone = model(x[b:b + 1], keep=[k[b] for k in own], tokens=tokens)
             assert torch.allclose(out[b:b + 1], alone, atol=1e-5)
-        records = []
-        model.run_blocks(model.embed(x), own, tokens, records=records)
-    assert torch.equal(records[2].query_rows, own[2]) and records[2].P.shape[:3] == (3, model.cfg.num_heads, own[2].shape[1])
+        _, attention = model.attention_maps(model.embed(x), own, tokens)
+    assert torch.equal(attention[2].query_rows, own[2]) and attention[2].P.shape[:3] == (3, model.cfg.num_heads, own[2].shape[1])
 
 
 @pytest.mark.parametrize("family", list(FAMILY))
@@ -2202,7 +2198,7 @@ def test_per_image_eq6_target_is_the_static_score_of_each_image_alone(t, tokens)
     with torch.no_grad():
         z = model.run_blocks(model.embed(torch.randn(3, 3, 32, 32)), end=t - 1)  # Z_{t-1}, layers 1..t-1 dense
         target = pipeline_dynamic.dynamic_targets(dyn, z, t)
-        _, keep = dyn.run_blocks(z, t, records=[])
+        _, keep = dyn.run_blocks(z, t, maps=[])
     N = model.cfg.num_tokens
     assert keep[0].shape == (3, N) and not torch.equal(keep[1][0], keep[1][1])
     for b in range(3):

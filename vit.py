@@ -98,17 +98,11 @@ class Linear(nn.Linear):
 
 
 @dataclass
-class BlockRecord:
-    """What one block of run_blocks(..., records=[]) reports to the scores of slim.py: the attention always, the
-    terms of Eq. 6 only where asked (the first block of the run; for every block they would cost as much again)."""
-    P: torch.Tensor                       # (B, H, n_q, n_keys): per-head attention P^h of the query rows over the keys
-    query_rows: torch.Tensor              # (n_q,): global token indices of the rows the block updates (m_l)
-    key_rows: torch.Tensor                # (n_keys,): global token indices of the rows that give keys and values
-    U: torch.Tensor | None = None         # (B, H, n_q, d): U^h = P^h |Z_{l-1}| (Eq. 6; C3b: Z_{l-1} the block input)
-    head_out: torch.Tensor | None = None  # (B, H, n_q, d): what head h adds to the residual (the v1 score's U)
-
-
-RECORD_P, RECORD_ALL = "P", "P, U, head_out"  # what a block is asked to record: Block.forward(record=...)
+class AttentionMap:
+    """One block's attention, as attention_maps returns it for the scores of slim.py."""
+    P: torch.Tensor           # (B, H, n_q, n_keys): per-head attention P^h of the query rows over the key rows
+    query_rows: torch.Tensor  # (n_q,) or per image (B, n_q): global token indices of the rows the block updates (m_l)
+    key_rows: torch.Tensor    # (n_keys,) or (B, n_keys): global token indices of the rows that give keys and values
 
 
 def take_rows(x, idx):
@@ -134,28 +128,32 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)  # timm layout: rows [q; k; v]
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, h, idx=None, record=None):
-        """h: (B, n_keys, d) normed rows that give keys and values; idx: (n_q,) positions in h of the rows that get
-        queries (None = all; or (B, n_q), each image its own, take_rows). Returns the MSA output of those rows,
-        (B, n_q, d). The q and kv projections are split so no FLOP is spent on a query nobody reads (method.md P1:
-        "only the effective patches ... calculate queries"). record: None (fused attention, nothing kept), RECORD_P
-        or RECORD_ALL: then it returns (output, P, head_out), P (B, H, n_q, n_keys) the per-head attention, head_out
-        (B, H, n_q, d) head h's output after W_o (None unless RECORD_ALL)."""
+    def heads(self, h, idx=None):
+        """q (B, H, n_q, dh) of the rows idx of h, and k, v (B, H, n_keys, dh) of every row. h: (B, n_keys, d) normed
+        rows; idx: (n_q,) positions in h of the rows that get queries (None = all; or (B, n_q), each image its own,
+        take_rows). The q and kv projections are split so no FLOP is spent on a query nobody reads (method.md P1:
+        "only the effective patches ... calculate queries")."""
         B, n_keys, d = h.shape
         H, dh = self.num_heads, self.head_dim
         if idx is None:
-            q, k, v = self.qkv(h).view(B, n_keys, 3, H, dh).permute(2, 0, 3, 1, 4)
-        else:
-            q = self.qkv(take_rows(h, idx), rows=(0, d)).view(B, -1, H, dh).transpose(1, 2)
-            k, v = self.qkv(h, rows=(d, 3 * d)).view(B, n_keys, 2, H, dh).permute(2, 0, 3, 1, 4)
-        if record is None:  # the fast path: fused attention, nothing stored
-            o = F.scaled_dot_product_attention(q, k, v)                     # (B, H, n_q, dh)
-            return self.proj(o.transpose(1, 2).reshape(B, -1, d))
-        P = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)          # P^h: (B, H, n_q, n_keys)
-        o = P @ v                                                           # (B, H, n_q, dh)
-        w_o = self.proj.weight.view(d, H, dh).permute(1, 2, 0)              # W_o's columns of head h: (H, dh, d)
-        head_out = o @ w_o if record == RECORD_ALL else None                 # head_out: (B, H, n_q, d)
-        return self.proj(o.transpose(1, 2).reshape(B, -1, d)), P, head_out
+            return self.qkv(h).view(B, n_keys, 3, H, dh).permute(2, 0, 3, 1, 4)
+        q = self.qkv(take_rows(h, idx), rows=(0, d)).view(B, -1, H, dh).transpose(1, 2)
+        k, v = self.qkv(h, rows=(d, 3 * d)).view(B, n_keys, 2, H, dh).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, o):
+        """The heads' outputs o (B, H, n_q, dh) through W_o: (B, n_q, d)."""
+        return self.proj(o.transpose(1, 2).flatten(2))
+
+    def forward(self, h, idx=None):
+        """The MSA output of the rows idx of h, (B, n_q, d) (see heads), by fused attention."""
+        return self.merge(F.scaled_dot_product_attention(*self.heads(h, idx)))
+
+    def forward_with_map(self, h, idx=None):
+        """forward's output and the per-head attention P^h (B, H, n_q, n_keys), by an explicit softmax."""
+        q, k, v = self.heads(h, idx)
+        P = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.merge(P @ v), P
 
 
 class Mlp(nn.Module):
@@ -189,30 +187,27 @@ class Block(nn.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.ls2 = LayerScale(d) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x, idx=None, tokens="frozen", record=None):
+    def forward(self, x, idx=None, tokens="frozen"):
         """One pre-norm block, Y = X + MSA(LN1(X)), Z = Y + MLP(LN2(Y)), updating only the rows idx (the paper's
         diag(m_l) on the MSA and MLP outputs, Eq. 2). x: (B, n_in, d); idx: positions in x of the updated rows
         (None = all, the dense block; (n_q,), or (B, n_q) per image). Keys and values come from all n_in rows.
         tokens (method.md P1 / C1): "frozen" returns all n_in rows, the others unchanged; "removed" returns only the
-        idx rows.
-        record: None returns the output only; RECORD_P or RECORD_ALL return (output, P, U, head_out): the
-        attention's P (B, H, n_q, n_keys), and for RECORD_ALL U (B, H, n_q, d) = P^h |x|, the paper's
-        U^h_t = P^h_t |Z_{t-1}| (Eq. 6; method.md C3b: Z_{t-1} is the block input), and head_out (else None)."""
-        if record is None:
-            a = self.ls1(self.attn(self.norm1(x), idx))
-        else:
-            a, P, head_out = self.attn(self.norm1(x), idx, record)
-            a = self.ls1(a)
-            U = P @ x.abs().unsqueeze(1) if record == RECORD_ALL else None
-            head_out = self.ls1(head_out) if record == RECORD_ALL else None  # what each head adds (LayerScale)
+        idx rows."""
+        return self.residual(x, idx, tokens, self.ls1(self.attn(self.norm1(x), idx)))
+
+    def forward_with_map(self, x, idx=None, tokens="frozen"):
+        """(forward's output, the attention P^h of the updated rows (B, H, n_q, n_keys)) for the scores of slim.py."""
+        a, P = self.attn.forward_with_map(self.norm1(x), idx)
+        return self.residual(x, idx, tokens, self.ls1(a)), P
+
+    def residual(self, x, idx, tokens, a):
+        """The rest of the block once the MSA output a of the rows idx is known: Y = X + a on those rows, then the MLP."""
         if idx is None:
             y = x + a
-            out = y + self.ls2(self.mlp(self.norm2(y)))
-        else:
-            y = take_rows(x, idx) + a
-            y = y + self.ls2(self.mlp(self.norm2(y)))
-            out = y if tokens == "removed" else put_rows(x, idx, y)  # P1: every other row passes on unchanged
-        return out if record is None else (out, P, U, head_out)
+            return y + self.ls2(self.mlp(self.norm2(y)))
+        y = take_rows(x, idx) + a
+        y = y + self.ls2(self.mlp(self.norm2(y)))
+        return y if tokens == "removed" else put_rows(x, idx, y)  # P1: every other row passes on unchanged
 
 
 class PatchEmbed(nn.Module):
@@ -263,14 +258,31 @@ class VisionTransformer(nn.Module):
             return torch.cat(prefix + [x], dim=1) + self.pos_embed
         return torch.cat(prefix + [x + self.pos_embed], dim=1)  # DeiT-III: the patches' positions only
 
-    def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None, records=None):
+    def run_blocks(self, x, keep=None, tokens="frozen", start=1, end=None):
         """Blocks start..end (1-based, inclusive; end = L by default) on tokens x, the input of block `start`:
         all N rows under "frozen", the rows alive after layer start-1 under "removed". keep: all L layers' masks
         (None = dense); an entry (B, n_t) gives each image its own m_t (DPS-ViT, method.md P6/C8: the counts n_t
-        fixed per layer, the masks nested per image). records: a list to which each block appends its BlockRecord;
-        the first block's holds U and head_out too, all the scores read of layer t (per-image masks: query_rows and,
-        under "removed", key_rows (B, n) too)."""
+        fixed per layer, the masks nested per image)."""
+        keep, gather = self.gather_plan(x, keep, tokens)
+        for t in range(start, (self.cfg.depth if end is None else end) + 1):
+            x = self.blocks[t - 1](x, None if gather is None else gather[t - 1], tokens)
+        return x
+
+    def attention_maps(self, x, keep=None, tokens="frozen", start=1, end=None):
+        """run_blocks, also returning each block's AttentionMap (the attention the scores of Eq. 6 read): (x, maps),
+        maps[0] that of block `start`."""
         N = self.cfg.num_tokens
+        keep, gather = self.gather_plan(x, keep, tokens)
+        maps = []
+        for t in range(start, (self.cfg.depth if end is None else end) + 1):
+            x, P = self.blocks[t - 1].forward_with_map(x, None if gather is None else gather[t - 1], tokens)
+            query_rows = torch.arange(N) if keep is None else keep[t - 1]
+            key_rows = torch.arange(N) if keep is None or tokens == "frozen" or t == 1 else keep[t - 2]
+            maps.append(AttentionMap(P, query_rows, key_rows))
+        return x, maps
+
+    def gather_plan(self, x, keep, tokens):
+        """(kept indices, gather indices) of masks_plan for a batch x, on x's device; (None, None) for keep=None."""
         keep, gather = (None, None) if keep is None else masks_plan(keep, self.cfg, tokens)
         if keep is not None and keep[0].dim() == 2:  # per-image masks: one row of indices per image of x
             if keep[0].shape[0] != x.shape[0]:
@@ -279,16 +291,7 @@ class VisionTransformer(nn.Module):
             gather = [None if g is None else g.to(x.device) for g in gather]
         elif gather is not None and x.device.type != "cpu":  # CUDA's index_select/index_copy need the index on x's device
             gather = [None if g is None else g.to(x.device) for g in gather]
-        for t in range(start, (self.cfg.depth if end is None else end) + 1):
-            idx = None if gather is None else gather[t - 1]
-            if records is None:
-                x = self.blocks[t - 1](x, idx, tokens)
-                continue
-            x, P, U, head_out = self.blocks[t - 1](x, idx, tokens, record=RECORD_ALL if t == start else RECORD_P)
-            query_rows = torch.arange(N) if keep is None else keep[t - 1]
-            key_rows = torch.arange(N) if keep is None or tokens == "frozen" or t == 1 else keep[t - 2]
-            records.append(BlockRecord(P, query_rows, key_rows, U, head_out))
-        return x
+        return keep, gather
 
     def features(self, x):
         """The final features the heads read: the prefix tokens of the last block's output x, after the norm,

@@ -72,26 +72,26 @@ class DynamicSlimmed(nn.Module):
         self.predictors = nn.ModuleDict({str(t): slim.Predictor(cfg.embed_dim, self.width)
                                          for t in slim.predicted_layers(cfg, counts)})
 
-    def run_blocks(self, x, start=1, records=None):
-        """Blocks start..L on x (B, N, d), the input of block `start`, every row a candidate. With records (a list, as
-        vit's run_blocks), layer `start` updates every row, as Alg. 1 scores a layer (dynamic_targets). Returns
-        (x, keep), keep[t - start] the (B, n_t) indices of each image's m_t (vit.py's per-image masks)."""
-        P, N, frozen = self.cfg.prefix_tokens, self.cfg.num_tokens, self.tokens == "frozen"
+    def run_blocks(self, x, start=1, maps=None):
+        """Blocks start..L on x (B, N, d), the input of block `start`, every row a candidate. With maps (a list, filled
+        with each block's vit.AttentionMap), layer `start` updates every row, as Alg. 1 scores a layer
+        (dynamic_targets). Returns (x, keep), keep[t - start] the (B, n_t) indices of each image's m_t (vit.py's
+        per-image masks)."""
+        n_prefix, N, frozen = self.cfg.prefix_tokens, self.cfg.num_tokens, self.tokens == "frozen"
         prev, keep = torch.arange(N, device=x.device).expand(x.shape[0], -1), []  # m_{t-1}: every row at first
         for t in range(start, self.cfg.depth + 1):
-            n = prev.shape[1] if records is not None and t == start else self.counts[t - 1]
-            if P < n < prev.shape[1]:  # G_t chooses among m_{t-1}'s patches
-                pos = slim.dynamic_choice(self.predictors[str(t)], x, prev, n, P, self.tokens)
+            n = prev.shape[1] if maps is not None and t == start else self.counts[t - 1]
+            if n_prefix < n < prev.shape[1]:  # G_t chooses among m_{t-1}'s patches
+                pos = slim.dynamic_choice(self.predictors[str(t)], x, prev, n, n_prefix, self.tokens)
             else:                      # every row of m_{t-1}, or the prefix tokens alone: nothing to choose
                 pos = torch.arange(n, device=x.device).expand(x.shape[0], -1)
             k = prev.gather(1, pos)    # m_t, sorted global indices per image
             idx = (None if n == N else k) if frozen else (None if n == prev.shape[1] else pos)
-            if records is None:
+            if maps is None:
                 x = self.vit.blocks[t - 1](x, idx, self.tokens)
             else:
-                x, attn, U, head_out = self.vit.blocks[t - 1](x, idx, self.tokens,
-                                                              record=vit.RECORD_ALL if t == start else vit.RECORD_P)
-                records.append(vit.BlockRecord(attn, k, torch.arange(N) if frozen else prev, U, head_out))
+                x, attn = self.vit.blocks[t - 1].forward_with_map(x, idx, self.tokens)
+                maps.append(vit.AttentionMap(attn, k, torch.arange(N) if frozen else prev))
             keep.append(k)
             prev = k
         return x, keep
@@ -134,10 +134,10 @@ def dynamic_targets(dyn, z_in, t):
     """The per-image Eq. 6 scores G_t is fitted to (P3 with C3a; P6: "s_l calculated for each input instance", not
     averaged over images): z_in (B, N, d) is Z_{t-1}, layer t updates every row (as Alg. 1 scores a layer: layers
     1..t dense), and layers t+1..L are pruned per image by their own G, as they will be at inference. (B, N)."""
-    records = []
+    maps, z = [], z_in.to(slim.device_of(dyn))
     with autocast(slim.device_of(dyn)):
-        dyn.run_blocks(z_in.to(slim.device_of(dyn)), t, records)
-    return slim.significance_score(records)
+        dyn.run_blocks(z, t, maps)
+        return slim.significance_score(maps, z)
 
 
 def top_k_recall(s_hat, s, k):
