@@ -238,6 +238,16 @@ def budgets(ref_dirs):
     return out
 
 
+def pairwise(res, preds_path):
+    """Every pair of peers at each budget, paired on the same val images from the stored predictions: row − column."""
+    with np.load(preds_path) as f:
+        labels = f["labels"]
+        for name, b in res["budgets"].items():
+            correct = {m: f[f"{name}__{m}".replace(" ", "_")] == labels for m in METHODS[1:]}
+            b["peer_pairs"] = {f"{a} − {c}": compare(correct[a], correct[c]) for i, a in enumerate(METHODS[1:])
+                               for c in METHODS[1 + i + 1:]}
+
+
 def main():
     p = argparse.ArgumentParser("Every method's free settings chosen on held-out training images, val read once")
     p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy"),
@@ -247,7 +257,14 @@ def main():
     p.add_argument("--score-images", type=int, default=512, help="Eq. 6 score images of the Fig. 4 masks")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "peers_selection"))
+    p.add_argument("--pairs-only", action="store_true", help="only add the peers' pairwise intervals to OUT.json "
+                   "from its stored val predictions (no images read)")
     args = p.parse_args()
+    if args.pairs_only:
+        res = read_json(args.out + ".json")
+        pairwise(res, args.out + "_predictions.npz")
+        write_json(args.out + ".json", res)
+        return
     torch.manual_seed(0)
     ref = read_json(os.path.join(args.reference[0], "report.json"))
     data_path = os.path.join(ROOT, ref["args"]["data_path"])
@@ -310,6 +327,7 @@ def main():
             write_json(args.out + ".json", res)
     res["train_images"] = n_train
     res["finetuned_old_protocol"] = old_protocol_compute(n_train, args.reference)
+    pairwise(res, args.out + "_predictions.npz")
     write_json(args.out + ".json", res)
     print(f"wrote {args.out}.json and {args.out}_predictions.npz")
 

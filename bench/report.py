@@ -233,15 +233,18 @@ PEERS = "results/peers.json"
 PEERS_SPEED = "results/peers_speed_deit_small_cpu_float32.json"
 PEER_ROWS = ["patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid",  # bench/peers_compare.py
              "patch slimming, removed"]
+SELECTION = "results/peers_selection.json"  # bench/peers_select.py
+SELECTED_ROWS = ["patch slimming", "ToMe", "EViT", "PPT", "PiToMe"]
 
 
 def with_p(c):
     return f"{interval(c)}; p = {c['mcnemar_p']:.2g}"
 
 
-def peers_off_the_shelf():
-    """bench/peers_compare.py off the shelf: every method on the dense proxy weights at each budget, paired against
-    patch slimming's row of the same budget on the same val images."""
+def peers_nearest():
+    """bench/peers_compare.py off the shelf: every method on the dense proxy weights at each budget, each peer at the
+    setting nearest the budget in FLOPs (the settings its fine-tuned rows use), paired against patch slimming's row
+    of the same budget on the same val images."""
     if not os.path.exists(os.path.join(ROOT, PEERS)):
         return f"*Not run yet: `{PEERS}` does not exist; `python bench/peers_compare.py` makes it.*"
     res = load(PEERS)
@@ -277,6 +280,92 @@ def peers_off_the_shelf():
             f"command{'s' if len(res['commands']) > 1 else ''}: {', '.join(f'`{c}`' for c in res['commands'])}.")
 
 
+def pct_of(g, target):
+    return f"{100 * g / target:.1f}%"
+
+
+def peers_selected():
+    """bench/peers_select.py: at each budget, each method's setting selected on held-out training images, its val
+    top-1 (val read once) and patch slimming − it on the same val images."""
+    if not os.path.exists(os.path.join(ROOT, SELECTION)):
+        return f"*Not run yet: `{SELECTION}` does not exist; `python bench/peers_select.py` makes it.*"
+    res = load(SELECTION)
+    rows = ["| budget | method | candidates | selected setting | GFLOPs (of the budget) | held-out top-1 (train) | "
+            "val top-1 | patch slimming − this, val (95% paired bootstrap; McNemar p) |", "|---|---|---|---|---|---|---|---|",
+            f"| | dense | | | {res['dense_gflops']:.3f} | {res['held_out']['dense_top1']:.2f} | {res['dense']['top1']:.2f} | |"]
+    notes = []
+    for budget, b in res["budgets"].items():
+        for name in SELECTED_ROWS:
+            m = b["methods"][name]
+            c, v = m["candidates"][m["selected"]], m["val"]
+            label = f"**{name}**" if name == "patch slimming" else name
+            vs = with_p(v["ps_minus_this"]) if "ps_minus_this" in v else "(the reference)"
+            rows.append(f"| {budget} | {label} | {len(m['candidates'])} | {v['setting']} | {v['gflops']:.4f} "
+                        f"({pct_of(v['gflops'], b['target_gflops'])}) | {c['held_out_top1']:.2f} | {v['top1']:.2f} | {vs} |")
+            if m["note"]:
+                notes.append(f"{budget} {name}: {m['note']}")
+    h = res["held_out"]
+    pairs = "; ".join(f"{budget}: " + ", ".join(f"{k} {interval(c)}" for k, c in b["peer_pairs"].items())
+                      for budget, b in res["budgets"].items() if "peer_pairs" in b)
+    return ("\n".join(rows) + (f"\n\nThe peers against each other (row − column, points, 95% paired bootstrap on the "
+                                f"same val images): {pairs}." if pairs else "") + f"\n\nSelection: {h['images']} training images (seed {h['seed']}, {h['transform']}; "
+            f"never val), the highest top-1 of each method's candidates, each at or below the budget and within "
+            f"{100 * res['tolerance']:g}% of it where its grid allows"
+            + (f" ({'; '.join(notes)})" if notes else "") + f". Val: {res['val_images']} images, read once, for the "
+            f"selected settings. GFLOPs: {res['flops_note']}. File: `{SELECTION}` (predictions "
+            f"`results/peers_selection_predictions.npz`); command: `{res['command']}`; {res['machine']['cpu']}, "
+            f"torch {res['machine']['torch']}.")
+
+
+def peers_candidates():
+    """bench/peers_select.py: every candidate tried, its FLOPs and its held-out top-1 (the selected in bold)."""
+    if not os.path.exists(os.path.join(ROOT, SELECTION)):
+        return f"*Not run yet: `python bench/peers_select.py` makes `{SELECTION}`.*"
+    res = load(SELECTION)
+    rows = ["| budget | method | setting | GFLOPs | of the budget | held-out top-1 |", "|---|---|---|---|---|---|"]
+    for budget, b in res["budgets"].items():
+        for name in SELECTED_ROWS:
+            m = b["methods"][name]
+            for i, c in enumerate(m["candidates"]):
+                bold = "**" if i == m["selected"] else ""
+                rows.append(f"| {budget} | {name} | {bold}{c['setting']}{bold} | {c['gflops']:.4f} | "
+                            f"{pct_of(c['gflops'], b['target_gflops'])} | {bold}{c['held_out_top1']:.2f}{bold} |")
+    return ("\n".join(rows) + f"\n\nThe selected candidate of each method in bold (the highest held-out top-1, "
+            f"ties to the first listed). {res['held_out']['images']} held-out training images. File: `{SELECTION}`.")
+
+
+def peers_compute():
+    """bench/peers_select.py: each row's training compute: off the shelf, and the fine-tuned rows of
+    results/peers.json (bench/peers_compare.py --finetune)."""
+    if not os.path.exists(os.path.join(ROOT, SELECTION)):
+        return f"*Not run yet: `python bench/peers_select.py` makes `{SELECTION}`.*"
+    res = load(SELECTION)
+    rows = ["| row | optimiser steps | images seen | what |", "|---|---|---|---|"]
+    for budget, b in res["budgets"].items():
+        ps = b["methods"]["patch slimming"]["training"]["search"]
+        rows.append(f"| {budget}, off the shelf: ToMe, EViT, PPT, PiToMe | 0 | 0 | none: dense weights; "
+                    f"{b['methods']['ToMe']['training']['selection_images']} held-out training images read to select "
+                    "each one's setting |")
+        rows.append(f"| {budget}, off the shelf: patch slimming | 0 (its masks' search: {ps['optimiser_steps']:,}) | "
+                    f"0 ({ps['images_seen']:,}) | dense weights; in brackets, {ps['what']} |")
+    old = res["finetuned_old_protocol"]
+    ft = old["final_finetune"]
+    for budget, b in old["budgets"].items():
+        for name, r in b.items():
+            search = r["search_before_the_finetune"]
+            extra = [v for v in search.values() if isinstance(v, dict)]
+            if extra:
+                rows.append(f"| {budget}, fine-tuned: {name} | {ft['optimiser_steps']:,} + {extra[0]['optimiser_steps']:,} | "
+                            f"{ft['images_seen']:,} + {extra[0]['images_seen']:,} | the final fine-tune ({ft['epochs']:g} "
+                            f"epoch, batch {ft['batch_size']}, every block) after {extra[0]['what']}, per seed |")
+            else:
+                rows.append(f"| {budget}, fine-tuned: {name} | {ft['optimiser_steps']:,} | {ft['images_seen']:,} | the "
+                            f"final fine-tune ({ft['epochs']:g} epoch, batch {ft['batch_size']}, every block) from the "
+                            "dense weights, per seed |")
+    return ("\n".join(rows) + f"\n\nA block fine-tune step trains one block on a batch of {ft['batch_size']}; a final "
+            f"fine-tune step trains every block. {res['train_images']:,} training images. File: `{SELECTION}`.")
+
+
 def peers_finetuned():
     """bench/peers_compare.py --finetune: the headline's final fine-tune for the rows of each budget where it ran."""
     if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
@@ -307,7 +396,8 @@ def peers_finetuned():
     headline = next(iter(res["budgets"]))
     return ("\n".join(rows) + f"\n\n{ft['epochs']:g} epoch{'s' if ft['epochs'] != 1 else ''} at lr {ft['lr']:g}, batch "
             f"{ft['batch_size']}, the light recipe with soft distillation from the dense model (pipeline/finetune.py), "
-            f"the same as the headline's. At {headline} patch slimming's row is the headline runs' own (its search "
+            f"the same as the headline's. The peers' settings are those nearest the budget in FLOPs (not selected on "
+            f"held-out images). At {headline} patch slimming's row is the headline runs' own (its search "
             "with block fine-tuning, then this fine-tune); at another budget every row, patch slimming's too, is "
             f"fine-tuned from the dense weights. {res['val_images']} val images. File: `{PEERS}`"
             + (f"; rows read from other runs: {', '.join(f'`{s}`' for s in sorted(sources))}." if sources else "."))
@@ -359,33 +449,42 @@ def dynamic():
 
 
 def peers_summary():
-    """The README's one table of bench/peers_compare.py and bench/peers_speed.py: at the headline budget, each
-    method's top-1 off the shelf and after the final fine-tune (mean of the seeds), patch slimming − it over the
-    seeds, and its speed-up at DeiT-S shapes."""
-    if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
-        return "*Not run yet: `python bench/peers_compare.py --finetune --seeds 0 1` makes it.*"
-    res = load(PEERS)
-    budget, b = next(iter(res["budgets"].items()))
+    """The README's one table of the peers: at both budgets each method's setting selected on held-out training
+    images and its val top-1 off the shelf with patch slimming − it (bench/peers_select.py); at the headline budget
+    the fine-tuned rows of bench/peers_compare.py (settings nearest in FLOPs) and the speed of bench/peers_speed.py."""
+    if not os.path.exists(os.path.join(ROOT, SELECTION)) or not os.path.exists(os.path.join(ROOT, PEERS)):
+        return "*Not run yet: `python bench/peers_select.py` and `python bench/peers_compare.py --finetune` make it.*"
+    res, old = load(SELECTION), load(PEERS)
     speed = load(PEERS_SPEED)["rows"] if os.path.exists(os.path.join(ROOT, PEERS_SPEED)) else {}
-    rows = ["| method | GFLOPs | top-1 off the shelf | top-1 fine-tuned (seeds) | patch slimming − this, fine-tuned, "
-            "seeds together (95% paired bootstrap) | speed-up at DeiT-S shapes, batch 32 / batch 1 |",
-            "|---|---|---|---|---|---|", f"| dense | {res['dense_gflops']:.3f} | {res['dense']['top1']:.2f} | | | 1× / 1× |"]
-    for name in PEER_ROWS:
-        r = b["rows"].get(name)
-        if not r or "top1" not in r:
-            continue
+    budgets = list(res["budgets"])
+    head = old["budgets"][budgets[0]]["rows"] if budgets[0] in old["budgets"] else {}
+    rows = ["| method | " + " | ".join(f"{b}: top-1 off the shelf, selected (patch slimming − this)" for b in budgets)
+            + f" | {budgets[0]}: top-1 fine-tuned, seed mean (patch slimming − this, seeds together) | speed-up at "
+            "DeiT-S shapes, batch 32 / batch 1 |", "|---|" + "---|" * len(budgets) + "---|---|",
+            f"| dense ({res['dense_gflops']:.3f} G) | " + " | ".join(f"{res['dense']['top1']:.2f}" for _ in budgets)
+            + " | | 1× / 1× |"]
+    for name in SELECTED_ROWS:
+        cells = []
+        for b in budgets:
+            v = res["budgets"][b]["methods"][name]["val"]
+            cells.append(f"{v['top1']:.2f}" + (f" ({interval(v['ps_minus_this'])})" if "ps_minus_this" in v else
+                                                " (the reference)"))
+        r = head.get("ToMe, schedule searched" if name == "ToMe" else name, {})
         tuned = [e["top1"] for e in r.get("finetuned", {}).values()]
+        ft = (f"{sum(tuned) / len(tuned):.2f}" + (f" ({interval(r['finetuned_pooled'])})" if "finetuned_pooled" in r
+                                                   else " (the reference)" if name == "patch slimming" else "")
+              if tuned else "not run")
         sp = speed.get(name)
         label = f"**{name}**" if name == "patch slimming" else name
-        rows.append(f"| {label} | {r['gflops']:.3f} | {r['top1']:.2f} | "
-                    + (f"{sum(tuned) / len(tuned):.2f} ({', '.join(f'{t:.2f}' for t in tuned)})" if tuned else "not run")
-                    + " | " + ("(the reference)" if name == "patch slimming" else
-                               interval(r["finetuned_pooled"]) if "finetuned_pooled" in r else "")
-                    + " | " + (f"{times(sp['speedup_batch'])} / {times(sp['speedup_b1'])}" if sp else "") + " |")
-    seeds = res["finetune"]["seeds"]
-    return ("\n".join(rows) + f"\n\nAt the headline's {budget} (dense {res['dense_gflops']:.3f} G), {res['val_images']} "
-            f"val images; fine-tuned: the headline's final fine-tune, seeds {', '.join(map(str, seeds))}. Speed: each "
-            f"method at about 2.6 of DeiT-S's 4.6 GFLOPs, PyTorch eager on this CPU. Files: `{PEERS}`, `{PEERS_SPEED}`.")
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {ft} | "
+                    + (f"{times(sp['speedup_batch'])} / {times(sp['speedup_b1'])}" if sp else "not measured") + " |")
+    return ("\n".join(rows) + f"\n\nOff the shelf: each method's free settings selected by top-1 on "
+            f"{res['held_out']['images']} held-out training images at the budget, then val ({res['val_images']} images) "
+            f"read once; 95% paired bootstrap intervals. Fine-tuned: the headline's one-epoch fine-tune on seeds "
+            f"{', '.join(map(str, old['finetune']['seeds']))}, the peers at the settings nearest the budget in FLOPs "
+            "(ToMe's schedule searched), patch slimming after its search's block fine-tunes (docs/peers.md counts "
+            "each row's training). Speed: each method at about 2.6 of DeiT-S's 4.6 GFLOPs, PyTorch eager on this "
+            f"CPU. Files: `{SELECTION}`, `{PEERS}`, `{PEERS_SPEED}`.")
 
 
 def dynamic_summary():
@@ -406,7 +505,8 @@ def dynamic_summary():
 
 BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3,
           "speed-runtimes": speed_runtimes, "speed-summary": speed_summary, "speed-profile": speed_profile,
-          "peers": peers_off_the_shelf, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
+          "peers": peers_selected, "peers-candidates": peers_candidates,
+          "peers-compute": peers_compute, "peers-nearest": peers_nearest, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
           "peers-summary": peers_summary, "dynamic": dynamic, "dynamic-summary": dynamic_summary}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
 
