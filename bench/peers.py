@@ -1,6 +1,6 @@
 """
-The two peers patch slimming (arXiv 2106.02852) is compared with, written from their papers as METHOD.md §8 reads
-them, on vit.py's weights. Comparison methods, not the method:
+Two of the peers patch slimming (arXiv 2106.02852) is compared with, written from their papers as METHOD.md §8 reads
+them, on vit.py's weights, and what every peer shares. Comparison methods, not the method:
 - ToMe (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023): in every block, between attention and MLP,
   bipartite soft matching on the keys (mean over heads) merges r tokens into others by a size-weighted average;
   proportional attention adds log(size) to the attention logits. Training-free; r constant per layer by default.
@@ -15,9 +15,11 @@ ls1, norm2, mlp, ls2): no class of vit.py is patched. The prefix tokens (class, 
 never merged or dropped, always first. Both shrink the sequence: keys and values come only from the tokens left
 (the "removed" semantics of METHOD.md C1), so they are counted that way.
 
-Also here: closed-form FLOPs (multiply-adds, flops.py's convention; checked against FlopCounterMode in
-test_slim.py), the search of r / the keep rate that lands at a GFLOPs budget (the closest at or below it), and
-PeerModel, the adapter that pipeline/evaluate.py and pipeline/finetune.py run as they run a vit.VisionTransformer.
+Also here, for every peer (ToMe and EViT here; PPT in bench/ppt.py, PiToMe in bench/pitome.py, each a frozen
+dataclass with check, features, tokens_per_layer, reduction_flops and describe): closed-form FLOPs (multiply-adds,
+flops.py's convention; checked against FlopCounterMode in test_slim.py and bench/test_peers.py), the search of the
+setting that lands at a GFLOPs budget (the closest at or below it), and PeerModel, the adapter that
+pipeline/evaluate.py and pipeline/finetune.py run as they run a vit.VisionTransformer. bench/peers_select.py,
 bench/peers_compare.py and bench/peers_speed.py use them (docs/peers.md).
 """
 import math

@@ -18,7 +18,7 @@ MOST, evenly thinned in grid order); where fewer than LEAST are (ToMe's integer 
 constant keep ratio, 1.5% under at best), the LEAST closest below it, and the results file says how far. The
 selection (select) takes the highest held-out top-1 of the candidates, ties to the first listed.
 
-    python bench/peers_select.py                          # both budgets: ~40 min on 2 cores
+    python bench/peers_select.py                          # both budgets: 59 min on 2 busy cores (AMD EPYC)
     python bench/peers_select.py --held-out-images 500    # a quick check
 Writes results/peers_selection.json (every candidate: setting, GFLOPs, held-out top-1; the selected; their val
 top-1 with paired intervals against patch slimming; each row's training compute) and
