@@ -238,6 +238,18 @@ def budgets(ref_dirs):
     return out
 
 
+def select_at_budget(model, gflops, held, masks, out, chosen, name, methods=METHODS, save=lambda: None):
+    """The selection at one budget, reading only `held`: each method's candidates (patch slimming's: `masks`),
+    scored and selected; fills out[method] = {candidates, selected, note} and chosen[(name, method)] = the setting."""
+    for method in methods:
+        cands, note = (masks, "") if method == "patch slimming" else budget_candidates(model.cfg, method, gflops)
+        rows = score_candidates(model, cands, held, gflops)
+        i = select(rows)
+        out[method] = {"candidates": rows, "selected": i, "note": note}
+        chosen[(name, method)] = cands[i]
+        save()
+
+
 def pairwise(res, preds_path):
     """Every pair of peers at each budget, paired on the same val images from the stored predictions: row − column."""
     with np.load(preds_path) as f:
@@ -284,20 +296,13 @@ def main():
            "budgets": {}}
     preds_d, labels_d = run_candidate(dense, Masks(None, "dense"), held, desc="held-out dense")
     res["held_out"]["dense_top1"] = accuracy(preds_d, labels_d)
-    chosen = {}
+    chosen = {}  # (budget, method): the selected setting
     for name, (g, sources) in budgets(args.reference).items():
         print(f"budget {name}", flush=True)
-        b = res["budgets"][name] = {"target_gflops": g, "methods": {}}
-        for method in METHODS:
-            if method == "patch slimming":
-                cands, note = ps_candidates(cfg, dense, train_eval, sources, args.score_images), ""
-            else:
-                cands, note = budget_candidates(cfg, method, g)
-            rows = score_candidates(dense, cands, held, g)
-            i = select(rows)
-            b["methods"][method] = {"candidates": rows, "selected": i, "note": note}
-            chosen[(name, method)] = cands[i]
-            write_json(args.out + ".json", res)
+        res["budgets"][name] = {"target_gflops": g, "methods": {}}
+        masks = ps_candidates(cfg, dense, train_eval, sources, args.score_images)
+        select_at_budget(dense, g, held, masks, res["budgets"][name]["methods"], chosen, name,
+                         save=lambda: write_json(args.out + ".json", res))
 
     # val, read once: the selected settings' final numbers, paired against patch slimming's selected masks
     val = data.build_dataset(data_path, "val", cfg.img_size, mean=cfg.mean, std=cfg.std)

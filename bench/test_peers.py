@@ -351,5 +351,14 @@ def test_selection_never_reads_val(monkeypatch, tmp_path):
     assert all(0 <= r["held_out_top1"] <= 100 for r in rows)
     best = peers_select.select(rows)
     assert rows[best]["held_out_top1"] == max(r["held_out_top1"] for r in rows)
+    # the whole stage main runs at a budget, on the held-out images alone: masks, ToMe and PiToMe candidates
+    target = 0.8 * flops.count_flops(model.cfg) / 1e9
+    masks = [peers_select.Masks(None, "every patch (over the budget, for the test)")]
+    out, chosen = {}, {}
+    peers_select.select_at_budget(model, target, held, masks, out, chosen, "b", ["patch slimming", "ToMe", "PiToMe"])
+    for method in ("ToMe", "PiToMe"):
+        assert len(out[method]["candidates"]) >= peers_select.LEAST
+        assert chosen[("b", method)].describe() == out[method]["candidates"][out[method]["selected"]]["setting"]
+        assert all(c["gflops"] <= target + 1e-12 for c in out[method]["candidates"])
     with pytest.raises(AssertionError, match="read val"):
         data.build_dataset(str(tmp_path), "val", 32)
