@@ -149,44 +149,44 @@ def top_k_recall(s_hat, s, k):
 @torch.no_grad()
 def ranking_quality(dyn, t, z_in, batch_size):
     """How well G_t ranks the patches of images z_in (their Z_{t-1}, every patch a candidate): mean Spearman of ŝ
-    against the exact per-image s (dynamic_targets), and mean top-k recall (k = n_t - P), over every rank's images."""
-    P, k, device = dyn.cfg.prefix_tokens, dyn.counts[t - 1] - dyn.cfg.prefix_tokens, slim.device_of(dyn)
+    against the exact per-image s (dynamic_targets), and mean top-k recall (k = n_t - n_prefix), over every rank's images."""
+    n_prefix, k, device = dyn.cfg.prefix_tokens, dyn.counts[t - 1] - dyn.cfg.prefix_tokens, slim.device_of(dyn)
     total = torch.zeros(3, dtype=torch.float64)  # rho sum, recall sum, images
     for i in range(0, len(z_in), batch_size):
         z = z_in[i:i + batch_size].to(device)
-        s = dynamic_targets(dyn, z, t)[:, P:]
+        s = dynamic_targets(dyn, z, t)[:, n_prefix:]
         with autocast(device):
-            s_hat = dyn.predictors[str(t)](z[:, P:]).float()
+            s_hat = dyn.predictors[str(t)](z[:, n_prefix:]).float()
         total += torch.tensor([slim.spearman(s_hat, s).sum().item(), top_k_recall(s_hat, s, k).sum().item(), len(z)],
                               dtype=torch.float64)
     total = distributed.all_reduce_sum(total)
     return {"spearman": round((total[0] / total[2]).item(), 4), "top_k_recall": round((total[1] / total[2]).item(), 4)}
 
 
-def fit_predictor(dyn, t, fit, held, s, log):
+def fit_predictor(dyn, t, fit, held, settings, log):
     """Fit G_t to the per-image Eq. 6 targets of the fit images (fit, held: DenseCaches; s: DynamicSettings) with
-    slim.top_k_listmle, k = n_t - P. As the search's block fine-tunes (slim.finetune_block): every rank draws the same
+    slim.top_k_listmle, k = n_t - n_prefix. As the search's block fine-tunes (slim.finetune_block): every rank draws the same
     image numbers, computes the loss of those it holds, and the gradients are summed. Returns the layer's record."""
-    t0, device, P = time.time(), slim.device_of(dyn), dyn.cfg.prefix_tokens
-    k, z_fit, G = dyn.counts[t - 1] - P, fit.z[t - 1], dyn.predictors[str(t)]
-    targets = torch.cat([dynamic_targets(dyn, z_fit[i:i + s.batch_size], t).cpu()
-                         for i in range(0, len(z_fit), s.batch_size)] or [torch.zeros(0, dyn.cfg.num_tokens)])
+    t0, device, n_prefix = time.time(), slim.device_of(dyn), dyn.cfg.prefix_tokens
+    k, z_fit, G = dyn.counts[t - 1] - n_prefix, fit.z[t - 1], dyn.predictors[str(t)]
+    targets = torch.cat([dynamic_targets(dyn, z_fit[i:i + settings.batch_size], t).cpu()
+                         for i in range(0, len(z_fit), settings.batch_size)] or [torch.zeros(0, dyn.cfg.num_tokens)])
     G.requires_grad_(True)
-    opt = torch.optim.AdamW(G.parameters(), lr=s.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps)
-    g = torch.Generator().manual_seed(s.seed + 1000 * t)
+    opt = torch.optim.AdamW(G.parameters(), lr=settings.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
+    g = torch.Generator().manual_seed(settings.seed + 1000 * t)
     everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values
     losses = []
-    for _ in distributed.progress(range(s.steps), desc=f"fit G_{t}"):
-        chosen = everyone[torch.randint(0, len(everyone), (s.batch_size,), generator=g)]
+    for _ in distributed.progress(range(settings.steps), desc=f"fit G_{t}"):
+        chosen = everyone[torch.randint(0, len(everyone), (settings.batch_size,), generator=g)]
         where = torch.searchsorted(fit.positions, chosen).clamp_max(max(0, len(fit.positions) - 1))
         mine = where[fit.positions[where] == chosen] if len(fit.positions) else where[:0]
         opt.zero_grad(set_to_none=False)
         loss = torch.zeros(())
         if len(mine):
             with autocast(device):
-                s_hat = G(z_fit[mine].to(device)[:, P:]).float()
-            loss = slim.top_k_listmle(s_hat, targets[mine][:, P:].to(device), k) * len(mine) / s.batch_size
+                s_hat = G(z_fit[mine].to(device)[:, n_prefix:]).float()
+            loss = slim.top_k_listmle(s_hat, targets[mine][:, n_prefix:].to(device), k) * len(mine) / settings.batch_size
             loss.backward()
         for p in G.parameters():
             if p.grad is None:
@@ -197,14 +197,14 @@ def fit_predictor(dyn, t, fit, held, s, log):
         losses.append(distributed.all_reduce_sum(loss.detach().float().cpu()).item())
     G.requires_grad_(False)
     info = {"layer": t, "kept": dyn.counts[t - 1], "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-            **ranking_quality(dyn, t, held.z[t - 1], s.batch_size), "seconds": round(time.time() - t0, 1)}
+            **ranking_quality(dyn, t, held.z[t - 1], settings.batch_size), "seconds": round(time.time() - t0, 1)}
     log(f"G_{t}: keep {info['kept']} tokens; top-k ListMLE {info['loss_first']:.3f} -> {info['loss_last']:.3f}; on the "
         f"held images Spearman {info['spearman']:.3f} against the exact per-image Eq. 6, top-{k} recall "
         f"{info['top_k_recall']:.3f}")
     return info
 
 
-def fit(dyn, fit_cache, held_cache, s, state_path, made_with, log):
+def fit(dyn, fit_cache, held_cache, settings, state_path, made_with, log):
     """Stage 2: the predictors top-down (t = L-1 .. 1, as Alg. 1, so that layers t+1..L are pruned by their fitted G
     when layer t's targets are computed), resuming from state_path. Returns the per-layer records."""
     layers = sorted(slim.predicted_layers(dyn.cfg, dyn.counts), reverse=True)
@@ -216,7 +216,7 @@ def fit(dyn, fit_cache, held_cache, s, state_path, made_with, log):
         log(f"resuming the predictor fit at layer {state['next']} from {state_path}" if state["next"] else
             f"the predictor fit in {state_path} is complete")
     for t in [t for t in layers if t <= state["next"]]:
-        state["layers"].append(fit_predictor(dyn, t, fit_cache, held_cache, s, log))
+        state["layers"].append(fit_predictor(dyn, t, fit_cache, held_cache, settings, log))
         state["next"] = max([u for u in layers if u < t], default=0)
         state["predictors"] = dyn.predictors.state_dict()
         if distributed.is_main():
@@ -325,14 +325,14 @@ def settings_from_args(args, static, static_report):
     width = args.predictor_width or max(1, cfg.embed_dim // 8)
     counts = static_counts if args.flops_ratio == 1 else flops.scaled_counts(
         cfg, static_counts, args.flops_ratio * flops.count_flops(cfg, static.keep, tokens=tokens), tokens, width)
-    s = DynamicSettings(counts=counts, tokens=tokens, flops_ratio=args.flops_ratio, width=width,
+    settings = DynamicSettings(counts=counts, tokens=tokens, flops_ratio=args.flops_ratio, width=width,
                         steps=args.predictor_steps, lr=args.predictor_lr, fit_images=args.fit_images,
                         held_images=args.held_images, batch_size=args.batch_size, seed=args.seed)
     ft = finetune.settings_from_args(args, base=finetune.FinetuneSettings(**static_report["final_finetune"]))
-    return s, ft, note
+    return settings, ft, note
 
 
-def fit_stage(args, dyn, s, classes, paths, made_with, bad, log):
+def fit_stage(args, dyn, settings, classes, paths, made_with, bad, log):
     """Stage 2: the dense caches of the fit and held images (skipped when the saved fit is complete), then every
     G_t fitted top-down, resumable. classes: the static checkpoint's class names. Returns the per-layer records."""
     cfg, saved = dyn.cfg, load_state(paths["state"], made_with)
@@ -340,13 +340,13 @@ def fit_stage(args, dyn, s, classes, paths, made_with, bad, log):
     if not saved or saved["next"] > 0:
         train = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
         data.check_classes(train, cfg.num_classes, classes)
-        n_fit, n_held = search_set_sizes(s, len(train))
+        n_fit, n_held = search_set_sizes(settings, len(train))
         cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // distributed.world_size()),
                                         slim.device_of(dyn), args.cache_device)
         log(plan)
-        fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, s, args.workers, log,
+        fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, settings, args.workers, log,
                                                   cache_device, bad)
-    return fit(dyn, fit_cache, held_cache, s, paths["state"], made_with, log)
+    return fit(dyn, fit_cache, held_cache, settings, paths["state"], made_with, log)
 
 
 def make_dynamic(args, teacher, teacher_info, bad):
@@ -357,11 +357,11 @@ def make_dynamic(args, teacher, teacher_info, bad):
     if static.keep is None:
         raise UserError(f"{args.dynamic_from}/slimmed.pth carries no masks: pass a static run's folder")
     cfg, static_report = static.cfg, read_report(args.dynamic_from)
-    s, ft, note = settings_from_args(args, static, static_report)
-    counts, tokens, width = s.counts, s.tokens, s.width
+    settings, ft, note = settings_from_args(args, static, static_report)
+    counts, tokens, width = settings.counts, settings.tokens, settings.width
     static_counts = flops.kept_counts(cfg, static.keep)
     static_flops = flops.count_flops(cfg, static.keep, tokens=tokens)
-    made_with = {**asdict(s), "from": os.path.abspath(args.dynamic_from), "data_path": os.path.abspath(args.data_path)}
+    made_with = {**asdict(settings), "from": os.path.abspath(args.dynamic_from), "data_path": os.path.abspath(args.data_path)}
     paths = {k: os.path.join(args.out, f) for k, f in (
         ("state", "dynamic_state.pt"), ("finetune", "dynamic_finetune.pt"), ("report", "dynamic.json"),
         ("predictions", "dynamic_predictions.npz"))}
@@ -374,9 +374,9 @@ def make_dynamic(args, teacher, teacher_info, bad):
         if note:
             log(note)
         log(f"DPS-ViT from {args.dynamic_from}: counts {counts} (static {static_counts}), tokens {tokens}, G width "
-            f"{width} at layers {slim.predicted_layers(cfg, counts)}\nfit settings: {json.dumps(asdict(s))}\n"
+            f"{width} at layers {slim.predicted_layers(cfg, counts)}\nfit settings: {json.dumps(asdict(settings))}\n"
             f"final fine-tune settings: {json.dumps(asdict(ft))}")
-        layers = fit_stage(args, dyn, s, static_info.classes, paths, made_with, bad, log)
+        layers = fit_stage(args, dyn, settings, static_info.classes, paths, made_with, bad, log)
         report = {"static_top1": None, "fitted_top1": None}
         report["static_top1"], static_preds, labels = run.evaluate(static, val, static.keep, tokens, args, bad,
                                                                    "static")
@@ -391,7 +391,7 @@ def make_dynamic(args, teacher, teacher_info, bad):
         top1, preds, labels = run.evaluate(dyn, val, None, tokens, args, bad, "DPS-ViT")
         report.update({"dynamic_top1": top1, **flops_of(dyn), "static_gflops": static_flops / 1e9,
                        "static_kept_per_layer": static_counts, "layers": layers, "val_images": len(labels),
-                       "settings": asdict(s), "final_finetune": asdict(ft), "from": args.dynamic_from,
+                       "settings": asdict(settings), "final_finetune": asdict(ft), "from": args.dynamic_from,
                        "static_report_top1": static_report.get("slimmed_top1"), **run.skipped(bad, log),
                        "wall_seconds": round(time.time() - t_start, 1), "processes": distributed.world_size(),
                        "args": vars(args), "machine": distributed.machine(), "flops_note": flops.NOT_COUNTED})
