@@ -46,7 +46,6 @@ import vit
 from pipeline import distributed, finetune
 from pipeline.evaluate import autocast
 from pipeline.resume import load_if_made_with, write_atomically
-from pipeline.distributed import machine  # noqa: F401  (peers scripts read slim.machine; to go)
 from vit import UserError
 
 
@@ -456,22 +455,6 @@ def search_layer(model, t, keep, fit, held, settings, log):
     log(f"layer {t:2d}: keep {k_t.numel():3d}/{N} tokens, E = {e.relative:.4f} (absolute {e.absolute:.4g}; "
         f"eps = {settings.eps}), {len(info['trials'])} candidates measured ({settings.search})")
     return k_t, info
-
-
-@torch.no_grad()
-def masks_for_counts(model, z, counts, tokens, score="significance", seed=0, batch_size=64):
-    """Baseline masks with given kept-token counts |m_1|..|m_L|: top-down like Alg. 1 (each layer scored with the
-    layers above already pruned), but each layer simply keeps its count of best-scoring patches, with no error
-    test and no fine-tuning. score: a key of SCORES. z: the dense cache's Z_0 .. (z[t-1] enters block t)."""
-    N, L = model.cfg.num_tokens, model.cfg.depth
-    keep = [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)]
-    for t in range(L - 1, 0, -1):
-        forced = keep[t]
-        scores = layer_scores(model, z[t - 1], with_layer(keep, t, torch.arange(N)), tokens, t, score,
-                              batch_size, seed)
-        cand = ranked_candidates(scores, forced)
-        keep[t - 1] = torch.cat([forced, cand[:max(0, counts[t - 1] - len(forced))]]).sort().values
-    return keep
 
 
 def load_state(state_path, made_with):

@@ -1601,6 +1601,7 @@ def test_docs_tables_come_from_the_results_files():
 # The peers (method.md §8) match references written here: dense at no reduction, ToMe's merge, EViT's fusion, FLOPs.
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+import common  # noqa: E402
 import peers  # noqa: E402
 
 PEER_SETTINGS = [peers.ToMe(r=2), peers.ToMe(r=3, inflect=-1), peers.ToMe(r=8), peers.EViT(0.5, (2, 3)),
@@ -1758,7 +1759,7 @@ def test_peer_models_run_through_the_final_finetune_and_evaluation():
     for peer in (peers.ToMe(r=3), peers.EViT(0.5, (2, 3))):
         model = peers.PeerModel(copy.deepcopy(student), peer)
         before = copy.deepcopy(model.model.state_dict())
-        assert pipeline_finetune.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
+        assert common.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
                                                 workers=0) == 2
         assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
         preds, labels = evaluate.predict(model, ds, workers=0)

@@ -1,10 +1,12 @@
 """Helpers shared by the bench scripts of the patch-slimming reproduction (arXiv 2106.02852): the repository's paths
 (importing this puts the project's modules on the path), JSON files, a log to <folder>/log.txt, matplotlib when it
-is installed (requirements-bench.txt), round-robin timing and random nested masks."""
+is installed (requirements-bench.txt), round-robin timing, random nested masks, baseline masks of given counts
+(masks_for_counts) and the one short fine-tune every compared network gets (light_finetune)."""
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -13,6 +15,11 @@ sys.path.insert(0, ROOT)  # vit, slim, flops, data, pipeline
 PROXY = os.path.join(ROOT, "models", "deit_tiny_p4_cifar10.pth")  # the shipped CIFAR-10 proxy (models/README.md)
 CIFAR10 = os.path.join(ROOT, "data", "cifar10")  # written once by python slim.py --data cifar10
 
+import slim  # noqa: E402
+import vit  # noqa: E402
+from pipeline import finetune  # noqa: E402
+from pipeline.resume import write_atomically  # noqa: E402
+
 
 def read_json(path):
     with open(path) as f:
@@ -20,8 +27,7 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    write_atomically(str(path), obj)  # a temporary file renamed: never half a results file
 
 
 def folder_log(folder):
@@ -76,3 +82,26 @@ def random_nested(counts, N, seed=0):
         prev = torch.cat([prev[:1], prev[1:][torch.randperm(len(prev) - 1, generator=g)[:n - 1]]]).sort().values
         keep.append(prev)
     return keep
+
+
+@torch.no_grad()
+def masks_for_counts(model, z, counts, tokens, score="significance", seed=0, batch_size=64):
+    """Baseline masks with given kept-token counts |m_1|..|m_L|: top-down like Alg. 1 (each layer scored with the
+    layers above already pruned), but each layer simply keeps its count of best-scoring patches, with no error
+    test and no fine-tuning. score: a key of SCORES. z: the dense cache's Z_0 .. (z[t-1] enters block t)."""
+    N, L = model.cfg.num_tokens, model.cfg.depth
+    keep = [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)]
+    for t in range(L - 1, 0, -1):
+        forced = keep[t]
+        scores = slim.layer_scores(model, z[t - 1], slim.with_layer(keep, t, torch.arange(N)), tokens, t, score,
+                              batch_size, seed)
+        cand = slim.ranked_candidates(scores, forced)
+        keep[t - 1] = torch.cat([forced, cand[:max(0, counts[t - 1] - len(forced))]]).sort().values
+    return keep
+
+
+def light_finetune(student, teacher, keep, tokens, train_ds, epochs, lr, batch_size, seed, log, workers=2):
+    """The "light" recipe with the given epochs, lr (at batch_size) and seed, without a checkpoint: the same final
+    fine-tune the bench scripts give every network they compare."""
+    s = replace(finetune.RECIPES["light"], epochs=epochs, lr=lr, lr_batch=batch_size, batch_size=batch_size, seed=seed)
+    return finetune.finetune(student, teacher, keep, tokens, train_ds, s, None, {}, log, workers)

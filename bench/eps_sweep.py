@@ -18,7 +18,7 @@ import time
 import torch
 from dataclasses import asdict
 
-from common import CIFAR10, PROXY, ROOT, folder_log, pyplot, read_json, write_json
+from common import CIFAR10, PROXY, ROOT, folder_log, light_finetune, pyplot, read_json, write_json
 import data
 import flops
 import slim
@@ -27,7 +27,6 @@ from pipeline import cli as cli_args  # noqa: E402
 from pipeline import run  # noqa: E402
 from pipeline.caches import cache_search_sets
 from pipeline.evaluate import accuracy, predict, save_predictions
-from pipeline.finetune import light_finetune
 import vit
 from stats import compare, describe
 

@@ -1,19 +1,19 @@
 """
-Two of the peers patch slimming (arXiv 2106.02852) is compared with, written from their papers as METHOD.md §8 reads
+Two of the peers patch slimming (arXiv 2106.02852) is compared with, written from their papers as method.md §8 reads
 them, on vit.py's weights, and what every peer shares. Comparison methods, not the method:
 - ToMe (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023): in every block, between attention and MLP,
   bipartite soft matching on the keys (mean over heads) merges r tokens into others by a size-weighted average;
   proportional attention adds log(size) to the attention logits. Training-free; r constant per layer by default.
 - EViT (Liang et al., "Not All Patches are What You Need", ICLR 2022): at three layers (4, 7, 10 of 12), after
   attention, keep the k = ceil(rate (n - prefix)) patches with the largest head-averaged class-token attention and
-  fuse the rest into one token, their attention-weighted mean (METHOD.md §8; EViT's released code sums instead: the
+  fuse the rest into one token, their attention-weighted mean (method.md §8; EViT's released code sums instead: the
   option fuse="sum").
 Checked by reading facebookresearch/ToMe (tome/merge.py, tome/patch/timm.py) and youweiliang/evit (evit.py); the
 code here is written afresh. Each runs a vit.VisionTransformer of any DeiT family (plain, distilled with two prefix
 tokens, DeiT-III with LayerScale) through functions that call the blocks' submodules (norm1, attn.qkv, attn.proj,
 ls1, norm2, mlp, ls2): no class of vit.py is patched. The prefix tokens (class, and distillation) are protected:
 never merged or dropped, always first. Both shrink the sequence: keys and values come only from the tokens left
-(the "removed" semantics of METHOD.md C1), so they are counted that way.
+(the "removed" semantics of method.md C1), so they are counted that way.
 
 Also here, for every peer (ToMe and EViT here; PPT in bench/ppt.py, PiToMe in bench/pitome.py, each a frozen
 dataclass with check, features, tokens_per_layer, reduction_flops and describe): closed-form FLOPs (multiply-adds,
@@ -78,7 +78,7 @@ class ToMe:
 class EViT:
     rate: float = 1.0          # keep rate: the fraction of the non-prefix tokens kept at each pruning layer
     layers: tuple = (4, 7, 10)  # the pruning layers, 1-based (EViT's DeiT-S and DeiT-B: 4, 7, 10 of 12)
-    fuse: str = "mean"         # the fused token: "mean" (METHOD.md §8) or "sum" (EViT's released code: sum a_i x_i)
+    fuse: str = "mean"         # the fused token: "mean" (method.md §8) or "sum" (EViT's released code: sum a_i x_i)
 
     def describe(self):
         return f"EViT keep rate {self.rate:.3g} at layers {', '.join(map(str, self.layers))}" + \
@@ -115,7 +115,7 @@ def add_arguments(parser):
     g.add_argument("--evit-layers", type=int, nargs="+", default=[4, 7, 10], help="EViT's pruning layers, 1-based "
                    "(its DeiT-S and DeiT-B: 4 7 10)")
     g.add_argument("--evit-fuse", default="mean", choices=["mean", "sum"], help="EViT's fused token: the "
-                   "attention-weighted mean (METHOD.md §8) or sum (its released code)")
+                   "attention-weighted mean (method.md §8) or sum (its released code)")
 
 
 def settings_from_args(args):
@@ -214,7 +214,7 @@ def evit_select(class_attention, k):
 
 def fuse_tokens(x, weights, fuse="mean"):
     """EViT's fused token (its inattentive-token fusion). x: (B, m, d) the dropped tokens; weights: (B, m) their
-    class-token attention. Returns (B, 1, d): sum_i w_i x_i / sum_i w_i ("mean", METHOD.md §8) or sum_i w_i x_i
+    class-token attention. Returns (B, 1, d): sum_i w_i x_i / sum_i w_i ("mean", method.md §8) or sum_i w_i x_i
     ("sum", the released code)."""
     fused = weights.unsqueeze(1).to(x.dtype) @ x
     return fused / weights.sum(-1)[:, None, None].to(x.dtype) if fuse == "mean" else fused

@@ -1,5 +1,5 @@
 """
-ToMe and EViT beside patch slimming (arXiv 2106.02852; METHOD.md §8) on the CIFAR-10 proxy, on the same pretrained
+ToMe and EViT beside patch slimming (arXiv 2106.02852; method.md §8) on the CIFAR-10 proxy, on the same pretrained
 weights, at equal GFLOPs with each method under its own exact count (flops.py, bench/peers.py): at the headline's
 FLOPs and at other budgets taken from Fig. 4's points (results/fig4/eps_<eps>.json). Per row: top-1 off the shelf
 (no fine-tuning) with a paired interval against patch slimming on the same val images (bench/stats.py: paired
@@ -10,7 +10,7 @@ patch slimming's final fine-tune of the same seed.
 Rows at each budget:
 - patch slimming: at the headline budget, the masks Alg. 1 searched (REFERENCE/masks.json) on the dense weights (the
   slimmed weights are not committed); at a Fig. 4 budget, that point's kept counts with the patches chosen by Eq. 6
-  top-down on the dense weights (slim.masks_for_counts: Fig. 4 keeps counts, not masks). Its top-1 after the search
+  top-down on the dense weights (common.masks_for_counts: Fig. 4 keeps counts, not masks). Its top-1 after the search
   (block fine-tuning included) is read from the run's files, and so, at the headline budget, is its top-1 after the
   final fine-tune; at a Fig. 4 budget that fine-tune is run here from the dense weights, as the other rows' are;
 - ToMe with constant r (its default), ToMe with its r schedule searched too (an integer r lands far from some
@@ -20,7 +20,7 @@ Rows at each budget:
   images instead, off the shelf;
 - the linear pyramid (flops.linear_pyramid) with patches chosen by Eq. 6, built as bench/table3.py builds it (its
   fine-tuned rows are read from that script's results when they hold the same counts);
-- patch slimming with its row's masks, but pruned patches removed (METHOD.md C1, `--tokens removed`) instead of
+- patch slimming with its row's masks, but pruned patches removed (method.md C1, `--tokens removed`) instead of
   frozen (P1): the same masks cost fewer FLOPs, since removed patches stop being keys and values. Its fine-tuned
   row starts from the dense weights (no block fine-tuning), as the peers' do.
 
@@ -46,14 +46,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
-import slim  # noqa: E402
+from pipeline.distributed import machine  # noqa: E402
 from pipeline.caches import cache_dense  # noqa: E402
 from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
-from pipeline.finetune import light_finetune  # noqa: E402
 import vit  # noqa: E402
 from vit import UserError  # noqa: E402
 import peers  # noqa: E402
-from common import pyplot, read_json, write_json  # noqa: E402
+from common import light_finetune, masks_for_counts, pyplot, read_json, write_json  # noqa: E402
 from stats import compare, compare_seeds, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +72,7 @@ def eq6_masks(model, train_eval, counts, tokens, seed, score_images):
     perm = torch.randperm(len(train_eval), generator=torch.Generator().manual_seed(seed)).tolist()
     cache = cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:score_images]), 64),
                         "cache score images")
-    return slim.masks_for_counts(model, cache.z, counts, tokens, "significance", seed)
+    return masks_for_counts(model, cache.z, counts, tokens, "significance", seed)
 
 
 def ps_masks(ps, cfg, dense, train_eval, tokens, score_images):
@@ -211,7 +210,7 @@ def main():
     command = " ".join(["python bench/peers_compare.py"] + sys.argv[1:])
     res.update(val_images=len(positions), num_tokens=cfg.num_tokens, tokens=tokens, weights=weights,
                reference=[os.path.relpath(r, ROOT) for r in args.reference], dense_gflops=flops.count_flops(cfg) / 1e9,
-               machine=slim.machine(),
+               machine=machine(),
                flops_note=flops.NOT_COUNTED + "; ToMe's matching and EViT's fused token counted (matmuls)")
     res["commands"] = sorted(set(res.get("commands", [])) | {command})
     preds_path = args.out + "_predictions.npz"
@@ -229,7 +228,7 @@ def main():
         preds, labels = predict(dense, val, workers=args.workers, desc="eval dense")
         save_predictions(preds_path, labels=labels, dense=preds)
         res["dense"] = {"top1": accuracy(preds, labels), "gflops": res["dense_gflops"],
-                        "seconds": round(time.time() - t0), "machine": slim.machine()}
+                        "seconds": round(time.time() - t0), "machine": machine()}
         save()
     print(f"dense: top-1 {res['dense']['top1']:.2f}%, {res['dense_gflops']:.3f} GFLOPs", flush=True)
 
@@ -264,7 +263,7 @@ def main():
             preds, labels = predict(model, val, keep, row_tokens, workers=args.workers, desc=f"eval {budget} {row}")
             save_predictions(preds_path, labels=labels, **{key(budget, row): preds})
             entry.update(top1=accuracy(preds, labels), seconds=round(time.time() - t0), command=command,
-                         machine=slim.machine())
+                         machine=machine())
             if row != PS:
                 ps_preds, _ = stored(key(budget, PS))
                 entry["ps_minus_this"] = compare(ps_preds == labels.numpy(), preds.numpy() == labels.numpy())
@@ -381,7 +380,7 @@ def finetune_row(run, budget, row, entry, seed, ps_keep, train_aug, epochs, lr, 
         light_finetune(student, vit.load_checkpoint(weights), keep, row_tokens, train_aug, epochs, lr, batch_size,
                        seed, print, args.workers)
         after, labels = predict(student, run.val, keep, row_tokens, workers=args.workers, desc=f"eval {row} {name}")
-        done[name] = {"command": run.command, "seconds": round(time.time() - t0), "machine": slim.machine()}
+        done[name] = {"command": run.command, "seconds": round(time.time() - t0), "machine": machine()}
     save_predictions(run.preds_path, **{key(budget, row, f"ft_seed{seed}"): after})
     done[name]["top1"] = accuracy(after, labels)
     if row != PS and seed in ps_by_seed:

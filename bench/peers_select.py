@@ -1,5 +1,5 @@
 """
-One protocol for every token reducer beside patch slimming (arXiv 2106.02852; METHOD.md §8) on the CIFAR-10 proxy,
+One protocol for every token reducer beside patch slimming (arXiv 2106.02852; method.md §8) on the CIFAR-10 proxy,
 off the shelf: each method's free settings are chosen by top-1 at the budget on a held-out slice of the TRAINING
 images, among a comparable number of candidates per method, each within TOLERANCE of the budget's FLOPs under its
 own exact count; val is read once, for the selected settings' final numbers, paired against patch slimming's.
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flops  # noqa: E402
-import slim  # noqa: E402
+from pipeline.distributed import machine  # noqa: E402
 from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
 import vit  # noqa: E402
 from vit import UserError  # noqa: E402
@@ -285,7 +285,7 @@ def main():
     train_eval = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False, mean=cfg.mean, std=cfg.std)
     held = held_out_slice(data_path, cfg, args.held_out_images, args.held_out_seed)
     command = " ".join(["python bench/peers_select.py"] + sys.argv[1:])
-    res = {"command": command, "machine": slim.machine(), "weights": ref["weights"], "tolerance": TOLERANCE,
+    res = {"command": command, "machine": machine(), "weights": ref["weights"], "tolerance": TOLERANCE,
            "held_out": {"split": "train", "images": len(held), "seed": args.held_out_seed,
                         "transform": "eval (no augmentation)"},
            "grids": {"ToMe inflect": TOME_INFLECTS, "EViT layers": EVIT_LAYERS, "PPT layers": PPT_LAYERS,

@@ -1,5 +1,5 @@
 """
-Real speed of ToMe, EViT, PPT and PiToMe beside patch slimming (arXiv 2106.02852; METHOD.md §8) at DeiT-S shapes, each at the
+Real speed of ToMe, EViT, PPT and PiToMe beside patch slimming (arXiv 2106.02852; method.md §8) at DeiT-S shapes, each at the
 paper's budget under its own exact count: images/s at batch 32 and batch-1 latency, timed interleaved in one run
 (bench/speed.py's `interleaved`: one call of each model per round, so the machine's drift hits all alike), and the
 ratio to dense. Random weights (timing does not depend on them; the peers' choices of tokens do not change their
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flops  # noqa: E402
-import slim  # noqa: E402
+from pipeline.distributed import machine  # noqa: E402
 import vit  # noqa: E402
 import peers  # noqa: E402
 import pitome  # noqa: E402
@@ -70,7 +70,7 @@ def main():
         tb, t1 = interleaved(fns, xb, args.repeats, device), interleaved(fns, x1, args.repeats * 5, device)
     res = {"command": " ".join(["python bench/peers_speed.py"] + sys.argv[1:]), "model": args.model,
            "device": args.device, "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats,
-           "machine": slim.machine(), "target_gflops": args.gflops, "rows": {}}
+           "machine": machine(), "target_gflops": args.gflops, "rows": {}}
     dense_b, dense_1 = statistics.median(tb["dense"]), statistics.median(t1["dense"])
     for name, (_, macs, setting, tokens) in rows.items():
         b, one = statistics.median(tb[name]), statistics.median(t1[name])

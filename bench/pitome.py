@@ -16,7 +16,7 @@ over heads of the T non-prefix tokens:
   the attention logits) is an option, off by default: the released DeiT code does not pass the sizes to attention.
 Checked by reading hchautran/PiToMe (algo/pitome/merge.py, patch/timm.py, patch/deit.py); written afresh. The prefix
 tokens (class, and distillation) never merge and stay first (the released code protects the class token only).
-Tokens are removed (METHOD.md C1): keys and values shrink with them.
+Tokens are removed (method.md C1): keys and values shrink with them.
 
 FLOPs (flops.py's convention, multiply-adds of matmuls): the energy's cosine matrix, T^2 dh, in each merging block,
 on top of the attention over n tokens and the MLP over n - r (bench/peers.py, peer_flops); the bipartite blocks read

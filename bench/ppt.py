@@ -15,7 +15,7 @@ run dense. Sizes are carried (a pruned image keeps its sizes); proportional atte
 (the released code's default off the shelf). r follows ToMe's schedule over the reducing blocks (inflect 0: constant,
 as released). Checked by reading huawei-noah/Efficient-Computing (Pruning/PPT/ppt_deit.py, tome.py); written
 afresh. The prefix tokens (class, and distillation) are never scored, pruned or merged, and stay first. Tokens are
-removed (METHOD.md C1).
+removed (method.md C1).
 
 FLOPs (flops.py's convention): attention over n and the MLP over n - r as for every peer (bench/peers.py, peer_flops);
 the matching's cosine similarities, ceil(n/2) floor(n/2) dh, are counted at every reducing block: exact for an image

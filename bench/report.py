@@ -272,7 +272,7 @@ def peers_nearest():
             if name == "patch slimming":
                 after_search.append(f"{budget}: {r['top1_after_search']:.2f}")
     return ("\n".join(rows) + f"\n\nTokens per layer: the rows each block updates (patch slimming and the linear pyramid, "
-            f"frozen patches, METHOD.md P1) or the tokens each block's attention runs on (ToMe, EViT and patch slimming "
+            f"frozen patches, method.md P1) or the tokens each block's attention runs on (ToMe, EViT and patch slimming "
             f"with its patches removed, C1, which remove them). "
             f"Patch slimming's own top-1 after its search (Alg. 1 with its block fine-tuning), for context: "
             f"{'; '.join(after_search)}. {res['val_images']} val images. GFLOPs: {res['flops_note']}. "

@@ -2,7 +2,7 @@
 The paper's Table 3 on the CIFAR-10 proxy (arXiv 2106.02852): the pyramid Algorithm 1 learned against uniform
 pruning (the same number of patches at every layer 1..L-1) and a linear pyramid, at the same FLOPs counted as the
 paper does (P1), each followed by the same end-to-end fine-tune as the learned one (its report's --final-epochs,
---final-lr and seed). Uniform and linear masks pick their patches by Eq. 6, top-down (slim.masks_for_counts), on
+--final-lr and seed). Uniform and linear masks pick their patches by Eq. 6, top-down (common.masks_for_counts), on
 the pretrained weights; they get no per-block fine-tuning (that is part of Alg. 1). --reference: slim.py output
 folders, one per seed of the learned pyramid (the first sets the FLOPs budget); each row runs once per --seeds value.
 
@@ -20,14 +20,12 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, read_json, write_json
+from common import ROOT, light_finetune, masks_for_counts, read_json, write_json
 import data
 import flops
-import slim
 from pipeline.distributed import machine  # noqa: E402
 from pipeline.caches import cache_dense
 from pipeline.evaluate import accuracy, predict, save_predictions
-from pipeline.finetune import light_finetune
 import vit
 from stats import compare, compare_seeds, describe
 
@@ -75,7 +73,7 @@ def main():
             perm = torch.randperm(len(train_eval), generator=torch.Generator().manual_seed(seed)).tolist()
             score_cache = cache_dense(model, data.loader(torch.utils.data.Subset(train_eval, perm[:args.score_images]),
                                                               64), "cache score images")
-            keep = slim.masks_for_counts(model, score_cache.z, counts[row], tokens, "significance", seed)
+            keep = masks_for_counts(model, score_cache.z, counts[row], tokens, "significance", seed)
             before, labels = predict(model, val, keep, tokens, workers=ra["workers"], desc=f"eval {name}")
             teacher = vit.load_checkpoint(ra["weights"])
             light_finetune(model, teacher, keep, tokens, train_aug, ra["final_epochs"], ra["final_lr"], ra["batch_size"], seed,

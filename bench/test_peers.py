@@ -25,8 +25,8 @@ import data  # noqa: E402
 import flops  # noqa: E402
 import vit  # noqa: E402
 from pipeline import evaluate  # noqa: E402
-from pipeline import finetune as pipeline_finetune  # noqa: E402
 from vit import UserError  # noqa: E402
+import common  # noqa: E402
 import peers  # noqa: E402
 import peers_select  # noqa: E402
 import pitome  # noqa: E402
@@ -289,7 +289,7 @@ def test_new_peers_run_through_the_final_finetune_and_evaluation():
     for peer in (ppt.PPT(r=3, layers=(2, 3), threshold=1.5e-3), pitome.PiToMe(ratio=0.7)):
         model = peers.PeerModel(copy.deepcopy(student), peer)
         before = copy.deepcopy(model.model.state_dict())
-        assert pipeline_finetune.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
+        assert common.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
                                                 workers=0) == 2
         assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
         preds, labels = evaluate.predict(model, ds, workers=0)

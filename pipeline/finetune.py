@@ -327,10 +327,3 @@ def settings_from_args(args, base=None):
              "mixup": args.mixup, "cutmix": args.cutmix, "erase": args.reprob, "distill": args.distill,
              "seed": args.seed}
     return replace(base, **{k: v for k, v in flags.items() if v is not None})
-
-
-def light_finetune(student, teacher, keep, tokens, train_ds, epochs, lr, batch_size, seed, log, workers=2):
-    """The "light" recipe with the given epochs, lr (at batch_size) and seed, without a checkpoint: the same final
-    fine-tune the bench scripts give every network they compare."""
-    s = replace(RECIPES["light"], epochs=epochs, lr=lr, lr_batch=batch_size, batch_size=batch_size, seed=seed)
-    return finetune(student, teacher, keep, tokens, train_ds, s, None, {}, log, workers)
