@@ -69,16 +69,10 @@ class PPT:
             x, size = ppt_block(blk, x, size, r, P, self.threshold, self.prop_attn)
         return model.features(x)
 
-    def tokens_per_layer(self, cfg):
-        P, n, plan = cfg.prefix_tokens, cfg.num_tokens, []
-        for r in self.schedule(cfg.depth):
-            plan.append((n, n - max(0, min(r, (n - P) // 2))))
-            n = plan[-1][1]
-        return plan
-
-    def reduction_flops(self, cfg, n, n_out):
-        """ToMe's matching, ceil(n/2) floor(n/2) dh, where a block reduces (exact when the image pools)."""
-        return math.ceil(n / 2) * (n // 2) * (cfg.embed_dim // cfg.num_heads) if n_out < n else 0
+    # ToMe's plan (r tokens fewer per reducing block, at most half) and ToMe's matching cost where a block reduces
+    # (exact when the image pools, an upper bound when it prunes)
+    tokens_per_layer = peers.ToMe.tokens_per_layer
+    reduction_flops = peers.ToMe.reduction_flops
 
 
 # ----------------------------------------------------------------------------- pure tensor functions

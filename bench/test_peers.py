@@ -32,22 +32,10 @@ import peers_select  # noqa: E402
 import pitome  # noqa: E402
 import ppt  # noqa: E402
 
-SMALL = vit.ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=4, num_heads=2)  # 16 patches
-FAMILY = {"deit": SMALL, "distilled": replace(SMALL, prefix_tokens=2),
-          "deit3": replace(SMALL, layer_scale=True, pos_embed_prefix=False)}
+from test_slim import FAMILY, family_model  # noqa: E402  (the suite's DeiT family at test size: 16 patches)
+SMALL = FAMILY["deit"]
 CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # CPU's fused attention, counted as SDPA
             lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
-
-
-def family_model(family, seed=0):
-    """A random model of FAMILY[family]; LayerScale gains drawn around 1 (their init, 1e-5, would hide the branches)."""
-    torch.manual_seed(seed)
-    model = vit.VisionTransformer(FAMILY[family]).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 # ----------------------------------------------------------------------------- references, one image at a time
