@@ -185,15 +185,16 @@ def class_folders(root, train, val, per_class=1):
     return str(root)
 
 
-def image_folder(root, classes, train_per_class, val_per_class, size=(40, 48), seed=0):
-    """A tiny ImageNet-layout folder (root/{train,val}/<wnid>/*.JPEG) of random images."""
+def image_folder(root, classes, train_per_class, val_per_class, size=(40, 48), seed=0, grow=4):
+    """A tiny ImageNet-layout folder (root/{train,val}/<wnid>/*.JPEG) of random images, image i of a class `grow`*i
+    pixels taller than `size` (0: all of that size, as the small-image recipe requires)."""
     g = torch.Generator().manual_seed(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for c in range(classes):
             d = root / split / f"n{c:08d}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                pixels = torch.randint(0, 256, (size[0] + 4 * i, size[1], 3), generator=g, dtype=torch.uint8)
+                pixels = torch.randint(0, 256, (size[0] + grow * i, size[1], 3), generator=g, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(d / f"img_{i}.JPEG")
     return root
 
@@ -1168,7 +1169,7 @@ def test_completed_args_are_complete(tmp_path, monkeypatch):
 
 
 def test_unreadable_files_are_one_line_or_skipped(tmp_path):
-    root = image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=3)
+    root = image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=3, size=(32, 32), grow=0)
     good = (root / "val" / "n00000000" / "img_0.JPEG").read_bytes()
     (root / "val" / "n00000000" / "truncated.JPEG").write_bytes(good[:len(good) // 2])
     (root / "val" / "n00000001" / "notes.JPEG").write_bytes(b"this is not an image")
@@ -1185,7 +1186,7 @@ def test_unreadable_files_are_one_line_or_skipped(tmp_path):
     on_disk = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert result["val_images"] == on_disk["val_images"] == 6 and on_disk["skipped_images"] == 2
     assert sorted(os.path.basename(p) for p in on_disk["skipped_files"]) == ["notes.JPEG", "truncated.JPEG"]
-    assert "skipped 2 unreadable image files" in (tmp_path / "b" / "eval.log").read_text()
+    assert "skipped 2 image files (--skip-bad-images)" in (tmp_path / "b" / "eval.log").read_text()
 
 
 def test_final_finetune_steps_through_batches_of_unreadable_files():
