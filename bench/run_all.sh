@@ -17,8 +17,9 @@ step() {
   if "$@"; then echo "== took $(( $(date +%s) - t1 )) s: $*"; else echo "== FAILED: $*"; failed+=("$*"); fi
 }
 fresh() { if [ -z "${RESUME:-}" ]; then rm -rf "$@"; fi; }
+PY=${PYTHON:-python3}  # the interpreter: $PYTHON, else python3 on PATH
 R=results
-RUN=(python slim.py --data cifar10 --final-epochs 1 --final-lr 3e-4)  # the README's first command
+RUN=("$PY" slim.py --data cifar10 --final-epochs 1 --final-lr 3e-4)  # the README's first command
 
 # the headline (the README's first command) on two seeds, and the same with the fast path
 fresh $R/cifar10-proxy $R/cifar10-proxy-seed1 $R/cifar10-proxy-fast
@@ -27,21 +28,22 @@ step "${RUN[@]}" --out $R/cifar10-proxy-seed1 --seed 1
 step "${RUN[@]}" --out $R/cifar10-proxy-fast --search fast
 # Fig. 4, Fig. 5, Figs. 6 and 7, Table 3 (docs/results.md)
 fresh $R/fig4 $R/fig4.json $R/fig4.png $R/fig4_predictions.npz $R/table3_headline.json $R/table3_headline_predictions.npz
-step python bench/eps_sweep.py --eps ${EPS:-0.001 0.002 0.005 0.02} --final-epochs 0.25
-step python bench/picture.py --masks $R/cifar10-proxy/masks.json --out $R/fig5_picture
-step python bench/single_layer.py --figure 6
-step python bench/single_layer.py --figure 7
-step python bench/table3.py --reference $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1 --out $R/table3_headline
+step "$PY" bench/eps_sweep.py --eps ${EPS:-0.001 0.002 0.005 0.02} --final-epochs 0.25
+step "$PY" bench/picture.py --masks $R/cifar10-proxy/masks.json --out $R/fig5_picture
+step "$PY" bench/single_layer.py --figure 6
+step "$PY" bench/single_layer.py --figure 7
+step "$PY" bench/table3.py --reference $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1 --out $R/table3_headline
 # real speed in every runtime (docs/speed.md) and the ImageNet estimate (docs/imagenet.md)
-step python bench/speed.py
-step python bench/imagenet_estimate.py
-# ToMe and EViT (docs/peers.md)
-fresh $R/peers.json $R/peers_predictions.npz $R/peers_speed_deit_small_cpu_float32.json
-step python bench/peers_compare.py
-step python bench/peers_compare.py --finetune --seeds 0 1
-step python bench/peers_speed.py
+step "$PY" bench/speed.py
+step "$PY" bench/imagenet_estimate.py
+# ToMe, EViT, PPT and PiToMe (docs/peers.md): settings selected on held-out training images, then the old protocol's rows
+fresh $R/peers_selection.json $R/peers.json $R/peers_predictions.npz $R/peers_speed_deit_small_cpu_float32.json
+step "$PY" bench/peers_select.py
+step "$PY" bench/peers_compare.py
+step "$PY" bench/peers_compare.py --finetune --seeds 0 1
+step "$PY" bench/peers_speed.py
 # DPS-ViT against PS-ViT (docs/dynamic.md)
 fresh $R/dynamic $R/dynamic.json $R/dynamic_predictions.npz $R/dynamic_picture.png
-step python bench/dynamic.py --static $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1
+step "$PY" bench/dynamic.py --static $R/cifar10-proxy $R/cifar10-proxy-seed1 --seeds 0 1
 echo; echo "== done in $(( ($(date +%s) - t0) / 60 )) min"
 if [ ${#failed[@]} -gt 0 ]; then printf '== FAILED: %s\n' "${failed[@]}"; exit 1; fi
