@@ -1751,20 +1751,27 @@ def test_peer_budget_search_lands_closest_at_or_below(family):
         peers.at_gflops(cfg, "evit", 0.6 * dense / 1e9, layers=(3, 4))  # layers 1, 2 dense: >= 0.68
 
 
+def peer_model_trains_and_predicts(peer, cfg=SMALL_CFG):
+    """A PeerModel of `peer` on a random model of cfg: light_finetune (2 steps) moves its wrapped weights, predict
+    gives one class per image. Returns the model."""
+    torch.manual_seed(0)
+    student, teacher = vit.VisionTransformer(cfg).eval(), vit.VisionTransformer(cfg).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    model = peers.PeerModel(student, peer)
+    before = copy.deepcopy(model.model.state_dict())
+    assert common.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None, workers=0) == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    preds, labels = evaluate.predict(model, ds, workers=0)
+    assert preds.shape == labels.shape == (16,)
+    return model
+
+
 def test_peer_models_run_through_the_final_finetune_and_evaluation():
     """PeerModel is what pipeline/finetune.py and pipeline/evaluate.py run: light_finetune trains the wrapped weights
     under the peer's forward, predict gives one class per image; masks and bad settings are one-line errors."""
-    torch.manual_seed(0)
-    student, teacher = vit.VisionTransformer(SMALL_CFG).eval(), vit.VisionTransformer(SMALL_CFG).eval()
-    ds = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    student = vit.VisionTransformer(SMALL_CFG).eval()
     for peer in (peers.ToMe(r=3), peers.EViT(0.5, (2, 3))):
-        model = peers.PeerModel(copy.deepcopy(student), peer)
-        before = copy.deepcopy(model.model.state_dict())
-        assert common.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
-                                                workers=0) == 2
-        assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
-        preds, labels = evaluate.predict(model, ds, workers=0)
-        assert preds.shape == labels.shape == (16,)
+        model = peer_model_trains_and_predicts(peer)
         with pytest.raises(UserError, match="takes no masks"):
             model(torch.randn(1, 3, 32, 32), keep=random_nested_keep(SMALL_CFG, 0))
     for bad in (peers.EViT(0.0), peers.EViT(1.5), peers.EViT(0.5, (5,)), peers.ToMe(r=-1), peers.ToMe(r=2, inflect=2)):

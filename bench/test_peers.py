@@ -8,7 +8,6 @@ selection: re-derivable from its results file, and never reading val. No network
 
     .venv/bin/python -m pytest -q bench/test_peers.py
 """
-import copy
 import math
 import os
 import sys
@@ -24,15 +23,13 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import data  # noqa: E402
 import flops  # noqa: E402
 import vit  # noqa: E402
-from pipeline import evaluate  # noqa: E402
 from vit import UserError  # noqa: E402
-import common  # noqa: E402
 import peers  # noqa: E402
 import peers_select  # noqa: E402
 import pitome  # noqa: E402
 import ppt  # noqa: E402
 
-from test_slim import FAMILY, family_model  # noqa: E402  (the suite's DeiT family at test size: 16 patches)
+from test_slim import FAMILY, family_model, peer_model_trains_and_predicts  # noqa: E402  (the suite's DeiT family at test size: 16 patches)
 SMALL = FAMILY["deit"]
 CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # CPU's fused attention, counted as SDPA
             lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
@@ -271,17 +268,9 @@ def test_new_peer_budget_search_lands_closest_at_or_below(family):
 def test_new_peers_run_through_the_final_finetune_and_evaluation():
     """PeerModel with PPT (both branches in one batch) or PiToMe trains its wrapped weights under light_finetune and
     predicts one class per image; bad settings are one-line errors."""
-    torch.manual_seed(0)
-    student, teacher = vit.VisionTransformer(SMALL).eval(), vit.VisionTransformer(SMALL).eval()
-    ds = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    student = vit.VisionTransformer(SMALL).eval()
     for peer in (ppt.PPT(r=3, layers=(2, 3), threshold=1.5e-3), pitome.PiToMe(ratio=0.7)):
-        model = peers.PeerModel(copy.deepcopy(student), peer)
-        before = copy.deepcopy(model.model.state_dict())
-        assert common.light_finetune(model, teacher, None, "removed", ds, 1, 1e-3, 8, 0, lambda m: None,
-                                                workers=0) == 2
-        assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
-        preds, labels = evaluate.predict(model, ds, workers=0)
-        assert preds.shape == labels.shape == (16,)
+        peer_model_trains_and_predicts(peer, SMALL)
     for bad in (ppt.PPT(r=-1, layers=(1,)), ppt.PPT(r=2, layers=(5,)), ppt.PPT(r=2, layers=(1,), threshold=-1.0),
                 pitome.PiToMe(ratio=0.0), pitome.PiToMe(ratio=0.5, margin=1.0)):
         with pytest.raises(UserError):
