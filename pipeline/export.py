@@ -159,13 +159,8 @@ def load_for_export(args):
     if info.dynamic is not None:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint (each image chooses its patches, Sec. 4.4): "
                         "the export writes static masks only; pass the static run's slimmed.pth")
-    keep, found, source = model.keep, model.tokens or "frozen", args.weights
-    if args.masks and model.keep is not None:
-        raise UserError(f"--weights {args.weights} is a slimmed checkpoint with its own masks, and --masks "
-                        f"{args.masks} would replace them: drop --masks, or pass the dense checkpoint with --masks")
-    if args.masks:
-        (keep, found), source = vit.load_masks(args.masks, model.cfg), args.masks
-    tokens, note = vit.resolve_tokens(found, args.tokens, source)
+    keep, tokens, note = run.masks_to_run(args, model)
+    source = args.masks or args.weights
     if note:
         print(note)
     return model, info, keep, tokens, source

@@ -117,18 +117,24 @@ def finetune_identity(keep, tokens, run_id):
     return {"keep": [k.tolist() for k in keep], "tokens": tokens, **run_id}
 
 
-def evaluate_only(args, model, info, bad):
-    """--eval-only: top-1 on val and FLOPs of the model as loaded (dense, or a slimmed checkpoint's masks), or with
-    --masks; written to OUT/eval.json."""
-    cfg = model.cfg
-    val = val_dataset(args, cfg, info.classes)
+def masks_to_run(args, model):
+    """(keep, tokens, note) a measured or exported model runs: a slimmed checkpoint's own masks, or --masks with a
+    dense one (both at once is an error), under their semantics unless --tokens asks otherwise (note says so)."""
     keep, found, source = model.keep, model.tokens or "frozen", args.weights
     if args.masks and model.keep is not None:
         raise UserError(f"--weights {args.weights} is a slimmed checkpoint with its own masks, and --masks "
                         f"{args.masks} would replace them: drop --masks, or pass the dense checkpoint with --masks")
     if args.masks:
-        (keep, found), source = vit.load_masks(args.masks, cfg), args.masks
-    tokens, note = vit.resolve_tokens(found, args.tokens, source)
+        (keep, found), source = vit.load_masks(args.masks, model.cfg), args.masks
+    return (keep, *vit.resolve_tokens(found, args.tokens, source))
+
+
+def evaluate_only(args, model, info, bad):
+    """--eval-only: top-1 on val and FLOPs of the model as loaded (dense, or a slimmed checkpoint's masks), or with
+    --masks; written to OUT/eval.json."""
+    cfg = model.cfg
+    val = val_dataset(args, cfg, info.classes)
+    keep, tokens, note = masks_to_run(args, model)
     with open_log(args, "eval.log", model, info) as log:
         if note:
             log(note)
