@@ -3,38 +3,28 @@ ToMe and EViT beside patch slimming (arXiv 2106.02852; method.md §8) on the CIF
 weights, at equal GFLOPs with each method under its own exact count (flops.py, bench/peers.py): at the headline's
 FLOPs and at other budgets taken from Fig. 4's points (results/fig4/eps_<eps>.json). Per row: top-1 off the shelf
 (no fine-tuning) with a paired interval against patch slimming on the same val images (bench/stats.py: paired
-bootstrap, McNemar); with --finetune, the headline's final fine-tune for every row at one budget, the headline's by
-default (the light recipe at the reference's epochs and lr, distillation from the dense model), per seed, against
-patch slimming's final fine-tune of the same seed.
+bootstrap, McNemar). The fine-tuned comparison is bench/peers_select.py --finetune's, at the selected settings.
 
 Rows at each budget:
 - patch slimming: at the headline budget, the masks Alg. 1 searched (REFERENCE/masks.json) on the dense weights (the
   slimmed weights are not committed); at a Fig. 4 budget, that point's kept counts with the patches chosen by Eq. 6
   top-down on the dense weights (common.masks_for_counts: Fig. 4 keeps counts, not masks). Its top-1 after the search
-  (block fine-tuning included) is read from the run's files, and so, at the headline budget, is its top-1 after the
-  final fine-tune; at a Fig. 4 budget that fine-tune is run here from the dense weights, as the other rows' are;
+  (block fine-tuning included) is read from the run's files;
 - ToMe with constant r (its default), ToMe with its r schedule searched too (an integer r lands far from some
   budgets), and EViT (keep rate at layers 4, 7, 10): the setting closest at or below the budget in FLOPs
   (peers.at_gflops), not chosen for accuracy; a budget a peer cannot reach is recorded as such. bench/peers_select.py
   is the protocol that chooses every method's settings (PPT's and PiToMe's too) by top-1 on held-out training
   images instead, off the shelf;
-- the linear pyramid (flops.linear_pyramid) with patches chosen by Eq. 6, built as bench/table3.py builds it (its
-  fine-tuned rows are read from that script's results when they hold the same counts);
+- the linear pyramid (flops.linear_pyramid) with patches chosen by Eq. 6, built as bench/table3.py builds it;
 - patch slimming with its row's masks, but pruned patches removed (method.md C1, `--tokens removed`) instead of
-  frozen (P1): the same masks cost fewer FLOPs, since removed patches stop being keys and values. Its fine-tuned
-  row starts from the dense weights (no block fine-tuning), as the peers' do.
+  frozen (P1): the same masks cost fewer FLOPs, since removed patches stop being keys and values.
 
-    python bench/peers_compare.py                          # off the shelf, full val, headline + Fig. 4 eps 0.001, 0.005
-    python bench/peers_compare.py --finetune --seeds 0 1   # + the fine-tuned column (8 to 16 min per row and seed
-                                                           #   on 2 cores)
-    python bench/peers_compare.py --finetune --seeds 0 1 --finetune-budget "0.195 G" --finetune-rows \
-        "ToMe, schedule searched" EViT                     # the same at another budget, for some rows
+    python bench/peers_compare.py     # off the shelf, full val, headline + Fig. 4 eps 0.001, 0.005
 Every row is written as it finishes and skipped when the results file already holds it (a rerun resumes). Writes
 OUT.json (results/peers.json), OUT_predictions.npz (per-image predicted classes, "labels") and OUT.png (top-1
 against GFLOPs; `--plot-only` redraws it); docs/peers.md is rendered from them by bench/report.py.
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -52,13 +42,12 @@ from pipeline.evaluate import accuracy, predict, save_predictions  # noqa: E402
 import vit  # noqa: E402
 from vit import UserError  # noqa: E402
 import peers  # noqa: E402
-from common import light_finetune, masks_for_counts, pyplot, read_json, write_json  # noqa: E402
-from stats import compare, compare_seeds, describe  # noqa: E402
+from common import masks_for_counts, pyplot, read_json, write_json  # noqa: E402
+from stats import compare, describe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PS, TOME, TOME_SCHEDULE, EVIT, LINEAR = "patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid"
 PS_REMOVED = "patch slimming, removed"  # patch slimming's masks with pruned patches removed (C1), not frozen (P1)
-FINETUNED = (TOME, TOME_SCHEDULE, EVIT, LINEAR, PS_REMOVED)  # the rows --finetune can run
 
 
 def key(*parts):
@@ -92,14 +81,6 @@ def peer_at(cfg, row, gflops, flags):
     return peers.at_gflops(cfg, "tome", gflops, inflect=flags["tome"]["inflect"] if row == TOME else None)
 
 
-def same_as_table3(table3, seed, counts, epochs, lr, score_images):
-    """Whether bench/table3.py's results hold this fine-tuned linear pyramid: the same counts and seed, its default
-    512 score images (so the same masks), the same epochs and lr."""
-    return bool(table3) and table3["rows"].get(f"linear seed {seed}", {}).get("kept_per_layer") == counts and \
-        table3.get("final_epochs") == epochs and table3.get("final_lr") == lr and score_images == 512 and \
-        "--score-images" not in table3["command"]
-
-
 def budgets_of(args, reference):
     """[(name, GFLOPs, patch slimming's row source)] for the headline and each --fig4-eps point."""
     out = [(f"{reference['slimmed_gflops']:.3f} G", reference["slimmed_gflops"],
@@ -117,26 +98,20 @@ def budgets_of(args, reference):
 
 
 def plot(res, path):
-    """Top-1 against GFLOPs: every row off the shelf at each budget (left), and after the final fine-tune where it
-    was run, the mean of the seeds (right); dense as a line. Returns whether it wrote path."""
+    """Top-1 against GFLOPs off the shelf, every row at each budget; dense as a line. Returns whether it wrote path."""
     plt = pyplot()
     if plt is None:
         return False
     marks = {PS: "o", PS_REMOVED: "s", TOME: "v", TOME_SCHEDULE: "^", EVIT: "D", LINEAR: "x"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    for ax, title in zip(axes, ("off the shelf", "after the same final fine-tune (seed mean)")):
-        ax.axhline(res["dense"]["top1"], color="grey", ls="--", lw=1, label=f"dense ({res['dense_gflops']:.3f} G)")
-        ax.set(xlabel="GFLOPs (each method's exact count)", ylabel="top-1 (%)", title=title)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.axhline(res["dense"]["top1"], color="grey", ls="--", lw=1, label=f"dense ({res['dense_gflops']:.3f} G)")
+    ax.set(xlabel="GFLOPs (each method's exact count)", ylabel="top-1 (%)", title="off the shelf, settings nearest in FLOPs")
     for row, mark in marks.items():
         pts = [(r["gflops"], r["top1"]) for b in res["budgets"].values() for name, r in b["rows"].items()
                if name == row and "top1" in r]
         if pts:
-            axes[0].plot(*zip(*sorted(pts)), marker=mark, ls="-", lw=0.8, label=row)
-        tuned = [(r["gflops"], np.mean([e["top1"] for e in r["finetuned"].values()])) for b in res["budgets"].values()
-                 for name, r in b["rows"].items() if name == row and r.get("finetuned")]
-        if tuned:
-            axes[1].plot(*zip(*sorted(tuned)), marker=mark, ls="-", lw=0.8, label=row)
-    axes[0].legend(fontsize=7, loc="lower right")  # the right panel's markers are the same
+            ax.plot(*zip(*sorted(pts)), marker=mark, ls="-", lw=0.8, label=row)
+    ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Patch slimming, ToMe and EViT on the CIFAR-10 proxy at equal GFLOPs (results/peers.json)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -149,15 +124,6 @@ def main():
                                                       os.path.join(ROOT, "results", "cifar10-proxy-seed1")],
                    help="slim.py output folders, one per seed: the first sets the budget and the masks")
     p.add_argument("--fig4-eps", type=float, nargs="*", default=[0.001, 0.005], help="other budgets: Fig. 4's points")
-    p.add_argument("--finetune", action="store_true", help="also the fine-tuned column at the headline budget")
-    p.add_argument("--finetune-budget", default=None, metavar="BUDGET", help="with --finetune, the budget whose rows "
-                   "are fine-tuned, as the results file names it (\"0.195 G\"); default: the headline's. At another "
-                   "budget patch slimming's row is fine-tuned here too, from the dense weights as the others are")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tune seeds (with --finetune)")
-    p.add_argument("--finetune-rows", nargs="+", default=list(FINETUNED), choices=FINETUNED, metavar="ROW",
-                   help=f"rows to fine-tune (default: all of {', '.join(FINETUNED)})")
-    p.add_argument("--final-epochs", type=float, default=None, help="default: the reference's (the headline: 1)")
-    p.add_argument("--final-lr", type=float, default=None, help="default: the reference's (the headline: 3e-4)")
     p.add_argument("--val-per-class", type=int, default=None, help="evaluate on the first N val images of each class "
                    "(a quick check; default: the whole val set)")
     p.add_argument("--score-images", type=int, default=512, help="images for the Eq. 6 scores of the baseline masks")
@@ -181,9 +147,6 @@ def main():
     references = [read_json(os.path.join(r, "report.json")) for r in args.reference]
     reference = references[0]
     weights, data_path, tokens = reference["weights"], reference["args"]["data_path"], reference["tokens"]
-    ft = reference["final_finetune"]
-    epochs = ft["epochs"] if args.final_epochs is None else args.final_epochs
-    lr = ft["lr"] if args.final_lr is None else args.final_lr
     dense = vit.load_checkpoint(os.path.join(ROOT, weights))  # the reference's path, relative to the repository
     cfg = dense.cfg
     val = data.build_dataset(os.path.join(ROOT, data_path), "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
@@ -204,9 +167,6 @@ def main():
         raise UserError(f"{args.out}.json holds rows made with {res['peer_flags']}, not {stored_flags}: pass the same "
                         "--tome-inflect, --evit-layers and --evit-fuse, or another --out")
     res["peer_flags"] = stored_flags
-    if args.finetune and res.get("finetune", {}).get("epochs", epochs) != epochs:
-        raise UserError(f"{args.out}.json holds fine-tuned rows of {res['finetune']['epochs']} epochs, not {epochs}: "
-                        "pass the same --final-epochs, or another --out")
     command = " ".join(["python bench/peers_compare.py"] + sys.argv[1:])
     res.update(val_images=len(positions), num_tokens=cfg.num_tokens, tokens=tokens, weights=weights,
                reference=[os.path.relpath(r, ROOT) for r in args.reference], dense_gflops=flops.count_flops(cfg) / 1e9,
@@ -277,118 +237,9 @@ def main():
             rows[PS]["ps_minus_dense"] = compare(ps_preds == labels, dense_preds == labels)
             save()
 
-    if args.finetune:
-        sources = {name: ps for name, _, ps in budgets_of(args, reference)}
-        budget = args.finetune_budget or next(iter(sources))
-        if budget not in sources:
-            raise UserError(f"--finetune-budget {budget!r} is not one of this run's budgets ({', '.join(sources)})")
-        run = Run(args, res, cfg, dense, val, positions, train_eval, tokens, command, preds_path, save)
-        finetune_rows(run, references, epochs, lr, ft, budget, sources[budget])
     save()
     drawn = plot(res, args.out + ".png")
     print(f"wrote {args.out}.json, {preds_path}" + (f" and {args.out}.png" if drawn else ""))
-
-
-@dataclasses.dataclass
-class Run:
-    """What every fine-tuned row of this run shares."""
-    args: argparse.Namespace  # this script's flags
-    res: dict                 # the results file's contents, written by save()
-    cfg: vit.ViTConfig        # the proxy model's configuration
-    dense: torch.nn.Module    # the dense weights (not trained here)
-    val: torch.utils.data.Dataset         # the val images evaluated (all, or --val-per-class of each class)
-    positions: np.ndarray                 # their positions in the whole val set
-    train_eval: torch.utils.data.Dataset  # the train images without augmentation (Eq. 6 scores of the masks)
-    tokens: str               # the reference's token semantics ("frozen", P1)
-    command: str              # this script's command line, recorded with each entry
-    preds_path: str           # the predictions file (OUT_predictions.npz)
-    save: callable            # writes res to the results file
-
-
-def finetune_rows(run, references, epochs, lr, ft, budget, ps_source):
-    """The fine-tuned column at one budget: the rows of --finetune-rows, each seed, against patch slimming's final
-    fine-tune of the same seed; then the seeds together (images resampled jointly). At the headline budget patch
-    slimming's final fine-tune is the reference run's own; at another it is run here, from the dense weights with
-    its row's masks, as every other row's is."""
-    args, res, positions, save = run.args, run.res, run.positions, run.save
-    headline = budget == next(iter(res["budgets"]))
-    rows = res["budgets"][budget]["rows"]
-    res["finetune"] = {"epochs": epochs, "lr": lr, "batch_size": ft["batch_size"], "recipe": "light",
-                       "distill": "soft (the dense model)", "seeds": args.seeds}
-    train_aug = data.build_dataset(os.path.join(ROOT, references[0]["args"]["data_path"]), "train", run.cfg.img_size,
-                                   mean=run.cfg.mean, std=run.cfg.std)
-    ps_by_seed = {}  # seed -> patch slimming's predictions after the final fine-tune, and the labels
-    if headline:  # the reference runs' own predictions ("slimmed")
-        for folder, rep in zip(args.reference, references):
-            with np.load(os.path.join(folder, "predictions.npz")) as f:
-                ps_by_seed[rep["settings"]["seed"]] = (f["slimmed"][positions], f["labels"][positions])
-        rows[PS]["finetuned"] = {f"seed {s}": {"top1": 100 * float((ps == labels).mean()),
-                                               "source": os.path.relpath(folder, ROOT) + "/predictions.npz"}
-                                 for (s, (ps, labels)), folder in zip(ps_by_seed.items(), args.reference)}
-    table3_path = os.path.join(ROOT, "results", "table3_headline.json")
-    table3 = read_json(table3_path) if os.path.exists(table3_path) else None
-    to_run = list(args.finetune_rows) if headline else [PS] + list(args.finetune_rows)
-    ps_keep = None  # patch slimming's masks of this budget (one for every seed), made once if a row needs them
-    if any(f"seed {s}" not in rows.get(r, {}).get("finetuned", {}) for r in to_run if r in (PS, PS_REMOVED)
-           for s in args.seeds):
-        ps_keep = ps_masks(ps_source, run.cfg, run.dense, run.train_eval, run.tokens, args.score_images)
-    for row in to_run:
-        entry = rows.get(row, {})
-        if "unreachable" in entry:
-            continue
-        done = entry.setdefault("finetuned", {})
-        for seed in args.seeds:
-            name = f"seed {seed}"
-            if name not in done:
-                finetune_row(run, budget, row, entry, seed, ps_keep, train_aug, epochs, lr, ft["batch_size"], table3,
-                             ps_by_seed)
-                save()
-            if row == PS:  # the reference of the rows after it
-                with np.load(run.preds_path) as f:
-                    ps_by_seed[seed] = (f[key(budget, PS, f"ft_seed{seed}")], f["labels"])
-        seeds = [s for s in args.seeds if f"seed {s}" in done and s in ps_by_seed]
-        if row != PS and len(seeds) > 1:
-            with np.load(run.preds_path) as f:
-                mine = [f[key(budget, row, f"ft_seed{s}")] for s in seeds]
-            entry["finetuned_pooled"] = compare_seeds([ps_by_seed[s][0] == ps_by_seed[s][1] for s in seeds],
-                                                      [m == ps_by_seed[s][1] for m, s in zip(mine, seeds)])
-            save()
-
-
-def finetune_row(run, budget, row, entry, seed, ps_keep, train_aug, epochs, lr, batch_size, table3, ps_by_seed):
-    """One row's final fine-tune from the dense weights with one seed (or, for the linear pyramid, bench/table3.py's
-    identical run read back), evaluated; writes its predictions and entry["finetuned"]["seed S"], with patch
-    slimming's fine-tune of the same seed minus it where ps_by_seed holds that seed. ps_keep: patch slimming's masks
-    of this budget (the rows patch slimming and patch slimming, removed)."""
-    args, cfg, tokens = run.args, run.cfg, run.tokens
-    weights, name, t0, done = os.path.join(ROOT, run.res["weights"]), f"seed {seed}", time.time(), entry["finetuned"]
-    if row == LINEAR and same_as_table3(table3, seed, entry["tokens_per_layer"], epochs, lr, args.score_images):
-        with np.load(os.path.join(ROOT, "results", "table3_headline_predictions.npz")) as f:
-            after = torch.from_numpy(f[f"linear_seed_{seed}"][run.positions].astype(np.int64))
-        labels = torch.from_numpy(ps_by_seed[seed][1].astype(np.int64))
-        done[name] = {"source": "results/table3_headline.json (bench/table3.py: the same masks and fine-tune)"}
-    else:
-        student, keep, row_tokens = vit.load_checkpoint(weights), None, tokens
-        if row == LINEAR:
-            keep = eq6_masks(student, run.train_eval, entry["tokens_per_layer"], tokens, seed, args.score_images)
-        elif row in (PS, PS_REMOVED):  # patch slimming's masks of this budget, on the dense weights
-            keep = ps_keep
-            row_tokens = "removed" if row == PS_REMOVED else tokens
-        else:
-            student = peers.PeerModel(student, peer_at(cfg, row, run.res["budgets"][budget]["target_gflops"],
-                                                       peers.settings_from_args(args)))
-        light_finetune(student, vit.load_checkpoint(weights), keep, row_tokens, train_aug, epochs, lr, batch_size,
-                       seed, print, args.workers)
-        after, labels = predict(student, run.val, keep, row_tokens, workers=args.workers, desc=f"eval {row} {name}")
-        done[name] = {"command": run.command, "seconds": round(time.time() - t0), "machine": machine()}
-    save_predictions(run.preds_path, **{key(budget, row, f"ft_seed{seed}"): after})
-    done[name]["top1"] = accuracy(after, labels)
-    if row != PS and seed in ps_by_seed:
-        ps_preds, ps_labels = ps_by_seed[seed]
-        done[name]["ps_minus_this"] = compare(ps_preds == ps_labels, after.numpy() == ps_labels)
-    print(f"{budget} {row} fine-tuned, {name}: top-1 {done[name]['top1']:.2f}%"
-          + (f"; patch slimming minus this {describe(done[name]['ps_minus_this'])}"
-             if "ps_minus_this" in done[name] else ""), flush=True)
 
 
 if __name__ == "__main__":

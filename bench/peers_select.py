@@ -20,6 +20,11 @@ selection (select) takes the highest held-out top-1 of the candidates, ties to t
 
     python bench/peers_select.py                          # both budgets: 59 min on 2 busy cores (AMD EPYC)
     python bench/peers_select.py --held-out-images 500    # a quick check
+    python bench/peers_select.py --finetune --seeds 0 1   # then: each selected setting fine-tuned (12-20 min a row
+                                                          #   and seed on 2 cores); a rerun resumes
+With --finetune every method's selected setting, patch slimming's masks included, gets the headline's final
+fine-tune from the dense weights (equal training), per seed; the rows are paired against patch slimming's and, at
+the headline budget, against patch slimming's own runs (its search's block fine-tunes, then the same fine-tune).
 Writes results/peers_selection.json (every candidate: setting, GFLOPs, held-out top-1; the selected; their val
 top-1 with paired intervals against patch slimming; each row's training compute) and
 results/peers_selection_predictions.npz (val predictions of the selected settings); docs/peers.md is rendered from
@@ -46,9 +51,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
 import pitome  # noqa: E402
 import ppt  # noqa: E402
-from common import read_json, write_json  # noqa: E402
+from common import light_finetune, read_json, write_json  # noqa: E402
 from peers_compare import eq6_masks  # noqa: E402
-from stats import compare  # noqa: E402
+from stats import compare, compare_seeds  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["patch slimming", "ToMe", "EViT", "PPT", "PiToMe"]
@@ -60,6 +65,7 @@ EVIT_LAYERS = [ls for k in (2, 3, 4) for ls in itertools.combinations(range(2, 1
 PPT_LAYERS = [(2, 5, 8), (2, 4, 6, 8, 10), (3, 5, 7, 9, 11)]  # the released (4, 7, 10) cannot reach 0.138 G here
 PPT_THRESHOLDS = [0.0, 2.7, 8.0, math.inf]  # x 1 / (patches)^2; released DeiT-S: 7e-5 = 2.7 / 196^2
 PITOME_MARGINS = [0.0, 0.25, 0.5, 0.75, 0.9]
+FT_EPOCHS, FT_LR, FT_BATCH = 1, 3e-4, 64  # the headline's final fine-tune (results/cifar10-proxy/report.json)
 
 
 class Masks:
@@ -192,32 +198,6 @@ def search_compute(report, ft_steps, batch, what="Alg. 1's block fine-tunes of t
     return {"optimiser_steps": steps, "images_seen": steps * batch, "what": what}
 
 
-def old_protocol_compute(n_train, ref_dirs):
-    """The training compute of results/peers.json's fine-tuned rows (bench/peers_compare.py --finetune; their
-    settings picked by FLOPs alone): every row's final fine-tune (drop_last batches of the train set), plus, at the
-    headline budget, patch slimming's search (Alg. 1's block fine-tunes) before it."""
-    old = read_json(os.path.join(ROOT, "results", "peers.json"))
-    ft = old["finetune"]
-    steps = int(math.floor(n_train / ft["batch_size"]) * ft["epochs"])
-    out = {"final_finetune": {"epochs": ft["epochs"], "batch_size": ft["batch_size"], "optimiser_steps": steps,
-                              "images_seen": steps * ft["batch_size"]}, "budgets": {}}
-    headline = next(iter(old["budgets"]))
-    for budget, b in old["budgets"].items():
-        rows = {}
-        for name, r in b["rows"].items():
-            if not r.get("finetuned"):
-                continue
-            search = {"optimiser_steps": 0, "images_seen": 0}
-            if name == "patch slimming" and budget == headline:
-                reports = [read_json(os.path.join(d, "report.json")) for d in ref_dirs]
-                search = {f"seed {rep['settings']['seed']}": search_compute(
-                    rep, rep["settings"]["ft_steps"], rep["settings"]["batch_size"], "Alg. 1's block fine-tunes "
-                    "(one block at a time), whose weights the final fine-tune starts from") for rep in reports}
-            rows[name] = {"seeds": sorted(r["finetuned"]), "search_before_the_finetune": search}
-        out["budgets"][budget] = rows
-    return out
-
-
 def budgets(ref_dirs):
     """{name: (GFLOPs, [patch slimming's candidate sources])}: the headline's and Fig. 4's eps 0.001."""
     out = {}
@@ -260,6 +240,104 @@ def pairwise(res, preds_path):
                                for c in METHODS[1 + i + 1:]}
 
 
+def rebuild(cfg, dense, train_eval, sources, gflops, method, setting, score_images):
+    """The candidate the results file names `setting` (its describe()), rebuilt: the selection is deterministic given
+    the grid, the budget and (patch slimming's) the sources."""
+    cands = ps_candidates(cfg, dense, train_eval, sources, score_images) if method == "patch slimming" else \
+        budget_candidates(cfg, method, gflops)[0]
+    found = [c for c in cands if c.describe() == setting]
+    if not found:
+        raise UserError(f"{method}'s selected setting {setting!r} is not among its candidates at {gflops:.4f} G: "
+                        "the grid changed since the selection; rerun python bench/peers_select.py")
+    return found[0]
+
+
+def finetune_selected(args, res, dense, train_eval, data_path, run_dirs):
+    """The headline's final fine-tune (the light recipe, 1 epoch, lr 3e-4 at batch 64, soft distillation from the
+    dense model) of every method's selected setting at each budget of --finetune-budgets, FROM THE DENSE WEIGHTS for
+    every method, patch slimming's masks included, so that every row trains alike (equal compute); per seed, paired
+    against patch slimming's row of the same seed and, at the headline budget, against patch slimming's own runs
+    (run_dirs: its search's block fine-tunes, then the same fine-tune: more training, counted). Each entry is written
+    as it finishes; a rerun skips the entries the results file holds."""
+    cfg, preds_path = dense.cfg, args.out + "_predictions.npz"
+    train_aug = data.build_dataset(data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
+    val = data.build_dataset(data_path, "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
+    steps = len(train_aug) // FT_BATCH * FT_EPOCHS
+    res["finetune"] = {"recipe": "light", "epochs": FT_EPOCHS, "lr": FT_LR, "batch_size": FT_BATCH,
+                       "distill": "soft (the dense model)", "start": "the dense weights, every method",
+                       "optimiser_steps": steps, "images_seen": steps * FT_BATCH,
+                       "seeds": sorted(set(res.get("finetune", {}).get("seeds", [])) | set(args.seeds))}
+    all_budgets = budgets(run_dirs)
+    for name in args.finetune_budgets:
+        if name not in res["budgets"]:
+            raise UserError(f"--finetune-budgets {name!r} is not a budget of {args.out}.json "
+                            f"({', '.join(res['budgets'])})")
+        g, sources = all_budgets[name]
+        for seed in args.seeds:
+            for method in METHODS:
+                m = res["budgets"][name]["methods"][method]
+                done = m.setdefault("finetuned", {})
+                if f"seed {seed}" in done:
+                    continue
+                cand = rebuild(cfg, dense, train_eval, sources, g, method, m["val"]["setting"], args.score_images)
+                t0, student = time.time(), vit.load_checkpoint(os.path.join(ROOT, res["weights"]))
+                keep = cand.keep if isinstance(cand, Masks) else None
+                if not isinstance(cand, Masks):
+                    student = peers.PeerModel(student, cand)
+                light_finetune(student, dense, keep, "frozen", train_aug, FT_EPOCHS, FT_LR, FT_BATCH, seed, print,
+                               args.workers)
+                preds, labels = predict(student, val, keep, "frozen", workers=args.workers,
+                                        desc=f"val {name} {method} fine-tuned seed {seed}")
+                save_predictions(preds_path, **{pred_key(name, method, seed): preds})
+                done[f"seed {seed}"] = {"top1": accuracy(preds, labels), "seconds": round(time.time() - t0),
+                                        "machine": machine()}
+                write_json(args.out + ".json", res)
+                print(f"{name} {method} fine-tuned, seed {seed}: val top-1 {done[f'seed {seed}']['top1']:.2f}%",
+                      flush=True)
+        finetuned_pairs(res, name, run_dirs if name == next(iter(res["budgets"])) else [], preds_path)
+        write_json(args.out + ".json", res)
+
+
+def pred_key(name, method, seed):
+    return f"{name}__{method}__ft_seed{seed}".replace(" ", "_")
+
+
+def finetuned_pairs(res, name, run_dirs, preds_path):
+    """Patch slimming's fine-tuned row minus each peer's, per seed and both seeds together (paired on the same val
+    images), from the stored predictions; with run_dirs (the headline budget), patch slimming's own runs too."""
+    methods = res["budgets"][name]["methods"]
+    with np.load(preds_path) as f:
+        labels = f["labels"]
+        correct = {(m, s): f[pred_key(name, m, s)] == labels for m in METHODS for s in res["finetune"]["seeds"]
+                   if pred_key(name, m, s) in f}
+    own = {}
+    for d in run_dirs:  # patch slimming's own runs: block fine-tunes in the search, then the same final fine-tune
+        rep = read_json(os.path.join(d, "report.json"))
+        with np.load(os.path.join(d, "predictions.npz")) as f:
+            own[rep["settings"]["seed"]] = (f["slimmed"] == f["labels"], os.path.relpath(d, ROOT), rep)
+    if own:
+        res["budgets"][name]["ps_own_runs"] = {f"seed {s}": {"source": src, "top1": 100 * float(c.mean()),
+                                                             "training": search_compute(
+                                                                 rep, rep["settings"]["ft_steps"], rep["settings"]["batch_size"],
+                                                                 "Alg. 1's block fine-tunes of its search (one block at a time)")}
+                                               for s, (c, src, rep) in own.items()}
+    for method in METHODS:  # patch slimming's own runs minus its fine-tuned masks too: what the block fine-tunes add
+        done = methods[method].get("finetuned", {})
+        seeds = [s for s in res["finetune"]["seeds"] if ("patch slimming", s) in correct and (method, s) in correct]
+        for s in seeds:
+            if method != "patch slimming":
+                done[f"seed {s}"]["ps_minus_this"] = compare(correct[("patch slimming", s)], correct[(method, s)])
+            if s in own:
+                done[f"seed {s}"]["ps_own_run_minus_this"] = compare(own[s][0], correct[(method, s)])
+        if len(seeds) > 1 and method != "patch slimming":
+            methods[method]["finetuned_seeds_together"] = compare_seeds(
+                [correct[("patch slimming", s)] for s in seeds], [correct[(method, s)] for s in seeds])
+        if len(seeds) > 1:
+            if all(s in own for s in seeds):
+                methods[method]["finetuned_seeds_together_own_runs"] = compare_seeds(
+                    [own[s][0] for s in seeds], [correct[(method, s)] for s in seeds])
+
+
 def main():
     p = argparse.ArgumentParser("Every method's free settings chosen on held-out training images, val read once")
     p.add_argument("--reference", nargs="+", default=[os.path.join(ROOT, "results", "cifar10-proxy"),
@@ -269,12 +347,30 @@ def main():
     p.add_argument("--score-images", type=int, default=512, help="Eq. 6 score images of the Fig. 4 masks")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "peers_selection"))
-    p.add_argument("--pairs-only", action="store_true", help="only add the peers' pairwise intervals to OUT.json "
-                   "from its stored val predictions (no images read)")
+    p.add_argument("--pairs-only", action="store_true", help="only add the paired intervals (peers against each "
+                   "other, and the fine-tuned rows') to OUT.json from its stored val predictions (no images read)")
+    p.add_argument("--finetune", action="store_true", help="fine-tune the selected settings of OUT.json (every "
+                   "method from the dense weights, the headline's recipe), per seed, and compare on val")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tune seeds (with --finetune)")
+    p.add_argument("--finetune-budgets", nargs="+", default=None, metavar="BUDGET", help="with --finetune, the "
+                   "budgets as OUT.json names them (\"0.138 G\"); default: all")
     args = p.parse_args()
+    if args.finetune:
+        res = read_json(args.out + ".json")
+        args.finetune_budgets = args.finetune_budgets or list(res["budgets"])
+        ref = read_json(os.path.join(args.reference[0], "report.json"))
+        data_path = os.path.join(ROOT, ref["args"]["data_path"])
+        dense = vit.load_checkpoint(os.path.join(ROOT, res["weights"]))
+        train_eval = data.build_dataset(data_path, "train", dense.cfg.img_size, train_transform=False,
+                                        mean=dense.cfg.mean, std=dense.cfg.std)
+        finetune_selected(args, res, dense, train_eval, data_path, args.reference)
+        print(f"wrote {args.out}.json and {args.out}_predictions.npz")
+        return
     if args.pairs_only:
         res = read_json(args.out + ".json")
         pairwise(res, args.out + "_predictions.npz")
+        for i, name in enumerate(res["budgets"] if "finetune" in res else []):
+            finetuned_pairs(res, name, args.reference if i == 0 else [], args.out + "_predictions.npz")
         write_json(args.out + ".json", res)
         return
     torch.manual_seed(0)
@@ -331,7 +427,6 @@ def main():
             print(f"{name} {method}: {cand.describe()}: val top-1 {m['val']['top1']:.2f}%", flush=True)
             write_json(args.out + ".json", res)
     res["train_images"] = n_train
-    res["finetuned_old_protocol"] = old_protocol_compute(n_train, args.reference)
     pairwise(res, args.out + "_predictions.npz")
     write_json(args.out + ".json", res)
     print(f"wrote {args.out}.json and {args.out}_predictions.npz")

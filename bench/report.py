@@ -12,7 +12,6 @@ and names the results files it was read from.
     python bench/report.py --check   # exit 1 if a block differs from what results/ holds (test_slim runs this)
 """
 import argparse
-import json
 import os
 import re
 import sys
@@ -20,31 +19,18 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stats import compare  # noqa: E402
+from peers_report import BLOCKS as PEER_BLOCKS  # noqa: E402
+from stats import ROOT, compare, interval, kept, load, times, with_p  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["docs/dynamic.md", "README.md", "docs/results.md", "docs/speed.md", "docs/peers.md"]
 PAPER_BUDGET = {"flops_saved": 0.436, "top1_drop": 0.4}  # DeiT-S: 4.6 G -> 2.6 G, 79.8 -> 79.4 (Table 1)
 PAPER_FIG4 = {0.005: (79.8, 21), 0.01: (79.7, 32), 0.02: (79.4, 44), 0.03: (78.9, 49), 0.04: (78.4, 53),
               0.05: (78.0, 54)}
 
 
-def load(path):
-    with open(os.path.join(ROOT, path)) as f:
-        return json.load(f)
-
-
 def predictions(folder):
     with np.load(os.path.join(ROOT, folder, "predictions.npz")) as f:
         return {k: f[k] for k in f.files}
-
-
-def interval(c):
-    return f"{c['diff']:+.2f} ({c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})"
-
-
-def kept(counts):
-    return " ".join(map(str, counts))
 
 
 def headline():
@@ -152,10 +138,6 @@ def table3():
 SPEED_RUNTIMES = "results/speed_runtimes_deit_small_cpu_float32.json"  # bench/speed.py's every-runtime run
 
 
-def times(x):
-    return f"{x:.2f}×"
-
-
 def speed_runtimes(path=SPEED_RUNTIMES):
     """bench/speed.py's run of every runtime (eager, packed, torch.compile, onnxruntime): per model its batch-1 latency
     and largest-batch throughput; per semantics and runtime the speed-ups beside the FLOPs ratio; the
@@ -229,197 +211,6 @@ def speed_profile(path=SPEED_RUNTIMES):
             "(`profile_b1`, with each model's slowest operators).")
 
 
-PEERS = "results/peers.json"
-PEERS_SPEED = "results/peers_speed_deit_small_cpu_float32.json"
-PEER_ROWS = ["patch slimming", "ToMe", "ToMe, schedule searched", "EViT", "linear pyramid",  # bench/peers_compare.py
-             "patch slimming, removed"]
-SELECTION = "results/peers_selection.json"  # bench/peers_select.py
-SELECTED_ROWS = ["patch slimming", "ToMe", "EViT", "PPT", "PiToMe"]
-
-
-def with_p(c):
-    return f"{interval(c)}; p = {c['mcnemar_p']:.2g}"
-
-
-def peers_nearest():
-    """bench/peers_compare.py off the shelf: every method on the dense proxy weights at each budget, each peer at the
-    setting nearest the budget in FLOPs (the settings its fine-tuned rows use), paired against patch slimming's row
-    of the same budget on the same val images."""
-    if not os.path.exists(os.path.join(ROOT, PEERS)):
-        return f"*Not run yet: `{PEERS}` does not exist; `python bench/peers_compare.py` makes it.*"
-    res = load(PEERS)
-    depth = len(res["budgets"][next(iter(res["budgets"]))]["rows"]["patch slimming"]["tokens_per_layer"])
-    rows = [f"| budget | method | setting | GFLOPs | tokens per layer 1..{depth} | top-1 off the shelf | patch slimming − "
-            "this, points (95% paired bootstrap; McNemar p) |", "|---|---|---|---|---|---|---|",
-            f"| | dense | | {res['dense_gflops']:.3f} | {kept([res['num_tokens']] * depth)} | {res['dense']['top1']:.2f} | |"]
-    after_search = []
-    for budget, b in res["budgets"].items():
-        for name in PEER_ROWS:
-            r = b["rows"].get(name)
-            if r is None:
-                continue
-            if "unreachable" in r:
-                rows.append(f"| {budget} | {name} | cannot reach this budget: {r['unreachable'].split(': ask')[0]} "
-                            "| | | | |")
-                continue
-            setting = {"patch slimming": r.get("source", ""), "linear pyramid": "flops.linear_pyramid, patches by "
-                       "Eq. 6"}.get(name, r.get("setting", ""))
-            vs = with_p(r["ps_minus_this"]) if "ps_minus_this" in r else \
-                f"(the reference) − dense: {with_p(r['ps_minus_dense'])}" if "ps_minus_dense" in r else "(the reference)"
-            label = f"**{name}**" if name == "patch slimming" else name
-            rows.append(f"| {budget} | {label} | {setting} | {r['gflops']:.4f} | {kept(r['tokens_per_layer'])} | "
-                        f"{r['top1']:.2f} | {vs} |")
-            if name == "patch slimming":
-                after_search.append(f"{budget}: {r['top1_after_search']:.2f}")
-    return ("\n".join(rows) + f"\n\nTokens per layer: the rows each block updates (patch slimming and the linear pyramid, "
-            f"frozen patches, method.md P1) or the tokens each block's attention runs on (ToMe, EViT and patch slimming "
-            f"with its patches removed, C1, which remove them). "
-            f"Patch slimming's own top-1 after its search (Alg. 1 with its block fine-tuning), for context: "
-            f"{'; '.join(after_search)}. {res['val_images']} val images. GFLOPs: {res['flops_note']}. "
-            f"File: `{PEERS}` (predictions `results/peers_predictions.npz`); "
-            f"command{'s' if len(res['commands']) > 1 else ''}: {', '.join(f'`{c}`' for c in res['commands'])}.")
-
-
-def pct_of(g, target):
-    return f"{100 * g / target:.1f}%"
-
-
-def peers_selected():
-    """bench/peers_select.py: at each budget, each method's setting selected on held-out training images, its val
-    top-1 (val read once) and patch slimming − it on the same val images."""
-    if not os.path.exists(os.path.join(ROOT, SELECTION)):
-        return f"*Not run yet: `{SELECTION}` does not exist; `python bench/peers_select.py` makes it.*"
-    res = load(SELECTION)
-    rows = ["| budget | method | candidates | selected setting | GFLOPs (of the budget) | held-out top-1 (train) | "
-            "val top-1 | patch slimming − this, val (95% paired bootstrap; McNemar p) |", "|---|---|---|---|---|---|---|---|",
-            f"| | dense | | | {res['dense_gflops']:.3f} | {res['held_out']['dense_top1']:.2f} | {res['dense']['top1']:.2f} | |"]
-    notes = []
-    for budget, b in res["budgets"].items():
-        for name in SELECTED_ROWS:
-            m = b["methods"][name]
-            c, v = m["candidates"][m["selected"]], m["val"]
-            label = f"**{name}**" if name == "patch slimming" else name
-            vs = with_p(v["ps_minus_this"]) if "ps_minus_this" in v else "(the reference)"
-            rows.append(f"| {budget} | {label} | {len(m['candidates'])} | {v['setting']} | {v['gflops']:.4f} "
-                        f"({pct_of(v['gflops'], b['target_gflops'])}) | {c['held_out_top1']:.2f} | {v['top1']:.2f} | {vs} |")
-            if m["note"]:
-                notes.append(f"{budget} {name}: {m['note']}")
-    h = res["held_out"]
-    pairs = "; ".join(f"{budget}: " + ", ".join(f"{k} {interval(c)}" for k, c in b["peer_pairs"].items())
-                      for budget, b in res["budgets"].items() if "peer_pairs" in b)
-    return ("\n".join(rows) + (f"\n\nThe peers against each other (row − column, points, 95% paired bootstrap on the "
-                                f"same val images): {pairs}." if pairs else "") + f"\n\nSelection: {h['images']} training images (seed {h['seed']}, {h['transform']}; "
-            f"never val), the highest top-1 of each method's candidates, each at or below the budget and within "
-            f"{100 * res['tolerance']:g}% of it where its grid allows"
-            + (f" ({'; '.join(notes)})" if notes else "") + f". Val: {res['val_images']} images, read once, for the "
-            f"selected settings. GFLOPs: {res['flops_note']}. File: `{SELECTION}` (predictions "
-            f"`results/peers_selection_predictions.npz`); command: `{res['command']}`; {res['machine']['cpu']}, "
-            f"torch {res['machine']['torch']}.")
-
-
-def peers_candidates():
-    """bench/peers_select.py: every candidate tried, its FLOPs and its held-out top-1 (the selected in bold)."""
-    if not os.path.exists(os.path.join(ROOT, SELECTION)):
-        return f"*Not run yet: `python bench/peers_select.py` makes `{SELECTION}`.*"
-    res = load(SELECTION)
-    rows = ["| budget | method | setting | GFLOPs | of the budget | held-out top-1 |", "|---|---|---|---|---|---|"]
-    for budget, b in res["budgets"].items():
-        for name in SELECTED_ROWS:
-            m = b["methods"][name]
-            for i, c in enumerate(m["candidates"]):
-                bold = "**" if i == m["selected"] else ""
-                rows.append(f"| {budget} | {name} | {bold}{c['setting']}{bold} | {c['gflops']:.4f} | "
-                            f"{pct_of(c['gflops'], b['target_gflops'])} | {bold}{c['held_out_top1']:.2f}{bold} |")
-    return ("\n".join(rows) + f"\n\nThe selected candidate of each method in bold (the highest held-out top-1, "
-            f"ties to the first listed). {res['held_out']['images']} held-out training images. File: `{SELECTION}`.")
-
-
-def peers_compute():
-    """bench/peers_select.py: each row's training compute: off the shelf, and the fine-tuned rows of
-    results/peers.json (bench/peers_compare.py --finetune)."""
-    if not os.path.exists(os.path.join(ROOT, SELECTION)):
-        return f"*Not run yet: `python bench/peers_select.py` makes `{SELECTION}`.*"
-    res = load(SELECTION)
-    rows = ["| row | optimiser steps | images seen | what |", "|---|---|---|---|"]
-    for budget, b in res["budgets"].items():
-        ps = b["methods"]["patch slimming"]["training"]["search"]
-        rows.append(f"| {budget}, off the shelf: ToMe, EViT, PPT, PiToMe | 0 | 0 | none: dense weights; "
-                    f"{b['methods']['ToMe']['training']['selection_images']} held-out training images read to select "
-                    "each one's setting |")
-        rows.append(f"| {budget}, off the shelf: patch slimming | 0 (its masks' search: {ps['optimiser_steps']:,}) | "
-                    f"0 ({ps['images_seen']:,}) | dense weights; in brackets, {ps['what']} |")
-    old = res["finetuned_old_protocol"]
-    ft = old["final_finetune"]
-    for budget, b in old["budgets"].items():
-        for name, r in b.items():
-            search = r["search_before_the_finetune"]
-            extra = [v for v in search.values() if isinstance(v, dict)]
-            if extra:
-                rows.append(f"| {budget}, fine-tuned: {name} | {ft['optimiser_steps']:,} + {extra[0]['optimiser_steps']:,} | "
-                            f"{ft['images_seen']:,} + {extra[0]['images_seen']:,} | the final fine-tune ({ft['epochs']:g} "
-                            f"epoch, batch {ft['batch_size']}, every block) after {extra[0]['what']}, per seed |")
-            else:
-                rows.append(f"| {budget}, fine-tuned: {name} | {ft['optimiser_steps']:,} | {ft['images_seen']:,} | the "
-                            f"final fine-tune ({ft['epochs']:g} epoch, batch {ft['batch_size']}, every block) from the "
-                            "dense weights, per seed |")
-    return ("\n".join(rows) + f"\n\nA block fine-tune step trains one block on a batch of {ft['batch_size']}; a final "
-            f"fine-tune step trains every block. {res['train_images']:,} training images. File: `{SELECTION}`.")
-
-
-def peers_finetuned():
-    """bench/peers_compare.py --finetune: the headline's final fine-tune for the rows of each budget where it ran."""
-    if not os.path.exists(os.path.join(ROOT, PEERS)) or "finetune" not in load(PEERS):
-        return ("*Not run yet: `python bench/peers_compare.py --finetune --seeds 0 1` adds it to "
-                f"`{PEERS}` (8 to 16 minutes per row and seed on 2 cores).*")
-    res = load(PEERS)
-    ft = res["finetune"]
-    seeds = [f"seed {s}" for s in ft["seeds"]]
-    rows = ["| budget | method | GFLOPs | " + " | ".join(f"{s}: top-1 | {s}: patch slimming − this" for s in seeds) +
-            " | seeds together: patch slimming − this |", "|---|---|---|" + "---|---|" * len(seeds) + "---|"]
-    sources = set()
-    for budget, b in res["budgets"].items():
-        for name in PEER_ROWS:
-            r = b["rows"].get(name, {})
-            done = r.get("finetuned")
-            if not done:
-                continue
-            cells = []
-            for s in seeds:
-                e = done.get(s)
-                cells += [f"{e['top1']:.2f}" if e else "not run", with_p(e["ps_minus_this"]) if e and
-                          "ps_minus_this" in e else ("(the reference)" if e else "")]
-                if e and "source" in e:
-                    sources.add(e["source"])
-            pooled = interval(r["finetuned_pooled"]) if "finetuned_pooled" in r else ""
-            label = f"**{name}**" if name == "patch slimming" else name
-            rows.append(f"| {budget} | {label} | {r['gflops']:.4f} | " + " | ".join(cells) + f" | {pooled} |")
-    headline = next(iter(res["budgets"]))
-    return ("\n".join(rows) + f"\n\n{ft['epochs']:g} epoch{'s' if ft['epochs'] != 1 else ''} at lr {ft['lr']:g}, batch "
-            f"{ft['batch_size']}, the light recipe with soft distillation from the dense model (pipeline/finetune.py), "
-            f"the same as the headline's. The peers' settings are those nearest the budget in FLOPs (not selected on "
-            f"held-out images). At {headline} patch slimming's row is the headline runs' own (its search "
-            "with block fine-tuning, then this fine-tune); at another budget every row, patch slimming's too, is "
-            f"fine-tuned from the dense weights. {res['val_images']} val images. File: `{PEERS}`"
-            + (f"; rows read from other runs: {', '.join(f'`{s}`' for s in sorted(sources))}." if sources else "."))
-
-
-def peers_speed(path=PEERS_SPEED):
-    """bench/peers_speed.py: real speed of each method at the same GFLOPs, DeiT-S shapes."""
-    if not os.path.exists(os.path.join(ROOT, path)):
-        return "*Not run yet: `python bench/peers_speed.py` makes its results file (run it on a quiet machine).*"
-    res = load(path)
-    rows = [f"| method | setting | GFLOPs | images/s (batch {res['batch']}) | × dense | batch-1 latency | × dense "
-            "(paired) |", "|---|---|---|---|---|---|---|"]
-    for name, r in res["rows"].items():
-        rows.append(f"| {name} | {r['setting']} | {r['gflops']:.2f} | {r['images_per_s']:.1f} | "
-                    f"{times(r['speedup_batch'])} | {r['latency_ms_b1']:.1f} ms | {times(r['speedup_b1'])} "
-                    f"({times(r['speedup_b1_paired'])}) |")
-    m = res["machine"]
-    return ("\n".join(rows) + f"\n\n`{res['command']}` (`{path}`): {res['model']}, random weights, {res['dtype']}, "
-            f"{m['threads']} threads on {m['cpu']} ({m['cores']} cores), torch {m['torch']}; {res['repeats']} rounds "
-            "at the batch, 5 times as many at batch 1, interleaved; medians.")
-
-
 DYNAMIC = "results/dynamic.json"  # bench/dynamic.py
 
 
@@ -448,45 +239,6 @@ def dynamic():
             f"`results/dynamic/`); command: `{res['command']}`.")
 
 
-def peers_summary():
-    """The README's one table of the peers: at both budgets each method's setting selected on held-out training
-    images and its val top-1 off the shelf with patch slimming − it (bench/peers_select.py); at the headline budget
-    the fine-tuned rows of bench/peers_compare.py (settings nearest in FLOPs) and the speed of bench/peers_speed.py."""
-    if not os.path.exists(os.path.join(ROOT, SELECTION)) or not os.path.exists(os.path.join(ROOT, PEERS)):
-        return "*Not run yet: `python bench/peers_select.py` and `python bench/peers_compare.py --finetune` make it.*"
-    res, old = load(SELECTION), load(PEERS)
-    speed = load(PEERS_SPEED)["rows"] if os.path.exists(os.path.join(ROOT, PEERS_SPEED)) else {}
-    budgets = list(res["budgets"])
-    head = old["budgets"][budgets[0]]["rows"] if budgets[0] in old["budgets"] else {}
-    rows = ["| method | " + " | ".join(f"{b}: top-1 off the shelf, selected (patch slimming − this)" for b in budgets)
-            + f" | {budgets[0]}: top-1 fine-tuned, seed mean (patch slimming − this, seeds together) | speed-up at "
-            "DeiT-S shapes, batch 32 / batch 1 |", "|---|" + "---|" * len(budgets) + "---|---|",
-            f"| dense ({res['dense_gflops']:.3f} G) | " + " | ".join(f"{res['dense']['top1']:.2f}" for _ in budgets)
-            + " | | 1× / 1× |"]
-    for name in SELECTED_ROWS:
-        cells = []
-        for b in budgets:
-            v = res["budgets"][b]["methods"][name]["val"]
-            cells.append(f"{v['top1']:.2f}" + (f" ({interval(v['ps_minus_this'])})" if "ps_minus_this" in v else
-                                                " (the reference)"))
-        r = head.get("ToMe, schedule searched" if name == "ToMe" else name, {})
-        tuned = [e["top1"] for e in r.get("finetuned", {}).values()]
-        ft = (f"{sum(tuned) / len(tuned):.2f}" + (f" ({interval(r['finetuned_pooled'])})" if "finetuned_pooled" in r
-                                                   else " (the reference)" if name == "patch slimming" else "")
-              if tuned else "not run")
-        sp = speed.get(name)
-        label = f"**{name}**" if name == "patch slimming" else name
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {ft} | "
-                    + (f"{times(sp['speedup_batch'])} / {times(sp['speedup_b1'])}" if sp else "not measured") + " |")
-    return ("\n".join(rows) + f"\n\nOff the shelf: each method's free settings selected by top-1 on "
-            f"{res['held_out']['images']} held-out training images at the budget, then val ({res['val_images']} images) "
-            f"read once; 95% paired bootstrap intervals. Fine-tuned: the headline's one-epoch fine-tune on seeds "
-            f"{', '.join(map(str, old['finetune']['seeds']))}, the peers at the settings nearest the budget in FLOPs "
-            "(ToMe's schedule searched), patch slimming after its search's block fine-tunes (docs/peers.md counts "
-            "each row's training). Speed: each method at about 2.6 of DeiT-S's 4.6 GFLOPs, PyTorch eager on this "
-            f"CPU. Files: `{SELECTION}`, `{PEERS}`, `{PEERS_SPEED}`.")
-
-
 def dynamic_summary():
     """The README's statement of bench/dynamic.py: DPS − PS+ over the seeds, at the static counts and at fewer FLOPs."""
     res = load(DYNAMIC)
@@ -503,11 +255,10 @@ def dynamic_summary():
             f"File: `{DYNAMIC}`.")
 
 
-BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace, "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3,
-          "speed-runtimes": speed_runtimes, "speed-summary": speed_summary, "speed-profile": speed_profile,
-          "peers": peers_selected, "peers-candidates": peers_candidates,
-          "peers-compute": peers_compute, "peers-nearest": peers_nearest, "peers-finetuned": peers_finetuned, "peers-speed": peers_speed,
-          "peers-summary": peers_summary, "dynamic": dynamic, "dynamic-summary": dynamic_summary}
+BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace,
+          "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "speed-runtimes": speed_runtimes,
+          "speed-summary": speed_summary, "speed-profile": speed_profile, "dynamic": dynamic,
+          "dynamic-summary": dynamic_summary, **PEER_BLOCKS}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
 
 

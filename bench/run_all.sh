@@ -40,7 +40,7 @@ step "$PY" bench/imagenet_estimate.py
 fresh $R/peers_selection.json $R/peers.json $R/peers_predictions.npz $R/peers_speed_deit_small_cpu_float32.json
 step "$PY" bench/peers_select.py
 step "$PY" bench/peers_compare.py
-step "$PY" bench/peers_compare.py --finetune --seeds 0 1
+step "$PY" bench/peers_select.py --finetune --seeds 0 1
 step "$PY" bench/peers_speed.py
 # DPS-ViT against PS-ViT (docs/dynamic.md)
 fresh $R/dynamic $R/dynamic.json $R/dynamic_predictions.npz $R/dynamic_picture.png

@@ -2,11 +2,15 @@
 Paired statistics for "A beats B" on the same val images (arXiv 2106.02852 reproduction, README claims): per-image
 correctness of two models, a paired bootstrap interval of the accuracy difference and McNemar's exact test.
 Predictions are stored compactly by the bench scripts: results/<name>_predictions.npz, one uint8/int16 array of
-predicted classes per model, plus "labels".
+predicted classes per model, plus "labels". At the end, the formatting bench/report.py's tables share.
 """
+import json
 import math
+import os
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mcnemar_p(correct_a, correct_b):
@@ -44,3 +48,25 @@ def compare(correct_a, correct_b):
 def describe(c):
     return f"{c['diff']:+.2f} points (95% paired bootstrap {c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f}; McNemar p = {c['mcnemar_p']:.3g})"
 
+
+# ----------------------------------------------------------------------------- formatting for bench/report.py
+def load(path):
+    """A results file, its path relative to the repository."""
+    with open(os.path.join(ROOT, path)) as f:
+        return json.load(f)
+
+
+def interval(c):
+    return f"{c['diff']:+.2f} ({c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})"
+
+
+def with_p(c):
+    return f"{interval(c)}; p = {c['mcnemar_p']:.2g}"
+
+
+def kept(counts):
+    return " ".join(map(str, counts))
+
+
+def times(x):
+    return f"{x:.2f}×"

@@ -337,5 +337,37 @@ def test_selection_never_reads_val(monkeypatch, tmp_path):
         assert len(out[method]["candidates"]) >= peers_select.LEAST
         assert chosen[("b", method)].describe() == out[method]["candidates"][out[method]["selected"]]["setting"]
         assert all(c["gflops"] <= target + 1e-12 for c in out[method]["candidates"])
+        # the fine-tune stage rebuilds the selected setting from its name in the results file alone
+        named = out[method]["candidates"][out[method]["selected"]]["setting"]
+        rebuilt = peers_select.rebuild(model.cfg, model, None, [], target, method, named, 0)
+        assert vars(rebuilt) == vars(chosen[("b", method)]) and type(rebuilt) is type(chosen[("b", method)])
+    with pytest.raises(UserError, match="not among its candidates"):
+        peers_select.rebuild(model.cfg, model, None, [], target, "ToMe", "ToMe r = 999", 0)
     with pytest.raises(AssertionError, match="read val"):
         data.build_dataset(str(tmp_path), "val", 32)
+
+
+def test_finetuned_rows_are_paired_with_patch_slimming_of_the_same_seed(tmp_path):
+    """bench/peers_select.py --finetune's comparisons, read from the stored predictions: patch slimming − each peer,
+    per seed and over both seeds, on the same images (100 images: patch slimming right on all; ToMe wrong on 10 with
+    seed 0 and on 20 with seed 1)."""
+    from pipeline.evaluate import save_predictions
+    labels = torch.arange(100) % 10
+    preds = {"labels": labels}
+    for seed, wrong in ((0, 10), (1, 20)):
+        preds[peers_select.pred_key("b", "patch slimming", seed)] = labels
+        tome = labels.clone()
+        tome[:wrong] = (tome[:wrong] + 1) % 10
+        preds[peers_select.pred_key("b", "ToMe", seed)] = tome
+    path = str(tmp_path / "p.npz")
+    save_predictions(path, **preds)
+    done = {"seed 0": {"top1": 0}, "seed 1": {"top1": 0}}
+    res = {"finetune": {"seeds": [0, 1]}, "budgets": {"b": {"methods": {
+        m: {"finetuned": {k: dict(v) for k, v in done.items()}} if m in ("patch slimming", "ToMe") else {}
+        for m in peers_select.METHODS}}}}
+    peers_select.finetuned_pairs(res, "b", [], path)
+    tome = res["budgets"]["b"]["methods"]["ToMe"]
+    assert tome["finetuned"]["seed 0"]["ps_minus_this"]["diff"] == 10.0
+    assert tome["finetuned"]["seed 1"]["ps_minus_this"]["diff"] == 20.0
+    assert tome["finetuned_seeds_together"]["diff"] == 15.0 and tome["finetuned_seeds_together"]["seeds"] == 2
+    assert "finetuned_seeds_together" not in res["budgets"]["b"]["methods"]["EViT"]  # not run: no row
