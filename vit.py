@@ -16,7 +16,6 @@ token beside the class token, a second head; at evaluation the two heads' logits
 (LayerScale, a position embedding over the patches only). Every prefix token plays the class token's part in
 the method (kept at every layer; m_L is exactly the prefix tokens). The input normalisation is part of the config.
 """
-import copy
 import json
 import math
 import os
@@ -315,46 +314,6 @@ class VisionTransformer(nn.Module):
         or, for a model loaded from a slimmed checkpoint, the masks it was saved with); tokens: what happens to the
         others, "frozen" (the paper, method.md P1; the default) or "removed" (v1, C1)."""
         return self.classify(self.forward_features(img, keep, tokens))
-
-
-# ----------------------------------------------------------------------------- CPU inference: prepacked weights
-
-class PackedLinear(nn.Module):
-    """Inference-only stand-in for a Linear on CPU: each weight (or row block [r0, r1) of it, for the split
-    q / kv projections) is reordered once into oneDNN's blocked layout, as torch.compile's CPU freezing does.
-    bench/gemm.py times it against MKL's sgemm at the token counts a slimmed layer keeps (results/gemm_cpu.json,
-    docs/speed.md)."""
-
-    def __init__(self, lin):
-        super().__init__()
-        self.weight, self.bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-        self.packed = {}  # rows -> (packed weight, bias rows), filled on first use
-
-    def forward(self, x, rows=None):
-        if torch.is_grad_enabled():
-            raise UserError("a packed model is for inference only: run it under torch.no_grad() or "
-                            "torch.inference_mode(), and train the original model")
-        if rows not in self.packed:
-            r0, r1 = rows or (0, self.weight.shape[0])
-            w = torch.ops.mkldnn._reorder_linear_weight(self.weight[r0:r1].contiguous(), None)
-            self.packed[rows] = w, None if self.bias is None else self.bias[r0:r1].contiguous()
-        w, b = self.packed[rows]
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def pack_for_cpu(model):
-    """A frozen copy of model for fast CPU inference (same forward, same `keep`; outputs equal to float
-    rounding): every Linear becomes a PackedLinear. Later changes to model do not reach the copy."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        raise UserError("this torch build has no oneDNN (mkldnn) linear: run the model unpacked")
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
-        raise UserError("pack_for_cpu needs a float32 model on the CPU: call it before .to(device, dtype)")
-    packed = copy.deepcopy(model).eval().requires_grad_(False)
-    for parent in list(packed.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
-    return packed
 
 
 # ----------------------------------------------------------------------------- masks (method.md §2)

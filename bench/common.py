@@ -1,7 +1,5 @@
-"""Helpers shared by the bench scripts of the patch-slimming reproduction (arXiv 2106.02852): the repository's paths
-(importing this puts the project's modules on the path), JSON files, a log to <folder>/log.txt, matplotlib when it
-is installed (requirements-bench.txt), round-robin timing, random nested masks, baseline masks of given counts
-(masks_for_counts) and the one short fine-tune every compared network gets (light_finetune)."""
+"""Helpers shared by the bench scripts of the patch-slimming reproduction (arXiv 2106.02852). Importing this puts the
+project's modules on the path."""
 import json
 import os
 import sys
@@ -12,13 +10,20 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # vit, slim, flops, data, pipeline
-PROXY = os.path.join(ROOT, "models", "deit_tiny_p4_cifar10.pth")  # the shipped CIFAR-10 proxy (models/README.md)
-CIFAR10 = os.path.join(ROOT, "data", "cifar10")  # written once by python slim.py --data cifar10
 
 import slim  # noqa: E402
 import vit  # noqa: E402
 from pipeline import finetune  # noqa: E402
+from pipeline.distributed import machine  # noqa: E402, F401 (the scripts record it)
 from pipeline.resume import write_atomically  # noqa: E402
+
+
+def run(main):
+    """A script's main(), a vit.UserError printed as one line, never as a traceback."""
+    try:
+        main()
+    except vit.UserError as e:
+        sys.exit(f"error: {e}")
 
 
 def read_json(path):
@@ -43,7 +48,7 @@ def folder_log(folder):
 
 
 def pyplot():
-    """matplotlib.pyplot with the file-only Agg backend, or None (with a message) when matplotlib is absent."""
+    """matplotlib.pyplot (the file-only Agg backend), or None with a message when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -1,12 +1,10 @@
 """
-The paper's Fig. 4 on the CIFAR-10 proxy (arXiv 2106.02852): sweep eps, and for each value run Algorithm 1 in the
-paper's configuration (frozen patches, Eq. 6, E_{l+1}; slim.py's defaults, any slim.py search flag passes through),
-then the same end-to-end fine-tune for every point; report FLOPs saved (counted as the paper does, P1) and top-1.
+The paper's Fig. 4 on the CIFAR-10 proxy (arXiv 2106.02852; docs/results.md): for each eps, Algorithm 1 with
+slim.py's defaults (any other slim.py flag passes through), then the same end-to-end fine-tune for every point.
 
     python bench/eps_sweep.py --eps 0.001 0.002 0.005 0.01 0.02 --final-epochs 0.5
-Writes results/fig4/eps_<eps>.json as each point finishes (a rerun skips finished points; a search resumes from
-results/fig4/eps_<eps>_state.pt), results/fig4.json, fig4.png and results/fig4_predictions.npz (per-image
-predicted classes of every evaluated model, "labels"); bench/report.py makes the table of docs/results.md.
+Writes results/fig4/eps_<eps>.json as each point finishes (a rerun skips it; a search resumes from
+eps_<eps>_state.pt), then results/fig4.json, fig4.png and fig4_predictions.npz.
 """
 import argparse
 import copy
@@ -14,17 +12,15 @@ import json
 import os
 import sys
 import time
-
-import torch
 from dataclasses import asdict
 
-from common import CIFAR10, PROXY, ROOT, folder_log, light_finetune, pyplot, read_json, write_json
+import torch
+
+from common import ROOT, folder_log, light_finetune, machine, pyplot, read_json, run, write_json
 import data
 import flops
 import slim
-from pipeline.distributed import machine  # noqa: E402
-from pipeline import cli as cli_args  # noqa: E402
-from pipeline import run  # noqa: E402
+from pipeline import cli, run as pipeline_run
 from pipeline.caches import cache_search_sets
 from pipeline.evaluate import accuracy, predict, save_predictions
 import vit
@@ -38,15 +34,12 @@ def main():
     p.add_argument("--final-lr", type=float, default=3e-4)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fig4"))
     args, rest = p.parse_known_args()
-    sargs = cli_args.complete_args(cli_args.get_args_parser().parse_args(
-        ["--data", "folder", "--data-path", CIFAR10, "--weights", PROXY, "--out", args.out] + rest))
-    cli_args.check_args(sargs)
-    pretrained = run.load_model(sargs).to(torch.device(sargs.device))
-    cfg = pretrained.cfg
-    s = run.settings_from_args(sargs, cfg)
-    log = folder_log(args.out)
-
-    t_start = time.time()
+    proxy = ["--data", "folder", "--data-path", data.CIFAR10_DIR, "--weights", vit.PROXY_CHECKPOINT, "--out", args.out]
+    sargs = cli.complete_args(cli.get_args_parser().parse_args(proxy + rest))
+    cli.check_args(sargs)
+    pretrained = pipeline_run.load_model(sargs).to(torch.device(sargs.device))
+    cfg, log, t_start = pretrained.cfg, folder_log(args.out), time.time()
+    s = pipeline_run.settings_from_args(sargs, cfg)
     log(f"bench/eps_sweep.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(asdict(s))}")
     val = data.build_dataset(sargs.data_path, "val", cfg.img_size)
     train_aug = data.build_dataset(sargs.data_path, "train", cfg.img_size)
@@ -76,8 +69,7 @@ def main():
         gf = flops.count_flops(cfg, keep, tokens=s.tokens) / 1e9
         pt = {"eps": eps, "tokens": s.tokens, "kept_per_layer": flops.kept_counts(cfg, keep), "gflops": gf,
               "flops_saved": 1 - gf / dense_gflops, "top1_searched": accuracy(searched, labels),
-              "top1": accuracy(final, labels),
-              "dense_minus_this": compare(dense_preds == labels, final == labels),
+              "top1": accuracy(final, labels), "dense_minus_this": compare(dense_preds == labels, final == labels),
               "layers": state["layers"], "search_seconds": round(t_search, 1), "seconds": round(time.time() - t0, 1)}
         write_json(path, pt)
         log(f"eps {eps}: {100 * pt['flops_saved']:.1f}% fewer FLOPs, top-1 {pt['top1_searched']:.2f} after the search, "
@@ -115,7 +107,4 @@ def plot(summary, path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except vit.UserError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -1,12 +1,10 @@
 """
-The kept patches drawn over images (arXiv 2106.02852, Fig. 5): for each layer, the patches whose tokens it updates
-are shown, the others greyed out; below, the kept-token counts per layer against a linear pyramid of the same FLOPs.
-Masks are static (PS-ViT), so every image shows the same pattern; several images show what the kept patches cover.
-FLOPs are counted under the masks' own token semantics (vit.load_masks; method.md P1 "frozen": a grey patch keeps
-its last feature and stays a key/value; C1 "removed": it leaves the sequence).
+The kept patches drawn over images (arXiv 2106.02852, Fig. 5; docs/results.md): per layer, the patches whose tokens
+it updates, the others faded (frozen or removed, by the masks' own semantics, method.md P1 / C1), on one val image
+of each of 4 classes; below, the kept counts per layer against a linear pyramid of the same FLOPs.
 
     python bench/picture.py --masks results/cifar10-proxy/masks.json --out results/fig5_picture
-    python bench/picture.py --masks OUT/masks.json --data-path /data/imagenet --images 3
+    python bench/picture.py --masks OUT/masks.json --data-path /data/imagenet --out OUT/picture
 Writes OUT.png and OUT.json (the masks, their tokens, counts and the images drawn).
 """
 import argparse
@@ -16,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from common import CIFAR10, ROOT, pyplot, read_json, write_json
+from common import ROOT, pyplot, run, write_json
 import data
 import flops
 import vit
@@ -33,23 +31,19 @@ def patch_mask(keep_l, cfg):
 def main():
     p = argparse.ArgumentParser("Draw the kept-patch pyramid over images")
     p.add_argument("--masks", default=os.path.join(ROOT, "results", "cifar10-proxy", "masks.json"))
-    p.add_argument("--data-path", default=CIFAR10)
-    p.add_argument("--images", type=int, default=4, help="how many val images (one per class, first in folder order)")
+    p.add_argument("--data-path", default=data.CIFAR10_DIR)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "fig5_picture"))
     args = p.parse_args()
     plt = pyplot()
     if plt is None:
         sys.exit("error: bench/picture.py draws with matplotlib")
-
-    obj = read_json(args.masks)
-    cfg = vit.ViTConfig(**obj["config"])
+    cfg = vit.masks_config(args.masks)
     keep, tokens = vit.load_masks(args.masks, cfg)
-    counts, dense = flops.kept_counts(cfg, keep), flops.count_flops(cfg)
-    gf = flops.count_flops(cfg, keep, tokens=tokens)  # under the masks' own tokens (P1 FLOPs)
+    counts, dense, gf = flops.kept_counts(cfg, keep), flops.count_flops(cfg), flops.count_flops(cfg, keep, tokens=tokens)
     pyramid = flops.linear_pyramid(cfg, gf, tokens)
     ds = data.build_dataset(args.data_path, "val", cfg.img_size)
     ds.transform.transforms = ds.transform.transforms[:-1]  # the val transform without Normalize: draw the image itself
-    idx = data.subset(ds, per_class=1).indices[:args.images]
+    idx = data.subset(ds, per_class=1).indices[:4]  # the first image of each of the first 4 classes
 
     L = cfg.depth
     fig = plt.figure(figsize=(1.15 * (L + 1), 1.2 * len(idx) + 2.6))
@@ -93,7 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except vit.UserError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -1,17 +1,13 @@
 """
-One layer pruned alone, no fine-tuning (arXiv 2106.02852, Fig. 6 and Fig. 7), on the shipped CIFAR-10 proxy.
-
-Layer t keeps the (1 - rate) best-scoring patches (plus the class token); the patches it prunes stay pruned above
-it (masks are nested: m_t = ... = m_{L-1}, m_L = e_0, and only the class token is read at the end). Layers below
-t are dense. The score of layer t is computed as Alg. 1 first sees it: layers 1..L-1 dense, m_L = e_0, averaged
-over --score-images training images (evaluation transform). Pretrained weights, no fine-tuning. The whole val
-split's dense Z_0..Z_L is cached once, so each point runs only blocks t..L, with the weights prepacked for oneDNN
-(vit.pack_for_cpu; the same predictions up to float rounding).
+One layer pruned alone, no fine-tuning (arXiv 2106.02852, Fig. 6 and Fig. 7; docs/results.md), on the shipped CIFAR-10
+proxy: layer t keeps the (1 - rate) best-scoring patches and the class token, layers above keep the same (masks nest,
+m_L = e_0), layers below are dense. Layer t is scored as Alg. 1 first sees it (layers 1..L-1 dense, m_L = e_0) on
+512 training images. The val split's dense Z_0..Z_L is cached once, so each point runs only blocks t..L, with the
+weights prepacked (speed.pack_for_cpu).
 
     python bench/single_layer.py --figure 6   # every layer 1..11, ratio 0.2 / 0.5 / 0.8, Eq. 6 order
     python bench/single_layer.py --figure 7   # layers 3, 7, 11, rate 0.1 .. 0.9: Eq. 6 vs attn vs random (+ others)
-Writes results/fig<N>.json (top-1 per point, with paired intervals against the paper's score),
-results/fig<N>_predictions.npz (per-image predicted classes, "labels") and results/fig<N>.png.
+Writes results/fig<N>.json (with paired intervals against Eq. 6), fig<N>_predictions.npz and fig<N>.png.
 """
 import argparse
 import json
@@ -22,19 +18,20 @@ import time
 import numpy as np
 import torch
 
-from common import CIFAR10, PROXY, ROOT, pyplot, write_json
+from common import ROOT, machine, pyplot, run, write_json
 import data
 import flops
 import slim
-from pipeline.distributed import machine  # noqa: E402
 from pipeline.caches import cache_dense
 import vit
+from speed import pack_for_cpu
 from stats import compare
 FIGURES = {  # the paper's settings: layers, rates, scores
     6: ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0.2, 0.5, 0.8], ["significance"]),
     7: ([3, 7, 11], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
         ["significance", "attn", "random", "class-attn", "head-mean"]),
 }
+SCORE_IMAGES = 512
 
 
 @torch.no_grad()
@@ -50,32 +47,28 @@ def predictions(model, z_in, keep, tokens, t, batch_size=250):
 def main():
     p = argparse.ArgumentParser("One layer pruned alone, no fine-tuning (the paper's Fig. 6 and Fig. 7)")
     p.add_argument("--figure", type=int, choices=list(FIGURES), required=True)
-    p.add_argument("--weights", default=PROXY)
-    p.add_argument("--data-path", default=CIFAR10)
-    p.add_argument("--score-images", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output prefix (default results/fig<N>)")
+    p.add_argument("--data-path", default=data.CIFAR10_DIR)
     args = p.parse_args()
-    t_start, out = time.time(), args.out or os.path.join(ROOT, "results", f"fig{args.figure}")
+    t_start, out = time.time(), os.path.join(ROOT, "results", f"fig{args.figure}")
     layers, rates, scores = FIGURES[args.figure]
-    model = vit.load_checkpoint(args.weights)
+    model = vit.load_checkpoint(vit.PROXY_CHECKPOINT)
     cfg, N, L = model.cfg, model.cfg.num_tokens, model.cfg.depth
     train = data.build_dataset(args.data_path, "train", cfg.img_size, train_transform=False)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    score_cache = cache_dense(model, data.loader(torch.utils.data.Subset(train, perm[:args.score_images]), 64),
-                                   "cache score images")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    score_cache = cache_dense(model, data.loader(torch.utils.data.Subset(train, perm[:SCORE_IMAGES]), 64),
+                              "cache score images")
     val = data.build_dataset(args.data_path, "val", cfg.img_size)
     labels = np.asarray(val.targets, dtype=np.int16)
     val_cache = cache_dense(model, data.loader(val, 250), "cache val")
     preds = {"labels": labels, "dense": val_cache.logits.argmax(-1).numpy().astype(np.int16)}
     dense_top1 = float(100 * (preds["dense"] == labels).mean())
     print(f"dense: top-1 {dense_top1:.2f}% on {len(labels)} val images", flush=True)
-    packed = vit.pack_for_cpu(model)  # for the predictions; the scores read the attention of the unpacked model
+    packed = pack_for_cpu(model)  # for the predictions; the scores read the attention of the unpacked model
     top = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]  # what Alg. 1 sees first: m_L = e_0, the rest dense
     points = []
     for t in layers:
         for score in scores:
-            s = slim.layer_scores(model, score_cache.z[t - 1], top, "frozen", t, score, 64, args.seed)
+            s = slim.layer_scores(model, score_cache.z[t - 1], top, "frozen", t, score, 64, 0)
             ranked = slim.ranked_candidates(s, torch.tensor([0]))  # every patch, best first
             for rate in rates:
                 n_keep = round((1 - rate) * (N - 1))
@@ -92,7 +85,7 @@ def main():
                 points.append(pt)
                 print(json.dumps(pt), flush=True)
     res = {"command": " ".join(["python bench/single_layer.py"] + sys.argv[1:]), "tokens": "frozen",
-           "figure": args.figure, "dense_top1": dense_top1, "val_images": len(labels), "score_images": args.score_images,
+           "figure": args.figure, "dense_top1": dense_top1, "val_images": len(labels), "score_images": SCORE_IMAGES,
            "points": points, "machine": machine(), "seconds": round(time.time() - t_start, 1)}
     write_json(out + ".json", res)
     np.savez_compressed(out + "_predictions.npz", **preds)
@@ -134,7 +127,4 @@ def plot(res, path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except vit.UserError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -1,24 +1,17 @@
 """
-Real speed of the gathered patch-slimmed forward (arXiv 2106.02852), dense against slimmed under both token semantics
-(method.md P1 "frozen", the paper's; C1 "removed", v1), each at the paper's budget under its own FLOP count, at
-several batch sizes, every model and runtime timed round-robin in one run (common.interleaved); the median over the
-rounds is the result, beside the fastest call and the median of the per-round ratios. Runtimes (--runtimes):
-- eager: vit.py's model(x, keep=..., tokens=...) as a user calls it;
-- packed: the same with its linear weights prepacked for oneDNN (vit.pack_for_cpu; CPU float32 only);
-- compile: torch.compile of the model with its masks baked in (pipeline/export.StaticSlimmed), one graph per batch
-  size, with inductor's freezing on the CPU (weights constant-folded and prepacked);
-- onnxruntime: the ONNX file pipeline/export.py writes, CPU execution provider, its idle threads not spin-waiting
-  (they would compete with PyTorch's pool in the same process: docs/speed.md).
-timm's dense DeiT runs in the same rounds as the absolute reference. Random weights; "frozen" runs the paper's Fig. 5
-pyramid and "removed" a linear pyramid at 2.6 G (other models: 2.6/4.6 of their FLOPs), patches chosen at random. Batch-1 time is
-profiled per runtime and model (torch.profiler; onnxruntime's profiler) and grouped by kind of operator. Writes
-results/speed_runtimes_<model>_<device>_<dtype>.json with the command, the machine and the runtimes' versions.
+Real speed of dense against patch-slimmed DeiT (arXiv 2106.02852) under both token semantics (method.md P1 "frozen",
+the paper's; C1 "removed"), each at the paper's budget under its own FLOP count, in every runtime of docs/speed.md:
+eager (vit.py's forward), packed (pack_for_cpu below), compile (pipeline/export.StaticSlimmed, inductor's freezing on
+the CPU) and onnxruntime (pipeline/export.py's file, idle threads not spinning), with timm's dense DeiT beside them;
+every model and runtime timed round-robin in one run (common.interleaved), then batch 1 profiled by kind of operator.
+Random weights and patches. Writes results/speed_runtimes_<model>_<device>_<dtype>.json.
 
     python bench/speed.py                                   # DeiT-S 224 px, both semantics, CPU, every runtime
     python bench/speed.py --repeats 2 --runtimes eager onnxruntime --profile-calls 0     # a quick check
     python bench/speed.py --device cuda --dtype bfloat16 --batches 1 64 256 --runtimes eager compile
 """
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -28,10 +21,10 @@ import sys
 import tempfile
 
 import torch
+import torch.nn as nn
 
-from common import interleaved, random_nested, write_json  # noqa: F401 (peers_speed imports interleaved from here)
+from common import interleaved, machine, random_nested, run, write_json  # peers_speed imports interleaved from here
 import flops
-from pipeline.distributed import machine  # noqa: E402
 import vit
 from pipeline import export
 
@@ -48,6 +41,42 @@ CATEGORIES = [  # (category, substrings of operator names): where batch-1 time g
 ]
 
 
+class PackedLinear(nn.Module):
+    """Inference-only stand-in for a vit.Linear on the CPU: its weight (or row block [r0, r1) of it, for the split
+    q / kv projections) reordered once into oneDNN's blocked layout, as torch.compile's CPU freezing does."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.weight, self.bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+        self.packed = {}  # rows -> (packed weight, bias rows), filled on first use
+
+    def forward(self, x, rows=None):
+        if torch.is_grad_enabled():
+            raise vit.UserError("a packed model is for inference only: run it under torch.no_grad() or "
+                                "torch.inference_mode(), and train the original model")
+        if rows not in self.packed:
+            r0, r1 = rows or (0, self.weight.shape[0])
+            w = torch.ops.mkldnn._reorder_linear_weight(self.weight[r0:r1].contiguous(), None)
+            self.packed[rows] = w, None if self.bias is None else self.bias[r0:r1].contiguous()
+        w, b = self.packed[rows]
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def pack_for_cpu(model):
+    """A frozen copy of model for fast CPU inference (same forward, same `keep`; outputs equal to float rounding):
+    every Linear becomes a PackedLinear. Later changes to model do not reach the copy."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        raise vit.UserError("this torch build has no oneDNN (mkldnn) linear: run the model unpacked")
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        raise vit.UserError("pack_for_cpu needs a float32 model on the CPU: call it before .to(device, dtype)")
+    packed = copy.deepcopy(model).eval().requires_grad_(False)
+    for parent in list(packed.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child))
+    return packed
+
+
 def default_masks(cfg, tokens, gflops):
     """The paper's budget under each semantics' own count: "frozen", the Fig. 5 pyramid for DeiT-S (2.66 G counted as
     the paper does; other models: a linear pyramid at gflops); "removed", a linear pyramid at gflops."""
@@ -62,7 +91,7 @@ def runtime_fns(runtime, model, masks, device, threads, folder):
     """{model label: fn(x)} of one runtime: "dense" and "slimmed <tokens>" for each semantics in masks."""
     variants = {"dense": (None, "frozen"), **{f"slimmed {t}": (keep, t) for t, (keep, _) in masks.items()}}
     if runtime in ("eager", "packed"):
-        m = vit.pack_for_cpu(model) if runtime == "packed" else model
+        m = pack_for_cpu(model) if runtime == "packed" else model
         return {v: (lambda x, k=k, t=t: m(x, keep=k, tokens=t)) for v, (k, t) in variants.items()}
     if runtime == "compile":
         import torch._dynamo.config as dynamo
@@ -123,19 +152,15 @@ def summarise(by_op, top=8):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Speed of dense vs patch-slimmed DeiT in every runtime, both token semantics")
-    p.add_argument("--model", default="deit_small", choices=list(vit.PRESETS))
-    p.add_argument("--weights", default=None, help="checkpoint for the architecture (e.g. the proxy); weights unused")
+    p = argparse.ArgumentParser("Speed of dense vs patch-slimmed DeiT-S in every runtime, both token semantics")
+    p.add_argument("--weights", default=None, help="a checkpoint whose architecture is timed instead (weights unused)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes, each timed in its own rounds")
     p.add_argument("--repeats", type=int, default=10, help="rounds at the largest batch; batch 1 runs 5x as many")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-timm", action="store_true", help="skip the timm reference")
-    p.add_argument("--profile-calls", type=int, default=20, help="batch-1 calls profiled per runtime and model (0: "
-                   "no profile)")
-    p.add_argument("--out", default=None, help="JSON output (default results/speed_runtimes_<name>_<device>_<dtype>.json)")
+    p.add_argument("--profile-calls", type=int, default=20, help="batch-1 calls profiled per runtime and model (0: none)")
+    p.add_argument("--out", default=None, help="default results/speed_runtimes_<name>_<device>_<dtype>.json")
     return p
 
 
@@ -155,47 +180,35 @@ def usable_runtimes(asked, device, dtype):
     return [r for r in asked if r not in reasons], skipped
 
 
-def build(args, model, device, dtype, folder):
+def build(args, model, device, dtype, threads, folder):
     """The masks of each semantics, {label: fn} of every runtime and model (timm's too), the runtimes, those left out."""
     cfg = model.cfg
     gflops = 2.6 if cfg == vit.PRESETS["deit_small"] else round(flops.count_flops(cfg) / 1e9 * 2.6 / 4.6, 4)
     masks = {tokens: default_masks(cfg, tokens, gflops) for tokens in ("frozen", "removed")}
     runtimes, skipped = usable_runtimes(args.runtimes, device, dtype)
     model = model.to(device, dtype).eval()
-    fns = {f"{rt} {v}": fn for rt in runtimes for v, fn in runtime_fns(rt, model, masks, device, args.threads,
-                                                                      folder).items()}
-    if not args.no_timm and not args.weights:
+    fns = {f"{rt} {v}": fn for rt in runtimes
+           for v, fn in runtime_fns(rt, model, masks, device, threads, folder).items()}
+    if not args.weights:
         import timm
-        timm_model = timm.create_model(f"{args.model}_patch16_224", pretrained=False).to(device, dtype).eval()
-        fns["timm dense"] = timm_model
+        fns["timm dense"] = timm.create_model("deit_small_patch16_224", pretrained=False).to(device, dtype).eval()
     return masks, fns, runtimes, skipped
 
 
-def versions(fns, runtimes):
-    out = {"torch": torch.__version__}
-    if "onnxruntime" in runtimes:
-        import onnxruntime
-        out["onnxruntime"] = onnxruntime.__version__
-    if "timm dense" in fns:
-        import timm
-        out["timm"] = timm.__version__
-    return out
-
-
 def main(args):
-    torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model = vit.load_checkpoint(args.weights) if args.weights else vit.deit(args.model)
-    cfg, name = model.cfg, args.model if not args.weights else os.path.basename(args.weights).split(".")[0]
+    device, dtype, threads = torch.device(args.device), getattr(torch, args.dtype), torch.get_num_threads()
+    model = vit.load_checkpoint(args.weights) if args.weights else vit.deit("deit_small")
+    cfg, name = model.cfg, os.path.basename(args.weights).split(".")[0] if args.weights else "deit_small"
     out = args.out or os.path.join("results", f"speed_runtimes_{name}_{args.device}_{args.dtype}.json")
     folder = tempfile.mkdtemp(prefix="speed_onnx_")  # the ONNX files timed and onnxruntime's profiles
-    masks, fns, runtimes, skipped = build(args, model, device, dtype, folder)
+    masks, fns, runtimes, skipped = build(args, model, device, dtype, threads, folder)
+    used = [m for m, on in (("onnxruntime", "onnxruntime" in runtimes), ("timm", "timm dense" in fns)) if on]
     dense_gf = flops.count_flops(cfg) / 1e9
     res = {"command": shlex.join(["python", "bench/speed.py", *sys.argv[1:]]), "model": name, "device": args.device,
-           "dtype": args.dtype, "machine": machine(), "versions": versions(fns, runtimes),
-           "threads": torch.get_num_threads(), "runtimes": runtimes, "runtimes_not_timed": skipped,
-           "batches": args.batches, "dense_gflops": dense_gf, "paper_v100": PAPER_V100, "rows": {}, "semantics": {},
-           "profile_b1": {}}
+           "dtype": args.dtype, "machine": machine(),
+           "versions": {"torch": torch.__version__, **{m: __import__(m).__version__ for m in used}}, "threads": threads,
+           "runtimes": runtimes, "runtimes_not_timed": skipped, "batches": args.batches, "dense_gflops": dense_gf,
+           "paper_v100": PAPER_V100, "rows": {}, "semantics": {}, "profile_b1": {}}
     times = {}
     with torch.inference_mode():
         for b in sorted(args.batches, reverse=True):
@@ -213,26 +226,20 @@ def main(args):
         sem = res["semantics"][tokens] = {"masks": source, "kept_per_layer": [int(k.numel()) for k in keep],
                                           "gflops": gf, "flops_ratio": dense_gf / gf, "speedup": {}}
         for rt in runtimes:
-            d, s = times_of(times, f"{rt} dense"), times_of(times, f"{rt} slimmed {tokens}")
+            d, s = ({b: t[f"{rt} {m}"] for b, t in times.items()} for m in ("dense", f"slimmed {tokens}"))
             sem["speedup"][rt] = {f"batch {b}": {
                 "speedup": statistics.median(d[b]) / statistics.median(s[b]),
                 "paired": statistics.median(a / c for a, c in zip(d[b], s[b])),
                 "of_flops_ratio": statistics.median(d[b]) / statistics.median(s[b]) * gf / dense_gf} for b in times}
-        print(f"{tokens}: GFLOPs {dense_gf:.2f} -> {gf:.2f} (FLOPs ratio {dense_gf / gf:.2f}); " + "; ".join(
-            f"{rt} " + ", ".join(f"{b} {v['speedup']:.2f}x" for b, v in sem["speedup"][rt].items()) for rt in runtimes)
-            + f" (paper, V100: {PAPER_V100['speedup']:.2f}x for {PAPER_V100['flops_ratio']:.2f})", flush=True)
+        print(f"{tokens}: GFLOPs {dense_gf:.2f} -> {gf:.2f}; " + "; ".join(f"{rt} " + ", ".join(
+            f"{b} {v['speedup']:.2f}x" for b, v in sem["speedup"][rt].items()) for rt in runtimes), flush=True)
     res["absolute"] = absolute(res, max(args.batches)) if "timm dense" in fns and runtimes else None
     if args.profile_calls and device.type == "cpu" and 1 in args.batches:
-        res["profile_b1"] = profile_b1(fns, cfg, folder, args)
+        res["profile_b1"] = profile_b1(fns, cfg, folder, args.profile_calls, threads)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     write_json(out, res)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"wrote {out}")
-    return res
-
-
-def times_of(times, label):
-    return {b: t[label] for b, t in times.items()}
 
 
 def absolute(res, big):
@@ -245,16 +252,16 @@ def absolute(res, big):
             "timm_dense_eager_images_per_s": timm_img_s, "over_timm": slimmed[fastest] / timm_img_s}
 
 
-def profile_b1(fns, cfg, folder, args):
+def profile_b1(fns, cfg, folder, calls, threads):
     """Batch-1 profile of every runtime and model, summarised by kind of operator."""
     out = {}
     with torch.inference_mode():  # the input made as the timed ones were, so no compiled graph is rebuilt
         x = torch.randn(1, 3, cfg.img_size, cfg.img_size)
         for label, fn in fns.items():
             if label.startswith("onnxruntime"):
-                by_op = profile_ort(onnx_path(folder, label.split(" ", 1)[1]), x.numpy(), args.profile_calls, args.threads)
+                by_op = profile_ort(onnx_path(folder, label.split(" ", 1)[1]), x.numpy(), calls, threads)
             else:
-                by_op = profile_torch(fn, x, args.profile_calls)
+                by_op = profile_torch(fn, x, calls)
             out[label] = summarise(by_op)
             print(f"profile {label:32s} batch 1: " + ", ".join(f"{c} {ms:.2f}" for c, ms in sorted(
                 out[label]["by_category"].items(), key=lambda kv: -kv[1])) + " ms", flush=True)
@@ -262,7 +269,4 @@ def profile_b1(fns, cfg, folder, args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except vit.UserError as e:
-        sys.exit(f"error: {e}")
+    run(lambda: main(get_args_parser().parse_args()))
