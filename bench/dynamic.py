@@ -1,19 +1,15 @@
 """
-DPS-ViT against PS-ViT on the CIFAR-10 proxy (arXiv 2106.02852, Sec. 4.4 and Table 1; method.md P6, C8). For each
-seed, from a finished static run (slim.py --out DIR, holding slimmed.pth after PS's own final fine-tune):
-- PS+: the static model fine-tuned again with its masks, E epochs (the DPS runs' recipe);
-- DPS: `slim.py --dynamic --from DIR` at the static counts: G fitted, then the same E epochs with G in place;
-- DPS at fewer tokens: the same with --flops-ratio 2.4/2.6 (the paper's DeiT-S: DPS 79.5% at 2.4 G, PS 79.4% at 2.6 G).
-Reports top-1 and GFLOPs (G included), paired bootstrap intervals of DPS - PS+ per seed and over the seeds, G's
-Spearman against the exact per-image Eq. 6 per layer, a picture of the patches images keep, and the dynamic forward's
-speed against the static one (eager, round-robin).
+DPS-ViT against PS-ViT on the CIFAR-10 proxy (arXiv 2106.02852, Sec. 4.4 and Table 1; method.md P6, C8;
+docs/dynamic.md). Per seed, from a finished static run (slim.py --out DIR, with slimmed.pth):
+- PS+: the static model fine-tuned again with its masks, by the DPS runs' recipe;
+- DPS: `slim.py --dynamic --from DIR` at the static counts (G fitted, then that fine-tune with G in place);
+- DPS at fewer tokens: the same at 2.4/2.6 of the FLOPs (the paper's DeiT-S: DPS 79.5% at 2.4 G, PS 79.4% at 2.6 G).
+Any other flag (--final-epochs, --predictor-steps, ...) passes through to slim.py.
 
     python bench/dynamic.py --static results/cifar10-proxy results/cifar10-proxy-seed1 --seeds 0 1
-Writes OUT.json (with the command and the machine), OUT_predictions.npz, OUT_picture.png and one slim.py folder per
-run under OUT/; every stage resumes.
+Writes OUT.json, OUT_predictions.npz, OUT_picture.png and one slim.py folder per run under OUT/; every stage resumes.
 """
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -23,29 +19,22 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, folder_log, interleaved, pyplot, read_json, write_json
+from common import ROOT, folder_log, interleaved, machine, pyplot, read_json, write_json
 import data
-from pipeline.distributed import machine  # noqa: E402
-from pipeline.cli import cli  # noqa: E402
+from pipeline.cli import cli
 import vit
 from pipeline import finetune
 from pipeline.dynamic import DynamicSlimmed
 from pipeline.evaluate import accuracy, predict, save_predictions
 from stats import compare, compare_seeds, describe
 PAPER = {"DeiT-S": {"PS": [79.4, 2.6], "DPS": [79.5, 2.4], "dense": [79.8, 4.6]}, "ratio": 2.4 / 2.6}
+RUNS = {"dps": 1.0, "dps_fewer": PAPER["ratio"]}  # run -> FLOPs over the static model's
 
 
-def dynamic_run(static_dir, out, seed, ratio, args):
+def dynamic_run(static_dir, out, seed, ratio, slim_flags):
     """slim.py --dynamic --from static_dir -> out (resumes); its dynamic.json."""
-    argv = ["--dynamic", "--from", static_dir, "--out", out, "--seed", str(seed), "--flops-ratio", str(ratio),
-            "--fit-images", str(args.fit_images), "--held-images", str(args.held_images), "--predictor-steps",
-            str(args.predictor_steps), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
-    argv += ["--final-epochs", str(args.final_epochs)] if args.final_epochs is not None else []
-    argv += ["--final-lr", str(args.final_lr)] if args.final_lr is not None else []
-    argv += ["--val-per-class", str(args.val_per_class)] if args.val_per_class else []
-    cli(argv)
-    with open(os.path.join(out, "dynamic.json")) as f:
-        return json.load(f)
+    cli(["--dynamic", "--from", static_dir, "--out", out, "--seed", str(seed), "--flops-ratio", str(ratio), *slim_flags])
+    return read_json(os.path.join(out, "dynamic.json"))
 
 
 def static_continued(static_dir, out, ft, val, args, log):
@@ -117,57 +106,43 @@ def speed(dyn, static, batches, repeats):
 
 
 def main():
-    p = argparse.ArgumentParser("DPS-ViT against PS-ViT on the proxy (Sec. 4.4)")
+    p = argparse.ArgumentParser("DPS-ViT against PS-ViT on the proxy (Sec. 4.4); other flags go to slim.py --dynamic")
     p.add_argument("--static", nargs="+", required=True, help="finished static runs, one per seed (slim.py --out)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--ratio", type=float, default=PAPER["ratio"], help="FLOPs of the fewer-token DPS over PS's")
-    p.add_argument("--final-epochs", type=float, default=None, help="E (default: each static run's own)")
-    p.add_argument("--final-lr", type=float, default=None)
-    p.add_argument("--fit-images", type=int, default=4096)
-    p.add_argument("--held-images", type=int, default=1024)
-    p.add_argument("--predictor-steps", type=int, default=300)
-    p.add_argument("--val-per-class", type=int, default=None, help="quick runs: the first k val images per class")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--speed-batches", type=int, nargs="+", default=[32, 1])
-    p.add_argument("--speed-repeats", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "dynamic"))
-    args = p.parse_args()
+    args, slim_flags = p.parse_known_args()
     if len(args.static) != len(args.seeds):
         sys.exit("error: give one --static folder per --seeds value")
     log, t_start = folder_log(args.out), time.time()
     log(f"python bench/dynamic.py {shlex.join(sys.argv[1:])}")
-    runs, preds, corrects = [], {}, {"ps": [], "dps": [], "dps_fewer": []}
+    runs, preds, corrects = [], {}, {"ps": [], **{k: [] for k in RUNS}}
     for static_dir, seed in zip(args.static, args.seeds):
-        dps = dynamic_run(static_dir, os.path.join(args.out, f"dps_seed{seed}"), seed, 1.0, args)
-        fewer = dynamic_run(static_dir, os.path.join(args.out, f"dps_fewer_seed{seed}"), seed, args.ratio, args)
+        dps = {k: dynamic_run(static_dir, os.path.join(args.out, f"{k}_seed{seed}"), seed, ratio,
+                              slim_flags + ["--workers", str(args.workers)]) for k, ratio in RUNS.items()}
         cfg = vit.load_checkpoint(os.path.join(static_dir, "slimmed.pth")).cfg
-        val_all = data.build_dataset(read_json(os.path.join(static_dir, "report.json"))["args"]["data_path"],
-                                     "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
-        val = data.subset(val_all, per_class=args.val_per_class) if args.val_per_class else val_all
+        val = data.build_dataset(read_json(os.path.join(static_dir, "report.json"))["args"]["data_path"],
+                                 "val", cfg.img_size, mean=cfg.mean, std=cfg.std)
         ps_top1, ps_preds, labels = static_continued(static_dir, os.path.join(args.out, f"ps_seed{seed}"),
-                                                     dps["final_finetune"], val, args, log)
-        got = {}
-        for key, run in (("dps", dps), ("dps_fewer", fewer)):
+                                                     dps["dps"]["final_finetune"], val, args, log)
+        preds[f"ps_seed{seed}"], correct = ps_preds, {"ps": ps_preds.numpy() == labels.numpy()}
+        for key in RUNS:
             f = np.load(os.path.join(args.out, f"{key}_seed{seed}", "dynamic_predictions.npz"))
             assert np.array_equal(f["labels"], labels.numpy()), "the runs saw different val images"
-            got[key] = f["dynamic"]
-        correct = {"ps": ps_preds.numpy() == labels.numpy(), **{k: v == labels.numpy() for k, v in got.items()}}
+            preds[f"{key}_seed{seed}"], correct[key] = torch.as_tensor(f["dynamic"]), f["dynamic"] == labels.numpy()
         for k in corrects:
             corrects[k].append(correct[k])
-        preds.update({f"ps_seed{seed}": ps_preds, **{f"{k}_seed{seed}": torch.as_tensor(v) for k, v in got.items()}})
-        row = {"seed": seed, "static": static_dir, "ps_top1": ps_top1, "ps_gflops": dps["static_gflops"],
-               "ps_before_extra_finetune_top1": dps["static_top1"], "counts": dps["kept_per_layer"]}
-        for key, run in (("dps", dps), ("dps_fewer", fewer)):
+        row = {"seed": seed, "static": static_dir, "ps_top1": ps_top1, "ps_gflops": dps["dps"]["static_gflops"],
+               "ps_before_extra_finetune_top1": dps["dps"]["static_top1"], "counts": dps["dps"]["kept_per_layer"]}
+        for key, run in dps.items():
             row.update({f"{key}_top1": run["dynamic_top1"], f"{key}_fitted_top1": run["fitted_top1"],
                         f"{key}_gflops": run["gflops"], f"{key}_predictor_gflops": run["predictor_gflops"],
                         f"{key}_counts": run["kept_per_layer"], f"{key}_spearman_per_layer": {
                             lay["layer"]: [lay["spearman"], lay["top_k_recall"]] for lay in run["layers"]},
                         f"{key}_minus_ps": compare(correct[key], correct["ps"])})
             log(f"seed {seed}: {key} {run['dynamic_top1']:.2f}% at {run['gflops']:.4f} G against PS+ {ps_top1:.2f}% at "
-                f"{dps['static_gflops']:.4f} G: {describe(row[f'{key}_minus_ps'])}")
+                f"{row['ps_gflops']:.4f} G: {describe(row[f'{key}_minus_ps'])}")
         runs.append(row)
-    labels_np = labels.numpy()
     save_predictions(args.out + "_predictions.npz", labels=labels, **preds)
     dyn = DynamicSlimmed.from_checkpoint(*vit.read_checkpoint(os.path.join(args.out, f"dps_seed{args.seeds[0]}",
                                                                           "dynamic.pth")))
@@ -176,14 +151,13 @@ def main():
     result = {
         "question": "DPS-ViT against PS-ViT at equal counts after the same total fine-tuning, and at fewer FLOPs",
         "paper": PAPER, "runs": runs,
-        "dps_minus_ps_over_seeds": compare_seeds(corrects["dps"], corrects["ps"]),
-        "dps_fewer_minus_ps_over_seeds": compare_seeds(corrects["dps_fewer"], corrects["ps"]),
-        "val_images": len(labels_np), "picture": picture(dyn, val_all, args.out + "_picture.png"),
-        "speed": speed(dyn.cpu().eval(), static.eval(), args.speed_batches, args.speed_repeats),
+        **{f"{k}_minus_ps_over_seeds": compare_seeds(corrects[k], corrects["ps"]) for k in RUNS},
+        "val_images": len(labels), "picture": picture(dyn, val, args.out + "_picture.png"),
+        "speed": speed(dyn.cpu().eval(), static.eval(), [32, 1], 30),
         "threads": torch.get_num_threads(), "wall_seconds": round(time.time() - t_start, 1),
         "command": f"python bench/dynamic.py {shlex.join(sys.argv[1:])}", "machine": machine()}
     write_json(args.out + ".json", result)
-    for key in ("dps", "dps_fewer"):
+    for key in RUNS:
         c = result[f"{key}_minus_ps_over_seeds"]
         log(f"{key} - PS+ over {c['seeds']} seeds: {c['diff']:+.2f} points (95% paired bootstrap "
             f"{c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})")

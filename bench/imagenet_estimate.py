@@ -1,17 +1,12 @@
 """
-How long patch slimming (arXiv 2106.02852) takes on ImageNet with DeiT-S: each stage of slim.py timed on this machine
-at full DeiT-S shapes (224 px, random weights, synthetic images), per image or per step, through the code slim.py
-runs: the dense caches (pipeline/caches), Eq. 6 (slim.layer_scores), E_{t+1} (slim.layer_error), a step of the block
-fine-tune (slim.finetune_block), a step of DeiT's recipe (pipeline/finetune.py) and the slimmed forward. Then an
-ESTIMATE of the full run for the defaults (SearchSettings, the "deit" recipe): 5,120 cached images; per layer the
-scores over 512 images and, per candidate r, a 100-step block fine-tune between two error passes over 1,024 held
-images, with the candidates per layer of the proxy's headline runs (and every r of the grid, the worst case); 30
-epochs of 1,281,167 images; 3 x 50,000 val images. A GPU is assumed to run every stage as much faster than this CPU
-as it runs DeiT-S's dense forward (940 img/s on a V100, the paper's Table 1), 8 GPUs at 90% efficiency each.
-Writes results/imagenet_estimate_<device>.json (docs/imagenet.md).
+How long patch slimming (arXiv 2106.02852) takes on ImageNet with DeiT-S (docs/imagenet.md): each stage of slim.py
+timed at DeiT-S shapes (random weights and images) through the code slim.py runs, then an ESTIMATE of the full run
+with the defaults (SearchSettings, the "deit" recipe), each stage assumed to speed up on a GPU as DeiT-S's dense
+forward does (940 img/s on a V100, the paper's Table 1), 8 GPUs at 90% efficiency each.
 
     python bench/imagenet_estimate.py               # a few minutes on 2 CPU cores
     python bench/imagenet_estimate.py --device cuda # measures a GPU for real (no conversion)
+Writes results/imagenet_estimate_<device>.json.
 """
 import argparse
 import os
@@ -22,9 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from common import ROOT, random_nested, read_json, write_json
+from common import ROOT, machine, random_nested, read_json, write_json
 import slim
-from pipeline.distributed import machine  # noqa: E402
 import vit
 from pipeline import caches, finetune
 from pipeline.evaluate import autocast
@@ -55,24 +49,18 @@ def proxy_trials_per_layer():
 def main():
     p = argparse.ArgumentParser("Per-stage time of slim.py at DeiT-S shapes, and the ImageNet estimate")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--images", type=int, default=16, help="images per timed batch (cache, score, error, eval)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--trials-per-layer", type=float, default=None, help="candidates r Alg. 1 tries per layer "
-                   "(default: the mean of the proxy's headline runs)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    device = torch.device(args.device)
+    device, repeats = torch.device(p.parse_args().device), 3
     torch.manual_seed(0)
     model = vit.deit("deit_small").to(device).eval()
     cfg, s, recipe = model.cfg, slim.SearchSettings(), finetune.RECIPES["deit"]
-    L, N, B = cfg.depth, cfg.num_tokens, args.images
+    L, N, B = cfg.depth, cfg.num_tokens, 16  # B: images per timed batch (cache, score, error, eval)
     img = torch.randn(B, 3, cfg.img_size, cfg.img_size)
     loader = [(img, torch.zeros(B, dtype=torch.long))]
     per_image = {}
 
     cache = caches.cache_dense(model, loader, "cache", device)
-    per_image["dense forward"] = timed(lambda: model(img.to(device)), args.repeats) / B
-    per_image["cache"] = timed(lambda: caches.cache_dense(model, loader, "cache", device), args.repeats) / B
+    per_image["dense forward"] = timed(lambda: model(img.to(device)), repeats) / B
+    per_image["cache"] = timed(lambda: caches.cache_dense(model, loader, "cache", device), repeats) / B
     keep = random_nested(FIG5_PYRAMID, N)
     score_s, error_s = [], []
     for t in range(1, L):  # layer t searched: layers 1..t dense, t+1..L under the Fig. 5 pyramid
@@ -88,7 +76,7 @@ def main():
     fit = slim.at_layer(cache, t)
     one_step = slim.SearchSettings(ft_steps=1, batch_size=B)
     k = [torch.arange(N)] * (t - 1) + keep[t - 1:]  # layer t pruned, the layers below dense
-    per_step_block = timed(lambda: slim.finetune_block(model, t, fit, k, one_step, 0, "ft"), args.repeats)
+    per_step_block = timed(lambda: slim.finetune_block(model, t, fit, k, one_step, 0, "ft"), repeats)
     per_step_block *= s.batch_size / B  # at the search's batch (time grows linearly with the batch here)
 
     teacher = vit.deit("deit_small").to(device).eval()
@@ -100,10 +88,10 @@ def main():
     def slimmed_forward():
         with torch.no_grad(), autocast(device):
             model(img.to(device), keep, "frozen")
-    per_image["eval (slimmed)"] = timed(slimmed_forward, args.repeats) / B
+    per_image["eval (slimmed)"] = timed(slimmed_forward, repeats) / B
 
     n_cache = s.fit_images + s.held_images
-    trials = args.trials_per_layer or proxy_trials_per_layer()
+    trials = proxy_trials_per_layer()
     worst = len(range(0, N - 1, slim.default_r_step(cfg))) + 1                  # every r of the grid
 
     def search_layer(n_trials):  # scores, then per candidate r: E before, a block fine-tune, E after
@@ -132,7 +120,7 @@ def main():
            "estimate_8_gpu_hours": {k: v / 3600 for k, v in eight.items()},
            "estimate_8_gpu_total_hours": sum(eight.values()) / 3600,
            "command": "python " + " ".join(sys.argv)}
-    out = args.out or os.path.join(ROOT, "results", f"imagenet_estimate_{device.type}.json")
+    out = os.path.join(ROOT, "results", f"imagenet_estimate_{device.type}.json")
     write_json(out, res)
     print("\n".join(f"{k:28s} {1000 * v:9.1f} ms per image" for k, v in per_image.items()))
     print(f"block fine-tune step: {per_step_block:.2f} s per {s.batch_size} images; hours on this device "

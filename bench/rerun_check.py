@@ -1,13 +1,10 @@
 """
-Does a rerun of the README's first command (arXiv 2106.02852 reproduction, the CIFAR-10 proxy) reproduce a committed
-run, and how long did it take? Compares a rerun's folder (slim.py --out) with the committed one: the masks, and the
-per-image predictions of the dense, searched and slimmed models, every one; records the rerun's wall time, the
-search's share of it, and its machine.
+Does a rerun of the README's first command reproduce a committed run (arXiv 2106.02852; docs/reproducing.md)? Per
+pair of slim.py --out folders: the masks and the per-image predictions of the dense, searched and slimmed models,
+every one, and the rerun's wall time, search time and machine.
 
-    python slim.py --data folder ... --out /tmp/rerun0                         # the README's command, another --out
     python bench/rerun_check.py /tmp/rerun0 results/cifar10-proxy /tmp/rerun1 results/cifar10-proxy-seed1
-
-Writes results/rerun_check.json (--out): one entry per pair, and the command.
+Writes results/rerun_check.json (--out).
 """
 import argparse
 import os
@@ -16,8 +13,7 @@ import sys
 
 import numpy as np
 
-from common import ROOT, read_json, write_json
-from pipeline.distributed import machine  # noqa: E402
+from common import ROOT, machine, read_json, write_json
 
 
 def compare(rerun, committed):

@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
-# Every result the documents cite (docs/reproducing.md), from scratch, on the shipped CIFAR-10 proxy and
-# random-weight DeiT-S; each step writes its files under results/. Set-up: pip install -r requirements-bench.txt
-#
-#   bash bench/run_all.sh                                # everything (then: python bench/report.py)
-#   EPS="0.002 0.02" bash bench/run_all.sh               # fewer eps values in Fig. 4
-#   RESUME=1 bash bench/run_all.sh                       # continue an interrupted run
-#
-# Without RESUME each step first deletes the files it writes (the committed results included): the bench scripts
-# skip points whose files exist. A failed step is reported at the end and the others still run.
+# Every result the documents cite, from scratch (docs/reproducing.md), then: python bench/report.py
+#   bash bench/run_all.sh                      # everything; EPS="0.002 0.02" for fewer eps values in Fig. 4
+#   RESUME=1 bash bench/run_all.sh             # continue an interrupted run (else each step first deletes its files)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)

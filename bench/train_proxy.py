@@ -1,15 +1,11 @@
 """
-The recipe of the shipped CIFAR-10 proxy (models/README.md), written down as code: a DeiT of DeiT-Tiny width and
-depth, patch 4, 32 px, trained from scratch on CIFAR-10's train/ with vit.py's model, and saved in the release format
-the rest of the project loads ({"model": state_dict with timm names, "config": the geometry, ...}). It stands in for
-the released ImageNet DeiT weights of the patch-slimming paper (arXiv 2106.02852) where those cannot be used.
+The recipe of the shipped CIFAR-10 proxy (models/README.md) as code: a DeiT of DeiT-Tiny width and depth, patch 4,
+32 px, trained from scratch on CIFAR-10's train/ with vit.py's model and saved in the release format the project loads
+(a stand-in for the released ImageNet DeiT weights of arXiv 2106.02852). AdamW, batch 128 (the last incomplete batch
+dropped), a linear warm-up over half an epoch then a cosine per step, label smoothing, the 32-px training transform
+of data.py. A rerun is not promised to give the shipped file's bytes.
 
     python bench/train_proxy.py --data-path data/cifar10 --out models/my_proxy.pth   # the recipe: 5 epochs
-
-Recipe: AdamW lr 1e-3, weight decay 0.05, batch 128 (incomplete last batch dropped), 5 epochs, a linear warm-up over
-the first half epoch then a cosine decay to 1e-5 (per step), label smoothing 0.1, a random 32-px crop of the 4-px
-reflect-padded image and a horizontal flip (data.build_transform at 32 px), ImageNet mean/std. The shipped file took
-6,734 s on 2 CPU threads and scores 61.36% on data/cifar10/val. A rerun is not promised to give the same bytes.
 """
 import argparse
 import math
@@ -20,13 +16,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import vit  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
+from common import run
+import data
+import vit
+from pipeline import flags
+from pipeline.evaluate import evaluate
 
 PROXY = vit.ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=12, num_heads=3)
 GEOMETRY = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes", "qkv_bias")
+LR, MIN_LR, WEIGHT_DECAY, SMOOTHING, SEED = 1e-3, 1e-5, 0.05, 0.1, 0  # AdamW's peak, the cosine's end; label smoothing
 
 
 def learning_rate(step, total, warmup, peak, floor):
@@ -38,23 +36,23 @@ def learning_rate(step, total, warmup, peak, floor):
 
 
 def train(args):
-    torch.manual_seed(args.seed)
+    torch.manual_seed(SEED)
     model = vit.VisionTransformer(PROXY)
     train_set = data.build_dataset(args.data_path, "train", PROXY.img_size)  # crop of the padded image + flip
     val_set = data.build_dataset(args.data_path, "val", PROXY.img_size)
-    loader = data.loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed, drop_last=True)
+    loader = data.loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=SEED, drop_last=True)
     if len(loader) == 0:
         sys.exit(f"error: {args.data_path}/train has fewer images than --batch-size {args.batch_size}")
     total = max(1, round(args.epochs * len(loader)))
     warmup = round(args.warmup_epochs * len(loader))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     log, step, t0 = [], 0, time.time()
     while step < total:
         model.train()
         for images, labels in loader:
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, total, warmup, args.lr, args.min_lr)
-            loss = F.cross_entropy(model(images), labels, label_smoothing=args.smoothing)
+                group["lr"] = learning_rate(step, total, warmup, LR, MIN_LR)
+            loss = F.cross_entropy(model(images), labels, label_smoothing=SMOOTHING)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -66,8 +64,8 @@ def train(args):
                 print(f"step {step}/{total}: loss {loss.item():.3f}, val top-1 {100 * top1:.2f}%", flush=True)
             if step == total:
                 break
-    recipe = (f"AdamW lr {args.lr:g} wd {args.weight_decay:g}, batch {args.batch_size}, {args.epochs:g} epochs, warmup "
-              f"{args.warmup_epochs:g} epoch, cosine to {args.min_lr:g}, label smoothing {args.smoothing:g}, random "
+    recipe = (f"AdamW lr {LR:g} wd {WEIGHT_DECAY:g}, batch {args.batch_size}, {args.epochs:g} epochs, warmup "
+              f"{args.warmup_epochs:g} epoch, cosine to {MIN_LR:g}, label smoothing {SMOOTHING:g}, random "
               f"32px crop of 4px reflect-padded image + horizontal flip, ImageNet mean/std, "
               f"{torch.get_num_threads()} CPU threads")
     checkpoint = {"model": model.state_dict(), "config": {k: getattr(PROXY, k) for k in GEOMETRY},
@@ -83,24 +81,12 @@ def main():
     p.add_argument("--data-path", default=data.CIFAR10_DIR, help="CIFAR-10 as DIR/{train,val}/<class>/ "
                    "(python slim.py --data cifar10 writes it)")
     p.add_argument("--out", required=True, help="the checkpoint to write (.pth)")
-    p.add_argument("--epochs", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="where the cosine ends")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=0.5)
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
-    args = p.parse_args()
-    for name in ("epochs", "batch_size", "lr"):
-        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
-            sys.exit(f"error: --{name.replace('_', '-')} must be a positive number (got {getattr(args, name)})")
-    try:
-        train(args)
-    except vit.UserError as e:
-        sys.exit(f"error: {e}")
+    p.add_argument("--epochs", type=flags.positive, default=5.0)
+    p.add_argument("--batch-size", type=flags.count, default=128)
+    p.add_argument("--warmup-epochs", type=flags.non_negative, default=0.5)
+    p.add_argument("--workers", type=flags.non_negative_int, default=2, help="data loading processes")
+    train(p.parse_args())
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
