@@ -37,7 +37,7 @@ def main():
     proxy = ["--data", "folder", "--data-path", data.CIFAR10_DIR, "--weights", vit.PROXY_CHECKPOINT, "--out", args.out]
     sargs = cli.complete_args(cli.get_args_parser().parse_args(proxy + rest))
     cli.check_args(sargs)
-    pretrained = pipeline_run.load_model(sargs).to(torch.device(sargs.device))
+    pretrained = pipeline_run.load_model(sargs)[0].to(torch.device(sargs.device))
     cfg, log, t_start = pretrained.cfg, folder_log(args.out), time.time()
     s = pipeline_run.settings_from_args(sargs, cfg)
     log(f"bench/eps_sweep.py {' '.join(sys.argv[1:])}\nsearch settings: {json.dumps(asdict(s))}")

@@ -151,19 +151,6 @@ def summarise(by_op, top=8):
             "top_ops": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top])}
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("Speed of dense vs patch-slimmed DeiT-S in every runtime, both token semantics")
-    p.add_argument("--weights", default=None, help="a checkpoint whose architecture is timed instead (weights unused)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes, each timed in its own rounds")
-    p.add_argument("--repeats", type=int, default=10, help="rounds at the largest batch; batch 1 runs 5x as many")
-    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--profile-calls", type=int, default=20, help="batch-1 calls profiled per runtime and model (0: none)")
-    p.add_argument("--out", default=None, help="default results/speed_runtimes_<name>_<device>_<dtype>.json")
-    return p
-
-
 def usable_runtimes(asked, device, dtype):
     """The asked runtimes this device, dtype and install can run, and {runtime left out: why}."""
     reasons = {}
@@ -195,7 +182,17 @@ def build(args, model, device, dtype, threads, folder):
     return masks, fns, runtimes, skipped
 
 
-def main(args):
+def main():
+    p = argparse.ArgumentParser("Speed of dense vs patch-slimmed DeiT-S in every runtime, both token semantics")
+    p.add_argument("--weights", default=None, help="a checkpoint whose architecture is timed instead (weights unused)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes, each timed in its own rounds")
+    p.add_argument("--repeats", type=int, default=10, help="rounds at the largest batch; batch 1 runs 5x as many")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--profile-calls", type=int, default=20, help="batch-1 calls profiled per runtime and model (0: none)")
+    p.add_argument("--out", default=None, help="default results/speed_runtimes_<name>_<device>_<dtype>.json")
+    args = p.parse_args()
     device, dtype, threads = torch.device(args.device), getattr(torch, args.dtype), torch.get_num_threads()
     model = vit.load_checkpoint(args.weights) if args.weights else vit.deit("deit_small")
     cfg, name = model.cfg, os.path.basename(args.weights).split(".")[0] if args.weights else "deit_small"
@@ -269,4 +266,4 @@ def profile_b1(fns, cfg, folder, calls, threads):
 
 
 if __name__ == "__main__":
-    run(lambda: main(get_args_parser().parse_args()))
+    run(main)
