@@ -15,7 +15,7 @@ import slim  # noqa: E402
 import vit  # noqa: E402
 from pipeline import finetune  # noqa: E402
 from pipeline.distributed import machine  # noqa: E402, F401 (the scripts record it)
-from pipeline.resume import write_atomically  # noqa: E402
+from pipeline.resume import write_atomically as write_json  # noqa: E402, F401 (never half a results file)
 
 
 def run(main):
@@ -29,10 +29,6 @@ def run(main):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def write_json(path, obj):
-    write_atomically(str(path), obj)  # a temporary file renamed: never half a results file
 
 
 def folder_log(folder):
