@@ -13,7 +13,8 @@ CIFAR-10 written once as such a tree (cifar10_tree), the data of the shipped pro
   flip, the recipe the proxy checkpoint was trained with (models/README.md).
 Grayscale, CMYK and palette images become RGB (PIL convert("RGB")). A file that cannot be read as an image
 (truncated, not an image) never ends a run with a DataLoader traceback: it is a one-line UserError naming it,
-or, with a BadFiles(skip=True) registry (slim.py --skip-bad-images), dropped from its batch and counted.
+or, when the dataset's registry says so (BadFiles(skip=True): slim.py --skip-bad-images), dropped from its batch and
+counted there.
 
 Every random augmentation of image i is drawn from a generator seeded by (seed, epoch, i) (SeededView): the
 views do not depend on the number of DataLoader workers or processes, so a run under torchrun sees the images
@@ -65,14 +66,31 @@ class BadFile:
         self.path, self.problem = path, problem
 
 
+class BadFiles:
+    """A dataset's registry of unusable files, which its loaders hand them to: skip=False, a one-line UserError naming
+    the first one; skip=True, drop it from its batch and remember it here (paths, for the log and report.json)."""
+
+    def __init__(self, skip=False):
+        self.skip, self.paths = skip, {}
+
+    def handle(self, bad):
+        for b in bad:
+            if not self.skip:
+                raise UserError(f"{b.path} {b.problem}: remove or replace it, or pass "
+                                "--skip-bad-images to skip such files")
+            self.paths[b.path] = b.problem
+
+
 class CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder whose unusable files come back as BadFile items instead of exceptions inside a worker: unreadable
     ones, and, with size (the small-image recipe, which neither resizes nor crops), images of another size, which
-    would be centre-cropped or zero-padded into something else than the model was trained on."""
+    would be centre-cropped or zero-padded into something else than the model was trained on. bad: the BadFiles
+    registry the loaders hand them to (data.bad_files), by default an error on the first; the datasets of one run
+    share the run's (pipeline/run.py, Run.dataset), so that its log and report count every file skipped."""
 
     def __init__(self, root, transform, size=None):
         super().__init__(root, transform=transform)
-        self.size = size
+        self.size, self.bad = size, BadFiles(skip=False)
 
     def __getitem__(self, index):
         path, target = self.samples[index]
@@ -86,21 +104,6 @@ class CheckedImageFolder(datasets.ImageFolder):
             return BadFile(path, f"is {img.size[0]}x{img.size[1]} px but the model takes {self.size}x{self.size} and "
                            "small images are used as they are (resize them to the model's size)")
         return self.transform(img), target
-
-
-class BadFiles:
-    """What the loaders do with unreadable files: skip=False, a one-line UserError naming the first one;
-    skip=True, drop it from its batch and remember it here (paths, for the log and report.json)."""
-
-    def __init__(self, skip=False):
-        self.skip, self.paths = skip, {}
-
-    def handle(self, bad):
-        for b in bad:
-            if not self.skip:
-                raise UserError(f"{b.path} {b.problem}: remove or replace it, or pass "
-                                "--skip-bad-images to skip such files")
-            self.paths[b.path] = b.problem
 
 
 def build_dataset(root, split, img_size, train_transform=None, randaugment=False, erase=0.0, mean=IMAGENET_MEAN,
@@ -172,19 +175,19 @@ def check_classes(ds, num_classes, model_classes=None):
 
 
 class SeededView(torch.utils.data.Dataset):
-    """ds with the random augmentations of item i drawn from torch's generator seeded by (seed, epoch, i), restored
-    afterwards. Set .epoch for a new draw of every image (the final fine-tune does so each epoch)."""
+    """dataset with the random augmentations of item i drawn from torch's generator seeded by (seed, epoch, i),
+    restored afterwards. Set .epoch for a new draw of every image (the final fine-tune does so each epoch)."""
 
-    def __init__(self, ds, seed, epoch=0):
-        self.ds, self.seed, self.epoch = ds, seed, epoch
+    def __init__(self, dataset, seed, epoch=0):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.dataset)
 
     def __getitem__(self, i):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
-            return self.ds[i]
+            return self.dataset[i]
 
 
 def subset(ds, per_class=None, total=None, seed=None):
@@ -213,14 +216,22 @@ def default_workers(processes=1):
     return max(1, min(8, cpus // max(1, processes)))
 
 
+def bad_files(ds):
+    """The BadFiles registry of dataset ds, or of the dataset it wraps (a chain of .dataset: torch's Subset,
+    SeededView, pipeline/evaluate.py's PositionTagged); a dataset without one gets an error on its first BadFile."""
+    while not hasattr(ds, "bad") and hasattr(ds, "dataset"):
+        ds = ds.dataset
+    return getattr(ds, "bad", None) or BadFiles(skip=False)
+
+
 class Loader:
-    """A DataLoader of (images, labels) batches that hands unreadable files (BadFile items) to a BadFiles registry:
-    an error naming the file, or a batch without it. bad=None: the error. A batch whose every file was skipped is
+    """A DataLoader of (images, labels) batches that hands unreadable files (BadFile items) to the dataset's BadFiles
+    registry (bad_files): an error naming the file, or a batch without it. A batch whose every file was skipped is
     dropped, or, with keep_empty, yielded as None (a data-parallel step must still be taken on every process)."""
 
-    def __init__(self, ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None, bad=None,
+    def __init__(self, ds, batch_size, shuffle=False, workers=2, seed=0, drop_last=False, sampler=None,
                  keep_empty=False):
-        self.bad, self.keep_empty = bad or BadFiles(skip=False), keep_empty
+        self.bad, self.keep_empty = bad_files(ds), keep_empty
         g = torch.Generator().manual_seed(seed)
         self.dataloader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,

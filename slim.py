@@ -273,10 +273,11 @@ def layer_scores(model, z_in, keep, tokens, t, score, batch_size, seed=0):
 
 def finetune_block(model, t, fit, keep, settings, seed, desc):
     """Train only block t's parameters (C5): settings.ft_steps AdamW steps at settings.ft_lr (weight decay
-    settings.ft_weight_decay) with a cosine schedule, batches of settings.batch_size drawn from fit (a LayerCache:
-    the input is the ORIGINAL Z_{t-1}). The objective is the error the search tests: E_{t+1} itself (P4, settings.error == "next"), or v1's distillation of the final feature ("final").
-    Under torchrun every rank draws the same image numbers, computes the loss of those it holds, and the gradients
-    are summed (pipeline/distributed.py): the step of one process, up to float rounding."""
+    settings.ft_weight_decay) with a cosine schedule, batches of settings.batch_size images (at most the sample's
+    size) drawn from fit (a LayerCache: the input is the ORIGINAL Z_{t-1}). The objective is the error the search
+    tests: E_{t+1} itself (P4, settings.error == "next"), or v1's distillation of the final feature ("final").
+    Under torchrun each rank holds a share of the images, and pipeline/distributed.py's data_parallel_steps takes
+    the step of one process."""
     device = device_of(model)
     params = list(model.blocks[t - 1].parameters())
     for p in model.parameters():
@@ -285,35 +286,18 @@ def finetune_block(model, t, fit, keep, settings, seed, desc):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.ft_lr, weight_decay=settings.ft_weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.ft_steps)
-    g = torch.Generator().manual_seed(seed)
-    everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values  # the whole sample's image numbers
-    for _ in distributed.progress(range(settings.ft_steps), desc=desc):
-        batch_size = min(settings.batch_size, len(everyone))
-        chosen = everyone[torch.randint(0, len(everyone), (batch_size,), generator=g)]
-        where = torch.searchsorted(fit.positions, chosen).clamp_max(max(0, len(fit.positions) - 1))
-        mine = where[fit.positions[where] == chosen] if len(fit.positions) else where[:0]  # the drawn images this
-        opt.zero_grad(set_to_none=False)                          # rank holds (all with one process), repeats included
-        finite = True
-        if len(mine):
-            batch = images(fit, mine)
-            if settings.error == "next":
-                per_image = next_layer_error(model, batch, keep, settings.tokens, t).relative
-            else:
-                f = tail_features(model, batch.z_in, keep, settings.tokens, t)
-                per_image = finetune.distill_loss(f, model.classify(f), batch.feat.to(device),
-                                                  batch.logits.to(device), True)
-            loss = per_image.sum() / batch_size                   # the global batch mean, this rank's part
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-        if distributed.all_reduce_sum(torch.tensor([float(not finite)]))[0] > 0:  # every rank stops, not one
-            raise UserError(f"the fine-tune of block {t} produced a non-finite loss: lower --ft-lr")
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            distributed.all_reduce_sum(p.grad)
-        opt.step()
-        sched.step()
+
+    def loss_of(mine):  # the summed per-image error of the drawn images mine
+        batch = images(fit, mine)
+        if settings.error == "next":
+            return next_layer_error(model, batch, keep, settings.tokens, t).relative.sum()
+        f = tail_features(model, batch.z_in, keep, settings.tokens, t)
+        return finetune.distill_loss(f, model.classify(f), batch.feat.to(device), batch.logits.to(device), True).sum()
+    try:
+        distributed.data_parallel_steps(loss_of, opt, sched, settings.ft_steps, fit.positions, settings.batch_size,
+                                        seed, desc)
+    except FloatingPointError:
+        raise UserError(f"the fine-tune of block {t} produced a non-finite loss: lower --ft-lr") from None
     for p in params:
         p.requires_grad_(False)
         p.grad = None
@@ -457,13 +441,6 @@ def search_layer(model, t, keep, fit, held, settings, log):
     return k_t, info
 
 
-def load_state(state_path, made_with):
-    """The saved search state (None when there is none), if it was made with the same settings and run identity
-    (made_with); else a one-line error: resuming it would return masks searched for other settings under the new
-    ones' name."""
-    return load_if_made_with(state_path, made_with, "a search", "start over", "next")
-
-
 def search(model, fit, held, settings, log, state_path=None, run_id=None):
     """Algorithm 1: m_L = e_0 (P1, Sec. 4.2; every prefix token for a distilled DeiT), then t = L-1 ... 1. fit, held: DenseCaches. Resumes from state_path
     when it exists, provided it was made with the same settings (and run_id: what else identifies the run, such as
@@ -472,7 +449,7 @@ def search(model, fit, held, settings, log, state_path=None, run_id=None):
     made_with = {**asdict(settings), **(run_id or {})}
     state = {"keep": [torch.arange(N)] * (L - 1) + [vit.prefix_mask(model.cfg)], "layers": [], "next": L - 1,
              "settings": made_with}
-    saved = load_state(state_path, made_with)
+    saved = load_if_made_with(state_path, made_with, "a search")
     if saved:
         state = saved
         model.load_state_dict(state["model"])

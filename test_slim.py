@@ -93,7 +93,9 @@ def eq2_reference(model, img, keep, tokens, maps=None):
     """The two token semantics written straight from their definitions, independently of vit.py's gathered forward:
     every one of the N rows is computed densely, and block t multiplies its MSA and MLP outputs by diag(m_t) (Eq. 2).
     "frozen" (method.md P1): keys from every row. "removed" (C1): keys only from the rows alive after layer t-1.
-    maps: a list that receives, per block, (P, Z) with P (B, H, N, N) every row's attention and Z the block input."""
+    keep: m_t per layer, (n_t,) for every image, or (B, n_t) per image (DPS-ViT, P6: a batch of per-sample masks,
+    image b's diag(m_t) and rows alive its own). maps: a list that receives, per block, (P, Z) with P (B, H, N, N)
+    every row's attention and Z the block input."""
     x = model.embed(img)
     alive = torch.ones(x.shape[1], dtype=torch.bool)
     for blk, k in zip(model.blocks, keep):
@@ -102,19 +104,20 @@ def eq2_reference(model, img, keep, tokens, maps=None):
 
 
 def eq2_block(blk, x, k, alive, tokens, maps=None):
-    """One block of the reference: all N rows computed, the MSA and MLP outputs multiplied by diag(m) (m: the rows
-    k); keys from every row ("frozen") or from the rows alive (a boolean mask, "removed"). Returns (x, m as alive)."""
+    """One block of the reference: all N rows of every image computed, the MSA and MLP outputs multiplied by diag(m)
+    (m: the rows k, (n,) for every image or (B, n) per image); keys from every row ("frozen") or from the rows alive
+    (a boolean mask, (N,) or (B, N), "removed"). Returns (x, m as alive, (B, N))."""
     B, N, d = x.shape
-    a, m = blk.attn, torch.zeros(N, 1)
-    m[k] = 1
+    a = blk.attn
+    m = torch.zeros(B, N).scatter_(1, torch.as_tensor(k).expand(B, -1), 1.0).unsqueeze(-1)  # diag(m) of each image
     q, kk, v = a.qkv(blk.norm1(x)).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
     s = (q @ kk.transpose(-2, -1)) * a.scale
-    p = (s if tokens == "frozen" else s.masked_fill(~alive, float("-inf"))).softmax(-1)
+    p = (s if tokens == "frozen" else s.masked_fill(~alive.expand(B, N)[:, None, None, :], float("-inf"))).softmax(-1)
     if maps is not None:
         maps.append((p, x))
     x = x + m * blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, N, d)))
     x = x + m * blk.ls2(blk.mlp(blk.norm2(x)))
-    return x, m.flatten().bool()
+    return x, m.squeeze(-1).bool()
 
 
 # ----------------------------------------------------------------------------- the other references and shared set-ups the tests use
@@ -197,6 +200,11 @@ def image_folder(root, classes, train_per_class, val_per_class, size=(40, 48), s
                 pixels = torch.randint(0, 256, (size[0] + grow * i, size[1], 3), generator=g, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(d / f"img_{i}.JPEG")
     return root
+
+
+def schedule(ds, s, workers=0):
+    """The final fine-tune's Schedule of the small test model on ds with recipe s."""
+    return pipeline_finetune.Schedule(ds, s, SMALL_CFG, workers)
 
 
 def small_finetune_setup(seed=0, **settings):
@@ -789,7 +797,7 @@ def test_search_resumes_to_the_same_masks_and_refuses_other_settings(tmp_path):
 
 def test_final_finetune_resumes_mid_epoch_to_the_uninterrupted_weights(tmp_path):
     student, teacher, keep, ds, s = small_finetune_setup()
-    whole = pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, None, {}, print, workers=0)
+    whole = pipeline_finetune.finetune(student, teacher, keep, "frozen", schedule(ds, s), print)
     assert whole == 10  # 5 steps per epoch (40 images, batch 8, drop last), 2 epochs
     lines, ckpt = [], str(tmp_path / "finetune.pt")
     resumed, _, _, _, _ = small_finetune_setup()
@@ -805,17 +813,17 @@ def test_final_finetune_resumes_mid_epoch_to_the_uninterrupted_weights(tmp_path)
         mp.setattr(pipeline_finetune, "train_step", counted)
         mp.setattr(pipeline_finetune, "StopRequest", StopAfterSeven)
         with pytest.raises(KeyboardInterrupt):
-            pipeline_finetune.finetune(resumed, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
-                                       workers=0)
+            pipeline_finetune.finetune(resumed, teacher, keep, "frozen", schedule(ds, s), lines.append,
+                                       pipeline_finetune.Checkpoint(ckpt, {"masks": "m"}))
     assert torch.load(ckpt, weights_only=False)["step"] == 7 and "interrupted after step 7/10" in lines[-1]
     again, _, _, _, _ = small_finetune_setup()  # a new process: fresh weights, then the checkpoint
-    assert pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, s, ckpt, {"masks": "m"}, lines.append,
-                                      workers=0) == 3
+    assert pipeline_finetune.finetune(again, teacher, keep, "frozen", schedule(ds, s), lines.append,
+                                      pipeline_finetune.Checkpoint(ckpt, {"masks": "m"})) == 3
     assert any("resuming the final fine-tune from" in m and "epoch 2, step 2 of 5 (7/10 done)" in m for m in lines)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
     with pytest.raises(UserError, match=r"other settings \(lr 0.001 -> 0.002"):
-        pipeline_finetune.finetune(again, teacher, keep, "frozen", ds, replace(s, lr=2e-3), ckpt, {"masks": "m"},
-                                   print, workers=0)
+        pipeline_finetune.finetune(again, teacher, keep, "frozen", schedule(ds, replace(s, lr=2e-3)), print,
+                                   pipeline_finetune.Checkpoint(ckpt, {"masks": "m"}))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -1198,16 +1206,16 @@ def test_final_finetune_steps_through_batches_of_unreadable_files():
     student, teacher, keep, ds, s = small_finetune_setup(distill="soft", mixup=0.0, cutmix=0.0, seed=0)
 
     class MostlyBad(torch.utils.data.Dataset):
+        bad = data.BadFiles(skip=True)  # the dataset's registry, as a run gives its datasets under --skip-bad-images
+
         def __len__(self):
             return len(ds)
 
         def __getitem__(self, i):
             return ds[i] if i < 6 else data.BadFile(f"img_{i}.JPEG", "is not a readable image (OSError: image file is truncated)")
-    bad = data.BadFiles(skip=True)
     s = replace(s, seed=12_345_678)
-    assert pipeline_finetune.finetune(student, teacher, keep, "frozen", MostlyBad(), s, None, {}, print, workers=0,
-                                      bad=bad) == 10
-    assert len(bad.paths) == 34
+    assert pipeline_finetune.finetune(student, teacher, keep, "frozen", schedule(MostlyBad(), s), print) == 10
+    assert len(MostlyBad.bad.paths) == 34
 
 
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
@@ -1229,7 +1237,8 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path):
     with torch.no_grad():
         student.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
     with pytest.raises(UserError, match="loss is not finite at epoch 1, step 0"):
-        pipeline_finetune.finetune(student, teacher, keep, "frozen", ds, s, str(tmp_path / "ft.pt"), {}, print, workers=0)
+        pipeline_finetune.finetune(student, teacher, keep, "frozen", schedule(ds, s), print,
+                                   pipeline_finetune.Checkpoint(str(tmp_path / "ft.pt"), {}))
     assert not (tmp_path / "ft.pt").exists()
 
 
@@ -1397,6 +1406,24 @@ def test_no_function_of_the_method_or_pipeline_is_over_60_lines():
                     if node.end_lineno - node.lineno + 1 > 60:
                         long.append(f"{os.path.basename(f)}:{node.name} {node.end_lineno - node.lineno + 1}")
     assert long == []
+
+
+def test_no_function_of_the_method_or_pipeline_takes_more_than_8_parameters():
+    """Context is not threaded by hand: no function of vit, slim, flops, data or pipeline/ takes more than 8
+    parameters (positional and keyword-only, self and cls aside); what belongs together travels as one value (a
+    settings dataclass, pipeline/run.py's Run, pipeline/finetune.py's Schedule)."""
+    import ast
+    import glob
+    many = []
+    for f in ["vit.py", "slim.py", "flops.py", "data.py"] + sorted(glob.glob(os.path.join(REPO, "pipeline", "*.py"))):
+        with open(os.path.join(REPO, f), encoding="utf-8") as fh:
+            for node in ast.walk(ast.parse(fh.read())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    a = node.args
+                    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+                    if len(names) > 8:
+                        many.append(f"{os.path.basename(f)}:{getattr(node, 'name', 'lambda')} {len(names)}")
+    assert many == []
 
 
 def test_the_import_graph_points_down_only():
@@ -2076,24 +2103,6 @@ def per_image_keep(cfg, counts, batch, seed):
     return [torch.stack([ks[t] for ks in images]) for t in range(len(counts))]
 
 
-def eq2_reference_per_image(model, img, keep, tokens):
-    """Eq. 2 with a per-image diag(m), written from its definition: every one of the N rows of every image computed
-    densely, block t's MSA and MLP outputs multiplied by image b's own m_t; under "removed" (C1) image b's keys
-    restricted to its rows alive after layer t-1. keep: (B, n_t) per layer."""
-    x = model.embed(img)
-    B, N, d = x.shape
-    alive = torch.ones(B, N, dtype=torch.bool)
-    for blk, k in zip(model.blocks, keep):
-        a, m = blk.attn, torch.zeros(B, N).scatter_(1, k, 1.0).unsqueeze(-1)   # diag(m_t) of each image
-        q, kk, v = a.qkv(blk.norm1(x)).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        s = (q @ kk.transpose(-2, -1)) * a.scale
-        p = (s if tokens == "frozen" else s.masked_fill(~alive[:, None, None, :], float("-inf"))).softmax(-1)
-        x = x + m * blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, N, d)))
-        x = x + m * blk.ls2(blk.mlp(blk.norm2(x)))
-        alive = m.squeeze(-1).bool()
-    return model.classify(model.norm(x[:, :model.cfg.prefix_tokens]))
-
-
 def dps_counts(cfg):
     """Kept counts for the 4-layer test models: every token, then 12 of 16 patches, 6, the prefix tokens alone."""
     P = cfg.prefix_tokens
@@ -2114,7 +2123,7 @@ def test_per_image_forward_equals_static_and_the_per_image_eq2_reference(tokens,
         static = model(x, keep=shared, tokens=tokens)
         assert torch.allclose(model(x, keep=[k.expand(3, -1) for k in shared], tokens=tokens), static, atol=1e-6)
         out = model(x, keep=own, tokens=tokens)
-        ref = eq2_reference_per_image(model, x, own, tokens)
+        ref = eq2_reference(model, x, own, tokens)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
         for b in range(3):
             alone = model(x[b:b + 1], keep=[k[b] for k in own], tokens=tokens)
@@ -2162,9 +2171,9 @@ def test_per_image_masks_are_checked():
     unsorted[1][1, 1:3] = unsorted[1][1, 1:3].flip(0)
     too_big[0] = torch.arange(1, 18).expand(2, -1).clone()
     too_big[0][:, 0] = 0
-    cases = {"not nested: image 1's layer 3 keeps tokens \\[" + str(dropped): not_nested,
-             "layer 2 do not keep the prefix tokens \\[0\\] in image 0": no_prefix,
-             "layer 2, image 1: indices are not sorted": unsorted,
+    cases = {"not nested: layer 3 of image 1 keeps tokens \\[" + str(dropped): not_nested,
+             "layer 2 of image 0 does not keep the prefix tokens \\[0\\]": no_prefix,
+             "layer 2 of image 1 indices are not sorted": unsorted,
              "token index 17 but the model has 17 tokens": too_big,
              "per-image masks for 2 images but the batch has 3": good}
     model = vit.VisionTransformer(cfg)

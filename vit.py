@@ -342,83 +342,59 @@ def masks_plan(keep, cfg, tokens):
     under "frozen" the global indices m_t themselves (the sequence keeps all N rows), under "removed" the positions
     of m_t among the rows alive before the layer; None for a layer that updates every row it receives (the dense
     block, exactly). Per-image masks (an entry (B, n_t)) give (B, n_t) indices, one row per image."""
-    per_image = any(isinstance(k, torch.Tensor) and k.dim() == 2 for k in keep)
-    keep, positions = _checked_per_image(keep, cfg) if per_image else _checked(keep, cfg)
+    keep, positions = _checked(keep, cfg)
     if check_tokens(tokens) == "removed":
         return keep, positions
     return keep, [None if k.shape[-1] == cfg.num_tokens else k for k in keep]
 
 
 def _checked(keep, cfg):
-    """(kept indices, positions in the previous layer's) after validation. Runs on every slimmed forward, so it is a
-    few cheap tensor ops per layer: nestedness is read off the same searchsorted that gives the positions."""
-    N, L = cfg.num_tokens, cfg.depth
-    if len(keep) != L:
-        raise UserError(f"masks have {len(keep)} layers but the model has depth {L}: use masks made for this model")
-    out, pos, prev = [], [], torch.arange(N)
-    for t, k in enumerate(keep, 1):
-        k = torch.as_tensor(k, dtype=torch.long).flatten()
-        n_prefix = cfg.prefix_tokens
-        if k.numel() and int(k.min()) < 0:
-            raise UserError(f"masks layer {t} has token index {int(k.min())}: indices run from 0 to {N - 1}, "
-                            "the class token being 0")
-        if k.numel() < n_prefix or not torch.equal(k[:n_prefix], torch.arange(n_prefix)):
-            raise UserError(f"masks layer {t} does not keep the prefix tokens {list(range(n_prefix))}: every layer must "
-                            f"keep them ({'the class token' if n_prefix == 1 else 'the class and distillation tokens'})")
-        if k.numel() > 1 and not bool((k[1:] > k[:-1]).all()):
-            raise UserError(f"masks layer {t} indices are not sorted and unique: give sorted token indices")
-        if k[-1] >= N:
-            raise UserError(f"masks layer {t} has token index {int(k[-1])} but the model has {N} tokens: "
-                            "use masks made for this model")
-        p = torch.searchsorted(prev, k)  # where each kept token sits among those kept by the layer before
-        found = prev[p.clamp(max=prev.numel() - 1)] == k
-        if not bool(found.all()):
-            raise UserError(f"masks are not nested: layer {t} keeps tokens {k[~found][:5].tolist()} that "
-                            f"layer {t - 1} dropped (a patch pruned once is never updated again)")
-        out.append(k)
-        pos.append(None if k.numel() == prev.numel() else p)
-        prev = k
-    return out, pos
-
-
-def _checked_per_image(keep, cfg):
-    """_checked for per-image masks (DPS-ViT, method.md P6/C8): keep[t-1] is (B, n_t), row b image b's m_t (a 1-D
-    entry is shared by every image), the count n_t the same for every image of a layer. Each image's masks must be
-    sorted, hold the prefix tokens and be nested. Returns ((B, n_t) indices, (B, n_t) positions in the layer before's
-    or None) per layer."""
+    """(kept indices, positions in the previous layer's, or None where a layer keeps every row of the one before)
+    after validation. Static masks give 1-D indices; per-image masks (DPS-ViT, method.md P6/C8: an entry (B, n_t),
+    row b image b's m_t, a 1-D entry shared by every image, the count n_t the same for every image of a layer) give
+    (B, n_t) ones. Static masks are checked as the one-image case of per-image masks: each image's masks must hold
+    the prefix tokens, be sorted, fit the model and be nested. Runs on every slimmed forward, so it is a few cheap
+    tensor ops per layer: nestedness is read off the same searchsorted that gives the positions."""
     N, L, n_prefix = cfg.num_tokens, cfg.depth, cfg.prefix_tokens
     if len(keep) != L:
         raise UserError(f"masks have {len(keep)} layers but the model has depth {L}: use masks made for this model")
-    B, device = next((k.shape[0], k.device) for k in keep if isinstance(k, torch.Tensor) and k.dim() == 2)
+    rows = next((k for k in keep if isinstance(k, torch.Tensor) and k.dim() == 2), None)
+    B, device = (1, None) if rows is None else (rows.shape[0], rows.device)
+
+    def at(t, bad):  # the layer a check failed at and, for per-image masks, the first image that failed it
+        return f"layer {t}" if rows is None else f"layer {t} of image {int(bad.nonzero()[0])}"
     out, pos, prev = [], [], torch.arange(N, device=device).expand(B, N)
     for t, k in enumerate(keep, 1):
         k = torch.as_tensor(k, dtype=torch.long, device=device)
-        k = k.expand(B, -1) if k.dim() == 1 else k
+        k = k.flatten()[None] if rows is None else k.expand(B, -1) if k.dim() == 1 else k
         if k.dim() != 2 or k.shape[0] != B:
             raise UserError(f"per-image masks layer {t} have shape {tuple(k.shape)}, not ({B}, n_t): every layer keeps "
                             "the same number of tokens in each image (method.md C8)")
         if k.numel() and int(k.min()) < 0:
-            raise UserError(f"per-image masks layer {t} have token index {int(k.min())}: indices run from 0 to {N - 1}")
-        bad = (k[:, :n_prefix] != torch.arange(n_prefix, device=device)).any(1) if k.shape[1] >= n_prefix else None
-        if bad is None or bool(bad.any()):
-            raise UserError(f"per-image masks layer {t} do not keep the prefix tokens {list(range(n_prefix))} in image "
-                            f"{0 if bad is None else int(bad.nonzero()[0])}: every layer must keep them in every image")
+            raise UserError(f"masks {at(t, (k < 0).any(1))} has token index {int(k.min())}: indices run from 0 to "
+                            f"{N - 1}, the class token being 0")
+        bad = (k[:, :n_prefix] != torch.arange(n_prefix, device=k.device)).any(1) if k.shape[1] >= n_prefix else \
+            torch.ones(B, dtype=torch.bool)
+        if bool(bad.any()):
+            which = "the class token" if n_prefix == 1 else "the class and distillation tokens"
+            raise UserError(f"masks {at(t, bad)} does not keep the prefix tokens {list(range(n_prefix))}: every layer "
+                            f"must keep them ({which})")
         bad = (k[:, 1:] <= k[:, :-1]).any(1)
         if bool(bad.any()):
-            raise UserError(f"per-image masks layer {t}, image {int(bad.nonzero()[0])}: indices are not sorted and "
-                            "unique; give each image's kept token indices sorted")
-        if bool((k[:, -1] >= N).any()):
-            raise UserError(f"per-image masks layer {t} have token index {int(k.max())} but the model has {N} tokens: "
+            raise UserError(f"masks {at(t, bad)} indices are not sorted and unique: give sorted token indices")
+        bad = k[:, -1] >= N
+        if bool(bad.any()):
+            raise UserError(f"masks {at(t, bad)} has token index {int(k[:, -1].max())} but the model has {N} tokens: "
                             "use masks made for this model")
-        p = torch.searchsorted(prev.contiguous(), k.contiguous())  # each kept token's place in m_{t-1}
+        p = torch.searchsorted(prev.contiguous(), k.contiguous())  # each kept token's place among the layer before's
         found = prev.gather(1, p.clamp(max=prev.shape[1] - 1)) == k
-        if not bool(found.all()):
-            b = int((~found).any(1).nonzero()[0])
-            raise UserError(f"per-image masks are not nested: image {b}'s layer {t} keeps tokens "
-                            f"{k[b][~found[b]][:5].tolist()} that its layer {t - 1} dropped (a patch pruned once is "
-                            "never updated again)")
-        out.append(k)
-        pos.append(None if k.shape[1] == prev.shape[1] else p)
+        bad = (~found).any(1)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise UserError(f"masks are not nested: {at(t, bad)} keeps tokens {k[b][~found[b]][:5].tolist()} that "
+                            f"layer {t - 1} dropped (a patch pruned once is never updated again)")
+        out.append(k if rows is not None else k[0])
+        pos.append(None if k.shape[1] == prev.shape[1] else p if rows is not None else p[0])
         prev = k
     return out, pos
 

@@ -87,12 +87,14 @@ def available_cpu_memory():
         return 2**50
 
 
-def cache_search_sets(model, train_aug, data_path, s, workers, log, cache_device="cpu", bad=None):
+def cache_search_sets(model, train_aug, data_path, s, workers, log, cache_device="cpu"):
     """The fit set (one augmented view of each image, seeded by image) and the held set (evaluation transform):
     disjoint random training images chosen by s.seed; returns their dense caches (fit, held), each a DenseCache of
-    this rank's share (image i of a sample belongs to rank i mod K)."""
+    this rank's share (image i of a sample belongs to rank i mod K). Unusable files go to train_aug's registry
+    (data.bad_files)."""
     cfg, t0 = model.cfg, time.time()
     train_eval = data.build_dataset(data_path, "train", cfg.img_size, train_transform=False, mean=cfg.mean, std=cfg.std)
+    train_eval.bad = data.bad_files(train_aug)  # the same images as train_aug, so the same registry
     perm = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(s.seed)).tolist()
     n_fit, n_held = search_set_sizes(s, len(perm))
     caches = []
@@ -100,7 +102,7 @@ def cache_search_sets(model, train_aug, data_path, s, workers, log, cache_device
                      ("held", torch.utils.data.Subset(train_eval, perm[n_fit:n_fit + n_held]))):
         mine = distributed.shard(len(ds))
         share = PositionTagged(torch.utils.data.Subset(ds, mine), mine)
-        loader = data.loader(share, max(1, s.batch_size // distributed.world_size()), workers=workers, bad=bad)
+        loader = data.loader(share, max(1, s.batch_size // distributed.world_size()), workers=workers)
         caches.append(cache_dense(model, loader, f"cache {name}", cache_device))
     log(f"cached dense activations of {n_fit} fit + {n_held} held images in {time.time() - t0:.0f}s")
     return caches

@@ -137,14 +137,13 @@ def main(args):
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    bad = data.BadFiles(skip=args.skip_bad_images)
     model, info = run.load_model(args)
     model.to(device)
     if args.dynamic or info.dynamic is not None:  # DPS-ViT (Sec. 4.4): its fit and fine-tune, or --eval-only of a dynamic.pth
-        return dynamic.main(args, model, info, bad)
+        return dynamic.main(args, model, info)
     if args.eval_only:
-        return run.evaluate_only(args, model, info, bad)
-    return run.search_and_finetune(args, model, info, bad)
+        return run.evaluate_only(args, model, info)
+    return run.search_and_finetune(args, model, info)
 
 
 OUT_OF_MEMORY = "out of memory on {}: pass a smaller --batch-size (or --final-batch-size), or --cache-device cpu"

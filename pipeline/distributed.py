@@ -8,10 +8,10 @@ gloo on the CPU, NCCL on CUDA. How each stage splits its work over the K process
 - caching, scores and the error E (slim.py): image i of the fit or held sample belongs to rank i mod K. Each rank
   caches only its own images (the cache memory per rank falls K-fold, which is what makes DeiT-S/B caches fit),
   and score and error sums are all-reduced. Every rank then holds the same numbers and takes the same decision.
-- the block fine-tunes of the search: every rank draws the same global batch of image numbers (one generator,
-  seeded alike), computes the loss of the images it owns (summed and divided by the global batch size) and the
-  gradients are all-reduced (summed). The step is the one-process step up to float rounding, so K processes
-  choose the masks one process chooses. Splitting rather than "rank 0 decides and broadcasts": rank 0 alone would
+- the block fine-tunes of the search and DPS-ViT's predictor fit (data_parallel_steps): every rank draws the same
+  global batch of image numbers (one generator, seeded alike), computes the loss of the images it owns (summed and
+  divided by the global batch size) and the gradients are all-reduced (summed). The step is the one-process step up
+  to float rounding, so K processes choose the masks one process chooses. Splitting rather than "rank 0 decides and broadcasts": rank 0 alone would
   need the whole cache (8.5 GB for DeiT-S in bfloat16) and do all the work while the others wait.
 - the final fine-tune: DistributedDataParallel with a DistributedSampler (finetune.py).
 - evaluation: rank r predicts val images r, r+K, ...; the predictions are gathered back into val order, so every
@@ -115,6 +115,42 @@ def barrier():
 def shard(n):
     """The positions 0..n-1 this rank owns: r, r+K, r+2K, ..."""
     return list(range(rank(), n, world_size()))
+
+
+def data_parallel_steps(loss_of, opt, sched, steps, positions, batch_size, seed, desc=""):
+    """`steps` steps of optimiser opt (then of its scheduler sched) on a sample of images split over the ranks
+    (positions: the sorted numbers of this rank's images in the sample), each the step one process takes, up to float
+    rounding. Every rank draws the same min(batch_size, sample size) image numbers (with repeats) from one generator
+    seeded with seed; loss_of(mine), mine the indices into this rank's share of the drawn images it holds (repeats
+    included; every drawn image with one process), returns their summed loss (called only when mine is not empty).
+    It is divided by the batch size and backpropagated, and the gradients are summed over the ranks before the step.
+    A loss that is not finite on any rank raises FloatingPointError on every rank, before that step. Returns each
+    step's loss, summed over the ranks (the batch mean)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    g = torch.Generator().manual_seed(seed)
+    everyone = torch.cat(all_gather(positions)).sort().values  # the whole sample's image numbers
+    losses = []
+    for _ in progress(range(steps), desc=desc):
+        size = min(batch_size, len(everyone))
+        chosen = everyone[torch.randint(0, len(everyone), (size,), generator=g)]
+        where = torch.searchsorted(positions, chosen).clamp_max(max(0, len(positions) - 1))
+        mine = where[positions[where] == chosen] if len(positions) else where[:0]  # the drawn images this rank holds
+        opt.zero_grad(set_to_none=False)
+        loss = loss_of(mine) / size if len(mine) else torch.zeros(())
+        finite = bool(torch.isfinite(loss))
+        if finite and len(mine):
+            loss.backward()
+        total = all_reduce_sum(torch.tensor([loss.item() if finite else 0.0, float(not finite)]))
+        if total[1] > 0:  # every rank stops, not one
+            raise FloatingPointError(f"a non-finite loss at step {len(losses)}")
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(p.grad)
+        opt.step()
+        sched.step()
+        losses.append(total[0].item())
+    return losses
 
 
 def cleanup():

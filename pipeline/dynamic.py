@@ -32,10 +32,11 @@ import data
 import flops
 import slim
 import vit
-from pipeline import distributed, finetune, flags, run
+from pipeline import distributed, finetune, flags
 from pipeline.caches import cache_plan, cache_search_sets, search_set_sizes
 from pipeline.evaluate import autocast, save_predictions
 from pipeline.resume import load_if_made_with, write_atomically
+from pipeline.run import Run
 from vit import UserError
 
 
@@ -47,6 +48,7 @@ class DynamicSettings:
     flops_ratio: float = 1.0  # counts scaled so that the FLOPs, G included, are this fraction of the static model's
     width: int = 0            # G's hidden width (0: d/8)
     steps: int = 300          # AdamW steps fitting each G_t (cosine schedule), on batches of batch_size fit images
+    #                           (at most the fit images there are)
     lr: float = 1e-3          # their learning rate (weight decay 0.05)
     fit_images: int = 4096    # cached augmented training images the targets and the fit draw from
     held_images: int = 1024   # held training images (eval transform) the ranking quality is measured on
@@ -164,9 +166,10 @@ def ranking_quality(dyn, t, z_in, batch_size):
 
 
 def fit_predictor(dyn, t, fit, held, settings, log):
-    """Fit G_t to the per-image Eq. 6 targets of the fit images (fit, held: DenseCaches; s: DynamicSettings) with
-    slim.top_k_listmle, k = n_t - n_prefix. As the search's block fine-tunes (slim.finetune_block): every rank draws the same
-    image numbers, computes the loss of those it holds, and the gradients are summed. Returns the layer's record."""
+    """Fit G_t to the per-image Eq. 6 targets of the fit images (fit, held: DenseCaches; settings: DynamicSettings)
+    with slim.top_k_listmle, k = n_t - n_prefix: settings.steps AdamW steps with a cosine schedule, taken under
+    torchrun as the search's block fine-tunes (slim.finetune_block) take theirs, by pipeline/distributed.py's
+    data_parallel_steps. Returns the layer's record."""
     t0, device, n_prefix = time.time(), slim.device_of(dyn), dyn.cfg.prefix_tokens
     k, z_fit, G = dyn.counts[t - 1] - n_prefix, fit.z[t - 1], dyn.predictors[str(t)]
     targets = torch.cat([dynamic_targets(dyn, z_fit[i:i + settings.batch_size], t).cpu()
@@ -174,27 +177,16 @@ def fit_predictor(dyn, t, fit, held, settings, log):
     G.requires_grad_(True)
     opt = torch.optim.AdamW(G.parameters(), lr=settings.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
-    g = torch.Generator().manual_seed(settings.seed + 1000 * t)
-    everyone = torch.cat(distributed.all_gather(fit.positions)).sort().values
-    losses = []
-    for _ in distributed.progress(range(settings.steps), desc=f"fit G_{t}"):
-        chosen = everyone[torch.randint(0, len(everyone), (settings.batch_size,), generator=g)]
-        where = torch.searchsorted(fit.positions, chosen).clamp_max(max(0, len(fit.positions) - 1))
-        mine = where[fit.positions[where] == chosen] if len(fit.positions) else where[:0]
-        opt.zero_grad(set_to_none=False)
-        loss = torch.zeros(())
-        if len(mine):
-            with autocast(device):
-                s_hat = G(z_fit[mine].to(device)[:, n_prefix:]).float()
-            loss = slim.top_k_listmle(s_hat, targets[mine][:, n_prefix:].to(device), k) * len(mine) / settings.batch_size
-            loss.backward()
-        for p in G.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            distributed.all_reduce_sum(p.grad)
-        opt.step()
-        sched.step()
-        losses.append(distributed.all_reduce_sum(loss.detach().float().cpu()).item())
+
+    def loss_of(mine):  # the top-k ListMLE of the drawn images mine, summed over them
+        with autocast(device):
+            s_hat = G(z_fit[mine].to(device)[:, n_prefix:]).float()
+        return slim.top_k_listmle(s_hat, targets[mine][:, n_prefix:].to(device), k) * len(mine)
+    try:
+        losses = distributed.data_parallel_steps(loss_of, opt, sched, settings.steps, fit.positions,
+                                                 settings.batch_size, settings.seed + 1000 * t, f"fit G_{t}")
+    except FloatingPointError:
+        raise UserError(f"the fit of G_{t} produced a non-finite loss: lower --predictor-lr") from None
     G.requires_grad_(False)
     info = {"layer": t, "kept": dyn.counts[t - 1], "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             **ranking_quality(dyn, t, held.z[t - 1], settings.batch_size), "seconds": round(time.time() - t0, 1)}
@@ -209,7 +201,7 @@ def fit(dyn, fit_cache, held_cache, settings, state_path, made_with, log):
     when layer t's targets are computed), resuming from state_path. Returns the per-layer records."""
     layers = sorted(slim.predicted_layers(dyn.cfg, dyn.counts), reverse=True)
     state = {"settings": made_with, "next": layers[0] if layers else 0, "layers": []}
-    saved = load_state(state_path, made_with)
+    saved = load_if_made_with(state_path, made_with, "a predictor fit")
     if saved:
         state = saved
         dyn.predictors.load_state_dict(state["predictors"])
@@ -223,10 +215,6 @@ def fit(dyn, fit_cache, held_cache, settings, state_path, made_with, log):
             write_atomically(state_path, state)
     dyn.predictors.requires_grad_(False)
     return state["layers"]
-
-
-def load_state(path, made_with):
-    return load_if_made_with(path, made_with, "a predictor fit", "start over", "next")
 
 
 # ----------------------------------------------------------------------------- the CLI's --dynamic (slim.py)
@@ -274,16 +262,16 @@ def read_report(folder):
         return json.load(f)
 
 
-def main(args, model, info, bad):
+def main(args, model, info):
     """slim.py's entry for DPS-ViT: --eval-only of a dynamic.pth, or the dynamic run (--dynamic --from OUT; model is
     then the dense network of the static run, the fine-tune's teacher)."""
     if info.dynamic is not None and not args.eval_only:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint: evaluate it with --eval-only; a search or "
                         "a dynamic run starts from a static model")
-    return evaluate_only(args, model, info, bad) if args.eval_only else make_dynamic(args, model, info, bad)
+    return evaluate_only(args, model, info) if args.eval_only else make_dynamic(args, model, info)
 
 
-def evaluate_only(args, model, info, bad):
+def evaluate_only(args, model, info):
     """--eval-only --weights OUT/dynamic.pth: top-1 on val and FLOPs with G, to OUT/eval.json."""
     if args.masks:
         raise UserError(f"--weights {args.weights} is a DPS-ViT checkpoint, whose images choose their own masks: "
@@ -292,11 +280,12 @@ def evaluate_only(args, model, info, bad):
     if args.tokens not in (None, dyn.tokens):
         raise UserError(f"--weights {args.weights} is a DPS-ViT fitted and fine-tuned under tokens={dyn.tokens!r}: "
                         "drop --tokens (its predictors were fitted to that semantics)")
-    val = run.val_dataset(args, dyn.cfg, info.classes)
-    with run.open_log(args, "eval.log", model, info) as log:
-        top1, _, labels = run.evaluate(dyn, val, None, dyn.tokens, args, bad, "eval DPS-ViT")
+    run = Run(args)
+    val = run.val_dataset(dyn.cfg, info.classes)
+    with run.open_log("eval.log", model, info) as log:
+        top1, _, labels = run.evaluate(dyn, val, None, dyn.tokens, "eval DPS-ViT")
         result = {"top1": top1, **flops_of(dyn), "val_images": len(labels), "val_files": len(val),
-                  "weights": args.weights, **run.skipped(bad, log), "processes": distributed.world_size(),
+                  "weights": args.weights, **run.skipped(), "processes": distributed.world_size(),
                   "machine": distributed.machine()}
         if distributed.is_main():
             write_atomically(os.path.join(args.out, "eval.json"), result)
@@ -332,24 +321,25 @@ def settings_from_args(args, static, static_report):
     return settings, ft, note
 
 
-def fit_stage(args, dyn, settings, classes, paths, made_with, bad, log):
+def fit_stage(run, dyn, settings, classes):
     """Stage 2: the dense caches of the fit and held images (skipped when the saved fit is complete), then every
     G_t fitted top-down, resumable. classes: the static checkpoint's class names. Returns the per-layer records."""
-    cfg, saved = dyn.cfg, load_state(paths["state"], made_with)
+    args, cfg, state_path = run.args, dyn.cfg, run.paths["state"]
+    saved = load_if_made_with(state_path, run.identity, "a predictor fit")
     fit_cache = held_cache = None
     if not saved or saved["next"] > 0:
-        train = data.build_dataset(args.data_path, "train", cfg.img_size, mean=cfg.mean, std=cfg.std)
+        train = run.dataset("train", cfg)
         data.check_classes(train, cfg.num_classes, classes)
         n_fit, n_held = search_set_sizes(settings, len(train))
         cache_device, plan = cache_plan(cfg, -(-(n_fit + n_held) // distributed.world_size()),
                                         slim.device_of(dyn), args.cache_device)
-        log(plan)
-        fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, settings, args.workers, log,
-                                                  cache_device, bad)
-    return fit(dyn, fit_cache, held_cache, settings, paths["state"], made_with, log)
+        run.log(plan)
+        fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, settings, args.workers,
+                                                  run.log, cache_device)
+    return fit(dyn, fit_cache, held_cache, settings, state_path, run.identity, run.log)
 
 
-def make_dynamic(args, teacher, teacher_info, bad):
+def make_dynamic(args, teacher, teacher_info):
     """Stages 1-4 of the module docstring. teacher: the static run's dense network (teacher_info: its checkpoint's)."""
     t_start, device, is_main = time.time(), slim.device_of(teacher), distributed.is_main()
     static, static_info = vit.read_checkpoint(os.path.join(args.dynamic_from, "slimmed.pth"))
@@ -362,37 +352,38 @@ def make_dynamic(args, teacher, teacher_info, bad):
     static_counts = flops.kept_counts(cfg, static.keep)
     static_flops = flops.count_flops(cfg, static.keep, tokens=tokens)
     made_with = {**asdict(settings), "from": os.path.abspath(args.dynamic_from), "data_path": os.path.abspath(args.data_path)}
-    paths = {k: os.path.join(args.out, f) for k, f in (
+    run = Run(args, {k: os.path.join(args.out, f) for k, f in (
         ("state", "dynamic_state.pt"), ("finetune", "dynamic_finetune.pt"), ("report", "dynamic.json"),
-        ("predictions", "dynamic_predictions.npz"))}
-    load_state(paths["state"], made_with)  # a resume with other settings is refused here, before any work
+        ("predictions", "dynamic_predictions.npz"))}, made_with)
+    paths = run.paths
+    # a resume with other settings is refused here, before any work
+    load_if_made_with(paths["state"], made_with, "a predictor fit")
     if ft.epochs > 0:
-        finetune.check_resume(paths["finetune"], {**asdict(ft), "dynamic": made_with})
+        load_if_made_with(paths["finetune"], {**asdict(ft), "dynamic": made_with}, "a final fine-tune")
     dyn = DynamicSlimmed(copy.deepcopy(static), counts, tokens, width).to(device)  # static: evaluated as it is
-    val = run.val_dataset(args, cfg, static_info.classes)
-    with run.open_log(args, "dynamic_log.txt", teacher, teacher_info) as log:
+    val = run.val_dataset(cfg, static_info.classes)
+    with run.open_log("dynamic_log.txt", teacher, teacher_info) as log:
         if note:
             log(note)
         log(f"DPS-ViT from {args.dynamic_from}: counts {counts} (static {static_counts}), tokens {tokens}, G width "
             f"{width} at layers {slim.predicted_layers(cfg, counts)}\nfit settings: {json.dumps(asdict(settings))}\n"
             f"final fine-tune settings: {json.dumps(asdict(ft))}")
-        layers = fit_stage(args, dyn, settings, static_info.classes, paths, made_with, bad, log)
+        layers = fit_stage(run, dyn, settings, static_info.classes)
         report = {"static_top1": None, "fitted_top1": None}
-        report["static_top1"], static_preds, labels = run.evaluate(static, val, static.keep, tokens, args, bad,
-                                                                   "static")
-        report["fitted_top1"], fitted_preds, _ = run.evaluate(dyn, val, None, tokens, args, bad, "G in place")
+        report["static_top1"], static_preds, labels = run.evaluate(static, val, static.keep, tokens, "static")
+        report["fitted_top1"], fitted_preds, _ = run.evaluate(dyn, val, None, tokens, "G in place")
         log(f"static (PS-ViT): top-1 {report['static_top1']:.2f}%; G in place before the fine-tune: "
             f"{report['fitted_top1']:.2f}%")
         if ft.epochs > 0:
-            train_ft = data.build_dataset(args.data_path, "train", cfg.img_size, randaugment=ft.randaugment,
-                                          erase=ft.erase, mean=cfg.mean, std=cfg.std)
-            finetune.finetune(dyn, teacher if ft.distill != "none" else None, None, tokens, train_ft, ft,
-                              paths["finetune"], {"dynamic": made_with}, log, args.workers, bad, frozen=dyn.predictors)
-        top1, preds, labels = run.evaluate(dyn, val, None, tokens, args, bad, "DPS-ViT")
+            train_ft = run.dataset("train", cfg, randaugment=ft.randaugment, erase=ft.erase)
+            finetune.finetune(dyn, teacher if ft.distill != "none" else None, None, tokens,
+                              finetune.Schedule(train_ft, ft, cfg, args.workers), log,
+                              finetune.Checkpoint(paths["finetune"], {"dynamic": made_with}), frozen=dyn.predictors)
+        top1, preds, labels = run.evaluate(dyn, val, None, tokens, "DPS-ViT")
         report.update({"dynamic_top1": top1, **flops_of(dyn), "static_gflops": static_flops / 1e9,
                        "static_kept_per_layer": static_counts, "layers": layers, "val_images": len(labels),
                        "settings": asdict(settings), "final_finetune": asdict(ft), "from": args.dynamic_from,
-                       "static_report_top1": static_report.get("slimmed_top1"), **run.skipped(bad, log),
+                       "static_report_top1": static_report.get("slimmed_top1"), **run.skipped(),
                        "wall_seconds": round(time.time() - t_start, 1), "processes": distributed.world_size(),
                        "args": vars(args), "machine": distributed.machine(), "flops_note": flops.NOT_COUNTED})
         if is_main:

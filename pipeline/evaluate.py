@@ -21,13 +21,14 @@ def autocast(device):
 
 
 @torch.no_grad()
-def predict(model, ds, keep=None, tokens="frozen", batch_size=250, workers=2, bad=None, desc="eval"):
+def predict(model, ds, keep=None, tokens="frozen", batch_size=250, workers=2, desc="eval"):
     """Predicted classes and labels of every readable image of dataset ds, (M,) each, in ds order, with masks keep
-    under `tokens`. Under torchrun rank r predicts images r, r+K, ... and all ranks get the gathered result."""
+    under `tokens` (an unusable file: an error, or skipped and counted, as ds's registry says: data.bad_files). Under
+    torchrun rank r predicts images r, r+K, ... and all ranks get the gathered result."""
     model.eval()
     device = next(model.parameters()).device
     positions = distributed.shard(len(ds))
-    loader = data.loader(PositionTagged(Subset(ds, positions), positions), batch_size, workers=workers, bad=bad)
+    loader = data.loader(PositionTagged(Subset(ds, positions), positions), batch_size, workers=workers)
     preds, labels, where = [], [], []
     for img, (y, pos) in distributed.progress(loader, desc=desc):
         with autocast(device):
@@ -44,14 +45,14 @@ def predict(model, ds, keep=None, tokens="frozen", batch_size=250, workers=2, ba
 class PositionTagged(torch.utils.data.Dataset):
     """Items (image, (label, position in the full dataset)), so that sharded predictions go back in order."""
 
-    def __init__(self, ds, positions):
-        self.ds, self.positions = ds, positions
+    def __init__(self, dataset, positions):
+        self.dataset, self.positions = dataset, positions
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.dataset)
 
     def __getitem__(self, i):
-        item = self.ds[i]
+        item = self.dataset[i]
         return item if isinstance(item, data.BadFile) else (item[0], (item[1], self.positions[i]))
 
 

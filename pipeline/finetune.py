@@ -24,6 +24,7 @@ import itertools
 import math
 import signal
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -99,10 +100,9 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def check_resume(ckpt_path, settings):
-    """The saved fine-tune at ckpt_path if there is one (None otherwise), provided it was made with the same settings
-    (FinetuneSettings and identity); else a one-line error: resuming it would mix two fine-tunes."""
-    return load_if_made_with(ckpt_path, settings, "a final fine-tune", "start the fine-tune over", "step")
+Checkpoint = namedtuple("Checkpoint", "path made_with")  # where a fine-tune is saved after every epoch and resumed
+#   from (path), and what besides its FinetuneSettings identifies it (made_with: masks, weights, data), compared on
+#   resume: a saved fine-tune made otherwise is a one-line error (pipeline/resume.py), never mixed into this one
 
 
 def learning_rate(s, step, total, warmup):
@@ -152,57 +152,62 @@ def save_checkpoint(path, student, opt, step, settings):
                                 "settings": settings})
 
 
-def train_step(model, student, teacher, opt, s, batch, step, total, warmup, mix, stop_asked, epoch):
-    """One optimiser step of the final fine-tune on batch (None: every file of this rank's batch was skipped, and a
-    step with zero loss on a blank image keeps the ranks in step). One all-reduce tells every rank whether any saw a
-    non-finite loss (a one-line error) or was asked to stop (stop_asked): then no step is taken and it returns None.
-    Returns the loss."""
-    device, rank = next(student.parameters()).device, distributed.rank()
-    if batch is None:
-        size = student.cfg.img_size
-        img, y = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long)
-    else:
-        img, y = batch
+def train_step(model, teacher, opt, plan, batch, step, stop_asked):
+    """One optimiser step of the final fine-tune (plan: its Schedule) on batch (None: every file of this rank's batch
+    was skipped, and a step with zero loss on a blank image keeps the ranks in step). One all-reduce tells every rank
+    whether any saw a non-finite loss (a one-line error) or was asked to stop (stop_asked): then no step is taken and
+    it returns None. Returns the loss."""
+    device, rank, s = next(model.parameters()).device, distributed.rank(), plan.s
+    img, y = plan.blank() if batch is None else batch
     img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if mix is not None:
+    if plan.mix is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((s.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
-            img, y = mix(img, y)
+            img, y = plan.mix(img, y)
     with autocast(device):
         f, logits = model(img)
     loss = loss_of(s, f.float(), logits.float(), y, teacher, img) * (batch is not None)
     flags = distributed.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop_asked)]))
     if flags[0] > 0:
-        raise UserError(f"the final fine-tune's loss is not finite at epoch {epoch + 1}, step {step}: nothing was "
-                        "saved for this step; lower --final-lr or check the data")
+        raise UserError(f"the final fine-tune's loss is not finite at epoch {step // plan.steps_per_epoch + 1}, step "
+                        f"{step}: nothing was saved for this step; lower --final-lr or check the data")
     if flags[1] > 0:
         return None
     opt.zero_grad(set_to_none=True)
     loss.backward()
     for group in opt.param_groups:
-        group["lr"] = learning_rate(s, step, total, warmup)
+        group["lr"] = learning_rate(s, step, plan.total, plan.warmup)
     opt.step()
     return loss
 
 
 class Schedule:
-    """The steps of a fine-tune of train_ds with recipe s over this launch's processes: the seeded view of the images,
-    the resumable sampler of this rank, images per rank and step, steps per epoch, total and warm-up steps."""
+    """How a fine-tune of a model of config cfg runs on train_ds with recipe s (FinetuneSettings) over this launch's
+    processes: the seeded view of the images, this rank's resumable sampler and its loader (workers: DataLoader
+    processes; the dataset's unusable files go to its registry, data.bad_files), the recipe's batch mixing for cfg's
+    classes, images per rank and step, steps per epoch, total and warm-up steps."""
 
-    def __init__(self, train_ds, s):
+    def __init__(self, train_ds, s, cfg, workers=2):
         world = distributed.world_size()
         if s.batch_size % world:
             raise UserError(f"--final-batch-size {s.batch_size} is not a multiple of the {world} processes: "
                             "pass a multiple")
         if len(train_ds) < s.batch_size:
             raise UserError(f"the training set has {len(train_ds)} images, fewer than --final-batch-size {s.batch_size}")
-        self.per_rank = s.batch_size // world
+        self.s, self.img_size, self.per_rank = s, cfg.img_size, s.batch_size // world
         self.view = data.SeededView(train_ds, s.seed)
         self.sampler = ResumableSampler(self.view, num_replicas=world, rank=distributed.rank(), shuffle=True,
                                         seed=s.seed, drop_last=True)
+        self.loader = data.loader(self.view, self.per_rank, workers=workers, sampler=self.sampler, drop_last=True,
+                                  keep_empty=True)
+        self.mix = data.mixup_cutmix(cfg.num_classes, s.mixup, s.cutmix)
         self.steps_per_epoch = self.sampler.num_samples // self.per_rank
         self.total = max(1, round(s.epochs * self.steps_per_epoch))
         self.warmup = round(s.warmup_epochs * self.steps_per_epoch)
+
+    def blank(self):
+        """The stand-in for a batch whose every file was skipped: one black image, label 0."""
+        return torch.zeros(1, 3, self.img_size, self.img_size), torch.zeros(1, dtype=torch.long)
 
     def start_epoch(self, step):
         """Position the view and the sampler at `step` (mid-epoch after a resume); returns the epoch (0-based)."""
@@ -213,15 +218,16 @@ class Schedule:
         return epoch
 
 
-def optimiser(student, frozen, s, ckpt_path, settings, plan, log):
+def optimiser(student, frozen, plan, ckpt_path, settings, log):
     """AdamW over student's parameters (those of `frozen` aside) and the step to start from: 0, or where the saved
-    fine-tune at ckpt_path stopped (its weights and optimiser state loaded)."""
+    fine-tune at ckpt_path stopped (its weights and optimiser state loaded), provided it was made with the same
+    settings (FinetuneSettings and identity)."""
     fixed = set() if frozen is None else set(frozen.parameters())
     trained = [p for p in student.parameters() if p not in fixed]
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
-    saved = check_resume(ckpt_path, settings)
+    opt = torch.optim.AdamW(trained, lr=plan.s.lr, weight_decay=plan.s.weight_decay)
+    saved = load_if_made_with(ckpt_path, settings, "a final fine-tune")
     if not saved:
         return opt, 0
     student.load_state_dict(saved["model"])
@@ -233,22 +239,18 @@ def optimiser(student, frozen, s, ckpt_path, settings, plan, log):
     return opt, step
 
 
-def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, log, workers=2, bad=None,
-             frozen=None):
-    """Fine-tune `student` (with masks keep under `tokens`) end to end on train_ds with recipe s (FinetuneSettings).
-    ckpt_path: the checkpoint it resumes from and writes (None: none); made_with: what else identifies the run
-    (masks, weights), compared on resume. SIGINT/SIGTERM (StopRequest) end it after a whole step, saved.
-    frozen: a submodule of student the fine-tune leaves as it is (DPS-ViT's predictors G, pipeline/dynamic.py).
-    Returns the number of steps run in this call."""
+def finetune(student, teacher, keep, tokens, plan, log, checkpoint=None, frozen=None):
+    """Fine-tune `student` (with masks keep under `tokens`) end to end as plan says (a Schedule: the training images
+    and the recipe). checkpoint: where it resumes from and saves to (a Checkpoint; None: nowhere). SIGINT/SIGTERM
+    (StopRequest) end it after a whole step, saved. frozen: a submodule of student the fine-tune leaves as it is
+    (DPS-ViT's predictors G, pipeline/dynamic.py). Returns the number of steps run in this call."""
     device, world = next(student.parameters()).device, distributed.world_size()
-    plan, settings = Schedule(train_ds, s), {**asdict(s), **made_with}
-    opt, step = optimiser(student, frozen, s, ckpt_path, settings, plan, log)
+    ckpt_path, made_with = checkpoint or Checkpoint(None, {})
+    settings = {**asdict(plan.s), **made_with}
+    opt, step = optimiser(student, frozen, plan, ckpt_path, settings, log)
     model = WithFeatures(student, keep, tokens)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    mix = data.mixup_cutmix(student.cfg.num_classes, s.mixup, s.cutmix)
-    loader = data.loader(plan.view, plan.per_rank, workers=workers, sampler=plan.sampler, drop_last=True, bad=bad,
-                         keep_empty=True)
     bar = distributed.progress(total=plan.total, initial=step, desc="final fine-tune")
     first, t0, every = step, time.time(), max(1, min(plan.steps_per_epoch // 10, 200))
     student.train()
@@ -256,17 +258,16 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     with StopRequest() as stop:
         try:
             while step < plan.total and not stopping:
-                epoch = plan.start_epoch(step)
-                for batch in loader:
-                    loss = train_step(model, student, teacher, opt, s, batch, step, plan.total, plan.warmup, mix,
-                                      stop.flag, epoch)
+                plan.start_epoch(step)
+                for batch in plan.loader:
+                    loss = train_step(model, teacher, opt, plan, batch, step, stop.flag)
                     if loss is None:
                         stopping = True
                         break
                     step += 1
                     bar.update()
                     if step % every == 0 or step == plan.total:  # every rank gets here: the mean loss of all ranks
-                        log_progress(log, loss, step, first, t0, plan, s)
+                        log_progress(log, loss, step, first, t0, plan)
                     if step % plan.steps_per_epoch == 0 or step == plan.total:  # the end of an epoch
                         save_checkpoint(ckpt_path, student, opt, step, settings)
                         break
@@ -287,8 +288,9 @@ def finetune(student, teacher, keep, tokens, train_ds, s, ckpt_path, made_with, 
     return step - first
 
 
-def log_progress(log, loss, step, first, t0, plan, s):
+def log_progress(log, loss, step, first, t0, plan):
     """A line of the log: the epoch and step, the loss averaged over the processes, the rate and the time left."""
+    s = plan.s
     mean_loss = distributed.all_reduce_sum(loss.detach().float().cpu()).item() / distributed.world_size()
     rate = (step - first) * s.batch_size / (time.time() - t0)
     log(f"final fine-tune: epoch {(step - 1) // plan.steps_per_epoch + 1}/{math.ceil(plan.total / plan.steps_per_epoch)}, "

@@ -77,10 +77,18 @@ def same_everywhere(value, what):
     return value
 
 
-def load_if_made_with(path, made_with, what, restart, position):
-    """The saved run at path, or None when there is none. Its "settings" entry must equal made_with (else a one-line
-    error: resuming would return a result made with other settings under the new ones' name), and every rank must
-    see the file and the same saved[position] (how far it got). what: "a search", ...; restart: how to start over."""
+RESUMABLE = {  # what a saved file holds (as errors name it): how to start it over, and its entry saying how far it got
+    "a search": ("start over", "next"),                     # OUT/state.pt, slim.search
+    "a predictor fit": ("start over", "next"),              # OUT/dynamic_state.pt, pipeline/dynamic.py
+    "a final fine-tune": ("start the fine-tune over", "step"),  # OUT/finetune.pt, dynamic_finetune.pt; finetune.py
+}
+
+
+def load_if_made_with(path, made_with, what):
+    """The saved run at path, or None when there is none (or no path). what: a key of RESUMABLE. Its "settings" entry
+    must equal made_with (else a one-line error: resuming would return a result made with other settings under the
+    new ones' name), and every rank must see the file and the same entry of how far it got."""
+    restart, position = RESUMABLE[what]
     if not path or not same_everywhere(os.path.exists(path), f"versions of {path}"):
         return None
     saved = torch.load(path, map_location="cpu", weights_only=False)
