@@ -2304,8 +2304,9 @@ def test_cli_dynamic_end_to_end_on_cifar10_subset(tmp_path):
 
 def test_dynamic_fit_under_torchrun_two_processes_equals_one_process(tmp_path):
     """DPS-ViT's fit under a real 2-process torchrun (gloo): every rank draws the same image numbers and the gradients
-    are summed (pipeline.dynamic.fit_predictor), so the fitted predictors, their ranking quality on the held images and
-    the dynamic model's predictions equal one process's, up to float summation order."""
+    are summed (pipeline/distributed.py's data_parallel_steps, as pipeline.dynamic.fit_predictor runs it), so the
+    fitted predictors, their ranking quality on the held images and the dynamic model's predictions equal one
+    process's, up to float summation order."""
     static = tmp_path / "static"
     common = ["--val-per-class", "3", "--workers", "1", "--batch-size", "32"]
     cli(["--data", "folder", "--data-path", CIFAR, "--weights", PROXY_CKPT, "--out", str(static), "--fit-images",
