@@ -105,4 +105,4 @@ def light_finetune(student, teacher, keep, tokens, train_ds, epochs, lr, batch_s
     """The "light" recipe with the given epochs, lr (at batch_size) and seed, without a checkpoint: the same final
     fine-tune the bench scripts give every network they compare."""
     s = replace(finetune.RECIPES["light"], epochs=epochs, lr=lr, lr_batch=batch_size, batch_size=batch_size, seed=seed)
-    return finetune.finetune(student, teacher, keep, tokens, train_ds, s, None, {}, log, workers)
+    return finetune.finetune(student, teacher, keep, tokens, finetune.Schedule(train_ds, s, student.cfg, workers), log)

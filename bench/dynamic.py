@@ -49,8 +49,8 @@ def static_continued(static_dir, out, ft, val, args, log):
         cfg = model.cfg
         train = data.build_dataset(report["args"]["data_path"], "train", cfg.img_size, randaugment=s.randaugment,
                                    erase=s.erase, mean=cfg.mean, std=cfg.std)
-        finetune.finetune(model, teacher, model.keep, model.tokens, train, s, os.path.join(out, "finetune.pt"),
-                          {"from": os.path.abspath(static_dir)}, log, args.workers)
+        finetune.finetune(model, teacher, model.keep, model.tokens, finetune.Schedule(train, s, cfg, args.workers), log,
+                          finetune.Checkpoint(os.path.join(out, "finetune.pt"), {"from": os.path.abspath(static_dir)}))
     preds, labels = predict(model, val, model.keep, model.tokens, 250, args.workers, desc="eval PS+")
     return accuracy(preds, labels), preds, labels
 

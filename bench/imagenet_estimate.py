@@ -82,8 +82,9 @@ def main():
     teacher = vit.deit("deit_small").to(device).eval()
     ds = torch.utils.data.TensorDataset(img.repeat(2, 1, 1, 1), torch.zeros(2 * B, dtype=torch.long))
     ft = replace(recipe, epochs=1.0, batch_size=B, lr_batch=B, randaugment=False, erase=0.0)
-    per_image["final fine-tune"] = timed(lambda: finetune.finetune(model, teacher, keep, "frozen", ds, ft, None, {},
-                                                                   lambda m: None, workers=0), 1) / (2 * B)
+    plan = finetune.Schedule(ds, ft, model.cfg, workers=0)
+    per_image["final fine-tune"] = timed(lambda: finetune.finetune(model, teacher, keep, "frozen", plan,
+                                                                   lambda m: None), 1) / (2 * B)
 
     def slimmed_forward():
         with torch.no_grad(), autocast(device):
