@@ -1512,7 +1512,8 @@ def test_cli_end_to_end_on_cifar10_subset(tmp_path, monkeypatch):
     assert ev2["tokens"] == "removed" and ev2["gflops"] < ev["gflops"]  # explicit, and logged as such
     assert "searched with tokens='frozen'" in (tmp_path / "ev" / "eval.log").read_text()
     from pipeline import run
-    monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("the dense model was evaluated before the refusal"))
+    monkeypatch.setattr(run.Run, "evaluate",
+                        lambda *a, **k: pytest.fail("the dense model was evaluated before the refusal"))
     with pytest.raises(SystemExit, match=r"other settings \(eps 0.3 -> 0.5\)"):  # refused before any work
         cli(argv[:-4] + ["--eps", "0.5", "--workers", "1"])
     bad = tmp_path / "bad.json"
