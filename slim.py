@@ -187,7 +187,7 @@ def at_layer(cache, t):
     return LayerCache(cache.z[t - 1], cache.z[t + 1], cache.feat, cache.logits, cache.positions)
 
 
-def images(cache, idx):
+def cache_rows(cache, idx):
     """A LayerCache restricted to images idx (a slice or an index tensor)."""
     return LayerCache(*(v[idx] for v in cache))
 
@@ -243,7 +243,7 @@ def layer_error(model, cache, keep, tokens, error, t, batch_size):
     LayerCache; under torchrun over every rank's share, so that each rank gets the same numbers): Error of floats."""
     total = torch.zeros(3, dtype=torch.float64)  # sums of the relative and absolute per-image errors, images
     for i in range(0, len(cache.z_in), batch_size):
-        e = ERRORS[error](model, images(cache, slice(i, i + batch_size)), keep, tokens, t)
+        e = ERRORS[error](model, cache_rows(cache, slice(i, i + batch_size)), keep, tokens, t)
         total += torch.tensor([e.relative.double().sum().item(), e.absolute.double().sum().item(), len(e.relative)],
                               dtype=torch.float64)
     total = distributed.all_reduce_sum(total)
@@ -288,7 +288,7 @@ def finetune_block(model, t, fit, keep, settings, seed, desc):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.ft_steps)
 
     def loss_of(mine):  # the summed per-image error of the drawn images mine
-        batch = images(fit, mine)
+        batch = cache_rows(fit, mine)
         if settings.error == "next":
             return next_layer_error(model, batch, keep, settings.tokens, t).relative.sum()
         f = tail_features(model, batch.z_in, keep, settings.tokens, t)

@@ -196,7 +196,7 @@ def fit_predictor(dyn, t, fit, held, settings, log):
     return info
 
 
-def fit(dyn, fit_cache, held_cache, settings, state_path, made_with, log):
+def fit_predictors(dyn, fit_cache, held_cache, settings, state_path, made_with, log):
     """Stage 2: the predictors top-down (t = L-1 .. 1, as Alg. 1, so that layers t+1..L are pruned by their fitted G
     when layer t's targets are computed), resuming from state_path. Returns the per-layer records."""
     layers = sorted(slim.predicted_layers(dyn.cfg, dyn.counts), reverse=True)
@@ -336,7 +336,7 @@ def fit_stage(run, dyn, settings, classes):
         run.log(plan)
         fit_cache, held_cache = cache_search_sets(dyn.vit.eval(), train, args.data_path, settings, args.workers,
                                                   run.log, cache_device)
-    return fit(dyn, fit_cache, held_cache, settings, state_path, run.identity, run.log)
+    return fit_predictors(dyn, fit_cache, held_cache, settings, state_path, run.identity, run.log)
 
 
 def make_dynamic(args, teacher, teacher_info):
