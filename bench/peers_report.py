@@ -223,19 +223,24 @@ def peers_summary():
             v = m["val"]
             cells.append(f"{v['top1']:.2f}" + (f" ({interval(v['ps_minus_this'])})" if "ps_minus_this" in v else
                                                 " (the reference)"))
-            tuned = [e["top1"] for e in m.get("finetuned", {}).values()]
-            vs = f" ({interval(m['finetuned_seeds_together'])})" if "finetuned_seeds_together" in m else \
-                " (the reference)" if name == "patch slimming" else ""
-            cells.append(f"{sum(tuned) / len(tuned):.2f}{vs}" if len(tuned) == len(res.get("finetune", {}).get(
-                "seeds", [])) and tuned else "not run yet")
+            done = m.get("finetuned", {})
+            tuned = [e["top1"] for e in done.values()]
+            if "finetuned_seeds_together" in m:
+                vs = f" ({interval(m['finetuned_seeds_together'])})"
+            elif len(done) == 1 and "ps_minus_this" in next(iter(done.values())):
+                vs = f" ({interval(next(iter(done.values()))['ps_minus_this'])}; {next(iter(done))} only)"
+            else:
+                vs = " (the reference)" if name == "patch slimming" and done else ""
+            cells.append(f"{sum(tuned) / len(tuned):.2f}{vs}" if tuned else "not run yet")
         sp = speed.get(name)
         rows.append(f"| {bold(name)} | " + " | ".join(cells) + " | "
                     + (f"{times(sp['speedup_batch'])} / {times(sp['speedup_b1'])}" if sp else "not measured") + " |")
-    seeds = ", ".join(map(str, res.get("finetune", {}).get("seeds", [])))
+    seeds = ", ".join(sorted({k for b in res["budgets"].values() for m in b["methods"].values()
+                              for k in m.get("finetuned", {})}))  # the seeds run so far
     return ("\n".join(rows) + f"\n\nOff the shelf: each method's free settings selected by top-1 on "
             f"{res['held_out']['images']} held-out training images at the budget, then val ({res['val_images']} images) "
             f"read once; 95% paired bootstrap intervals. Fine-tuned: that setting after the headline's one-epoch "
-            f"fine-tune from the dense weights, every method alike{f' (seeds {seeds})' if seeds else ''}. Speed: each "
+            f"fine-tune from the dense weights, every method alike{f' ({seeds})' if seeds else ''}. Speed: each "
             f"method at about 2.6 of DeiT-S's 4.6 GFLOPs, PyTorch eager on this CPU. Files: `{SELECTION}`, "
             f"`{PEERS_SPEED}`.")
 
