@@ -136,6 +136,9 @@ def peers_finetuned():
                           "ps_minus_this" in e else ("(the reference)" if e and name == "patch slimming" else "")]
             together = [interval(m[k]) if k in m else "" for k in ("finetuned_seeds_together",
                                                                     "finetuned_seeds_together_own_runs")]
+            if not together[1]:  # fewer seeds than asked so far: each seed's own
+                together[1] = "; ".join(f"{s}: {interval(e['ps_own_run_minus_this'])}" for s, e in done.items()
+                                        if "ps_own_run_minus_this" in e)
             if name == "patch slimming" and not together[0]:
                 together[0] = "(the reference)"
             rows.append(f"| {budget} | {bold(name)} | {m['val']['gflops']:.4f} | " + " | ".join(cells) + " | "
