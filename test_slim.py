@@ -281,25 +281,6 @@ def test_gathered_forward_equals_the_eq2_reference(seed, tokens, family):
     assert torch.equal(maps[-1].query_rows, keep[-1])
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
-def test_packed_model_equals_the_plain_one():
-    """bench/speed.py's pack_for_cpu (its "packed" runtime, and bench/single_layer.py's predictions)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
-    from speed import pack_for_cpu
-    torch.manual_seed(0)
-    model = vit.VisionTransformer(SMALL_CFG).eval()
-    packed, x, keep = pack_for_cpu(model), torch.randn(3, 3, 32, 32), random_nested_keep(SMALL_CFG, 1)
-    with torch.inference_mode():
-        for k, tokens in ((None, "frozen"), (keep, "frozen"), (keep, "removed")):
-            out, ref = packed(x, k, tokens), model(x, k, tokens)
-            assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
-    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every linear really is packed
-    with pytest.raises(UserError, match="inference only"):  # training it would silently update nothing
-        packed(x)
-    with pytest.raises(UserError, match="float32 model on the CPU"):
-        pack_for_cpu(vit.VisionTransformer(SMALL_CFG).to(torch.bfloat16))
-
-
 @pytest.mark.parametrize("name,seed", [("deit_tiny", s) for s in (None, 0, 1, 2)] +
                          [(n, s) for n in ("deit_tiny_distilled", "deit3_small") for s in (None, 0)])
 @pytest.mark.parametrize("tokens", vit.TOKENS)

@@ -39,7 +39,7 @@ if [ "$MODE" = gpu ]; then
 else
   DEVICE=cpu; PRESET=tiny; IMAGES="3 8 2 32"  # a 32-px model of width 64 and depth 4
   SEARCH=(--fit-images 8 --held-images 4 --score-images 4 --ft-steps 1 --batch-size 4 --final-batch-size 4 --r-step 4)
-  SPEED=(--weights "$TMP/model.pth" --batches 1 4 --repeats 1 --runtimes eager --profile-calls 0); WORKERS=0
+  SPEED=(--weights "$TMP/model.pth" --batches 1 4 --repeats 1 --runtimes eager); WORKERS=0
 fi
 
 # the synthetic ImageFolder and the random checkpoint (release format: {"model": state_dict}, timm names)

@@ -139,7 +139,7 @@ SPEED_RUNTIMES = "results/speed_runtimes_deit_small_cpu_float32.json"  # bench/s
 
 
 def speed_runtimes(path=SPEED_RUNTIMES):
-    """bench/speed.py's run of every runtime (eager, packed, torch.compile, onnxruntime): per model its batch-1 latency
+    """bench/speed.py's run of every runtime (eager, torch.compile, onnxruntime): per model its batch-1 latency
     and largest-batch throughput; per semantics and runtime the speed-ups beside the FLOPs ratio; the
     absolute figure against timm's dense DeiT-S. The machine (CPU model name) and the runtimes' versions, from the file."""
     res = load(path)
@@ -196,21 +196,6 @@ def speed_summary(path=SPEED_RUNTIMES):
             f"({m['cores']} cores), " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + f". File: `{path}`.")
 
 
-def speed_profile(path=SPEED_RUNTIMES):
-    """Where batch-1 time goes in each runtime (bench/speed.py's profile: onnxruntime's profiler, torch.profiler)."""
-    res = load(path)
-    cats = ["matmul", "attention", "gather", "write-back", "layer norm", "other"]
-    rows = ["| runtime | model | profiled ms per call | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
-    for label, prof in res["profile_b1"].items():
-        runtime, model = ("timm (eager)", "dense") if label == "timm dense" else label.split(" ", 1)
-        rows.append(f"| {runtime} | {model} | {prof['total_ms']:.1f} | " + " | ".join(
-            f"{prof['by_category'].get(c, 0.0):.2f}" for c in cats) + " |")
-    return ("\n".join(rows) + f"\n\nBatch 1, milliseconds per call summed over the operators of each kind (self time; "
-            "onnxruntime: its profiler's kernel time per node; the others: torch.profiler, whose own overhead is in "
-            f"the total). Compiled graphs fuse norms and element-wise work into kernels counted as other. File: `{path}` "
-            "(`profile_b1`, with each model's slowest operators).")
-
-
 DYNAMIC = "results/dynamic.json"  # bench/dynamic.py
 
 
@@ -257,7 +242,7 @@ def dynamic_summary():
 
 BLOCKS = {"expected-line": expected_line, "headline": headline, "search-trace": search_trace,
           "alg1-vs-fast": alg1_vs_fast, "fig4": fig4, "table3": table3, "speed-runtimes": speed_runtimes,
-          "speed-summary": speed_summary, "speed-profile": speed_profile, "dynamic": dynamic,
+          "speed-summary": speed_summary, "dynamic": dynamic,
           "dynamic-summary": dynamic_summary, **PEER_BLOCKS}
 PATTERN = re.compile(r"(<!-- bench/report.py:([\w-]+) -->\n)(.*?)(<!-- /bench/report.py -->)", re.S)
 

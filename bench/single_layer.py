@@ -2,8 +2,7 @@
 One layer pruned alone, no fine-tuning (arXiv 2106.02852, Fig. 6 and Fig. 7; docs/results.md), on the shipped CIFAR-10
 proxy: layer t keeps the (1 - rate) best-scoring patches and the class token, layers above keep the same (masks nest,
 m_L = e_0), layers below are dense. Layer t is scored as Alg. 1 first sees it (layers 1..L-1 dense, m_L = e_0) on
-512 training images. The val split's dense Z_0..Z_L is cached once, so each point runs only blocks t..L, with the
-weights prepacked (speed.pack_for_cpu).
+512 training images. The val split's dense Z_0..Z_L is cached once, so each point runs only blocks t..L.
 
     python bench/single_layer.py --figure 6   # every layer 1..11, ratio 0.2 / 0.5 / 0.8, Eq. 6 order
     python bench/single_layer.py --figure 7   # layers 3, 7, 11, rate 0.1 .. 0.9: Eq. 6 vs attn vs random (+ others)
@@ -24,7 +23,6 @@ import flops
 import slim
 from pipeline.caches import cache_dense
 import vit
-from speed import pack_for_cpu
 from stats import compare
 FIGURES = {  # the paper's settings: layers, rates, scores
     6: ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0.2, 0.5, 0.8], ["significance"]),
@@ -63,7 +61,6 @@ def main():
     preds = {"labels": labels, "dense": val_cache.logits.argmax(-1).numpy().astype(np.int16)}
     dense_top1 = float(100 * (preds["dense"] == labels).mean())
     print(f"dense: top-1 {dense_top1:.2f}% on {len(labels)} val images", flush=True)
-    packed = pack_for_cpu(model)  # for the predictions; the scores read the attention of the unpacked model
     top = [torch.arange(N)] * (L - 1) + [torch.tensor([0])]  # what Alg. 1 sees first: m_L = e_0, the rest dense
     points = []
     for t in layers:
@@ -75,7 +72,7 @@ def main():
                 m_t = torch.cat([torch.tensor([0]), ranked[:n_keep]]).sort().values
                 keep = [torch.arange(N)] * (t - 1) + [m_t] * (L - t) + [torch.tensor([0])]
                 key = f"t{t}_r{rate}_{score}"
-                preds[key] = predictions(packed, val_cache.z[t - 1], keep, "frozen", t)
+                preds[key] = predictions(model, val_cache.z[t - 1], keep, "frozen", t)
                 top1 = float(100 * (preds[key] == labels).mean())
                 pt = {"layer": t, "rate": rate, "score": score, "kept_patches": n_keep, "top1": round(top1, 2),
                       "gflops": flops.count_flops(cfg, keep, tokens="frozen") / 1e9}

@@ -1,18 +1,15 @@
 """
 Real speed of dense against patch-slimmed DeiT (arXiv 2106.02852) under both token semantics (method.md P1 "frozen",
 the paper's; C1 "removed"), each at the paper's budget under its own FLOP count, in every runtime of docs/speed.md:
-eager (vit.py's forward), packed (pack_for_cpu below), compile (pipeline/export.StaticSlimmed, inductor's freezing on
-the CPU) and onnxruntime (pipeline/export.py's file, idle threads not spinning), with timm's dense DeiT beside them;
-every model and runtime timed round-robin in one run (common.interleaved), then batch 1 profiled by kind of operator.
-Random weights and patches. Writes results/speed_runtimes_<model>_<device>_<dtype>.json.
+eager (vit.py's forward), compile (pipeline/export.StaticSlimmed, inductor's freezing on the CPU: weights prepacked)
+and onnxruntime (pipeline/export.py's file, idle threads not spinning), with timm's dense DeiT beside them; every
+model and runtime timed round-robin in one run (common.interleaved). Random weights and patches. Writes results/speed_runtimes_<model>_<device>_<dtype>.json.
 
     python bench/speed.py                                   # DeiT-S 224 px, both semantics, CPU, every runtime
-    python bench/speed.py --repeats 2 --runtimes eager onnxruntime --profile-calls 0     # a quick check
+    python bench/speed.py --repeats 2 --runtimes eager onnxruntime     # a quick check
     python bench/speed.py --device cuda --dtype bfloat16 --batches 1 64 256 --runtimes eager compile
 """
 import argparse
-import copy
-import json
 import os
 import shlex
 import shutil
@@ -21,60 +18,16 @@ import sys
 import tempfile
 
 import torch
-import torch.nn as nn
 
 from common import interleaved, machine, random_nested, run, write_json  # peers_speed imports interleaved from here
 import flops
 import vit
 from pipeline import export
 
-RUNTIMES = ("eager", "packed", "compile", "onnxruntime")
+RUNTIMES = ("eager", "compile", "onnxruntime")
 PAPER_V100 = {"dense_img_s": 940, "slimmed_img_s": 1321, "speedup": 1321 / 940, "flops_ratio": 4.6 / 2.6,
               "note": "DeiT-S on a V100, the paper's Table 1 (batch not stated): 940 -> 1321 img/s, 1.41x"}
 FIG5_PYRAMID = [197, 197, 160, 153, 121, 101, 83, 63, 50, 25, 20, 1]  # DeiT-S kept tokens, the paper's Fig. 5 (approx.)
-CATEGORIES = [  # (category, substrings of operator names): where batch-1 time goes; the rest is "other"
-    ("matmul", ("matmul", "gemm", "addmm", "aten::mm", "bmm", "linear", "conv")),
-    ("attention", ("softmax", "scaled_dot_product", "attention", "flash")),
-    ("gather", ("gather", "index_select")),
-    ("write-back", ("scatter", "index_copy", "index_put")),
-    ("layer norm", ("layernorm", "layer_norm")),
-]
-
-
-class PackedLinear(nn.Module):
-    """Inference-only stand-in for a vit.Linear on the CPU: its weight (or row block [r0, r1) of it, for the split
-    q / kv projections) reordered once into oneDNN's blocked layout, as torch.compile's CPU freezing does."""
-
-    def __init__(self, lin):
-        super().__init__()
-        self.weight, self.bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-        self.packed = {}  # rows -> (packed weight, bias rows), filled on first use
-
-    def forward(self, x, rows=None):
-        if torch.is_grad_enabled():
-            raise vit.UserError("a packed model is for inference only: run it under torch.no_grad() or "
-                                "torch.inference_mode(), and train the original model")
-        if rows not in self.packed:
-            r0, r1 = rows or (0, self.weight.shape[0])
-            w = torch.ops.mkldnn._reorder_linear_weight(self.weight[r0:r1].contiguous(), None)
-            self.packed[rows] = w, None if self.bias is None else self.bias[r0:r1].contiguous()
-        w, b = self.packed[rows]
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def pack_for_cpu(model):
-    """A frozen copy of model for fast CPU inference (same forward, same `keep`; outputs equal to float rounding):
-    every Linear becomes a PackedLinear. Later changes to model do not reach the copy."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        raise vit.UserError("this torch build has no oneDNN (mkldnn) linear: run the model unpacked")
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
-        raise vit.UserError("pack_for_cpu needs a float32 model on the CPU: call it before .to(device, dtype)")
-    packed = copy.deepcopy(model).eval().requires_grad_(False)
-    for parent in list(packed.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
-    return packed
 
 
 def default_masks(cfg, tokens, gflops):
@@ -90,9 +43,8 @@ def default_masks(cfg, tokens, gflops):
 def runtime_fns(runtime, model, masks, device, threads, folder):
     """{model label: fn(x)} of one runtime: "dense" and "slimmed <tokens>" for each semantics in masks."""
     variants = {"dense": (None, "frozen"), **{f"slimmed {t}": (keep, t) for t, (keep, _) in masks.items()}}
-    if runtime in ("eager", "packed"):
-        m = pack_for_cpu(model) if runtime == "packed" else model
-        return {v: (lambda x, k=k, t=t: m(x, keep=k, tokens=t)) for v, (k, t) in variants.items()}
+    if runtime == "eager":
+        return {v: (lambda x, k=k, t=t: model(x, keep=k, tokens=t)) for v, (k, t) in variants.items()}
     if runtime == "compile":
         import torch._dynamo.config as dynamo
         dynamo.recompile_limit = 64  # one graph per model (they share StaticSlimmed.forward's code) and batch size
@@ -102,61 +54,17 @@ def runtime_fns(runtime, model, masks, device, threads, folder):
         return {v: torch.compile(export.StaticSlimmed(model, k, t).eval(), dynamic=False) for v, (k, t) in variants.items()}
     fns, cpu_model = {}, model.float().cpu()  # onnxruntime
     for v, (k, t) in variants.items():
-        session = export.ort_session(export.export_onnx(cpu_model, onnx_path(folder, v), k, t), threads, spinning=False)
+        path = os.path.join(folder, v.replace(" ", "_") + ".onnx")
+        session = export.ort_session(export.export_onnx(cpu_model, path, k, t), threads, spinning=False)
         fns[v] = lambda x, s=session: s.run(["logits"], {"img": x})[0]
     return fns
-
-
-def onnx_path(folder, variant):
-    return os.path.join(folder, variant.replace(" ", "_") + ".onnx")
-
-
-def profile_torch(fn, x, calls):
-    """ms per call by operator (self CPU time, torch.profiler) of fn(x)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn(x)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn(x)
-    return {e.key: e.self_cpu_time_total / 1000 / calls for e in prof.key_averages() if e.self_cpu_time_total > 0}
-
-
-def profile_ort(path, x, calls, threads):
-    """ms per call by ONNX operator type (onnxruntime's profiler: kernel time per node) of the ONNX file path."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.enable_profiling = threads, True
-    opts.profile_file_prefix = os.path.splitext(path)[0] + "_profile"
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    for _ in range(calls + 1):  # a warm-up call, also profiled: only the last calls are counted
-        session.run(["logits"], {"img": x})
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
-    runs = [e for e in events if e.get("name") == "model_run"]
-    start, out = runs[-calls]["ts"] if len(runs) >= calls else 0, {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            out[e["args"]["op_name"]] = out.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000 / calls
-    return out
-
-
-def summarise(by_op, top=8):
-    """A profile by operator -> {"total_ms", "by_category": {category: ms}, "top_ops": {op: ms}}."""
-    cats = {}
-    for op, ms in by_op.items():
-        c = next((c for c, keys in CATEGORIES if any(k in op.lower() for k in keys)), "other")
-        cats[c] = cats.get(c, 0.0) + ms
-    return {"total_ms": sum(by_op.values()), "by_category": cats,
-            "top_ops": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top])}
 
 
 def usable_runtimes(asked, device, dtype):
     """The asked runtimes this device, dtype and install can run, and {runtime left out: why}."""
     reasons = {}
     if device.type != "cpu" or dtype != torch.float32:
-        reasons = {"packed": "oneDNN prepacking is for CPU float32 only",
-                   "onnxruntime": "timed here on the CPU in float32 only"}
+        reasons = {"onnxruntime": "timed here on the CPU in float32 only"}
     try:
         export.require("onnx", "onnxscript", "onnxruntime")
     except vit.UserError as e:
@@ -190,14 +98,13 @@ def main():
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--profile-calls", type=int, default=20, help="batch-1 calls profiled per runtime and model (0: none)")
     p.add_argument("--out", default=None, help="default results/speed_runtimes_<name>_<device>_<dtype>.json")
     args = p.parse_args()
     device, dtype, threads = torch.device(args.device), getattr(torch, args.dtype), torch.get_num_threads()
     model = vit.load_checkpoint(args.weights) if args.weights else vit.deit("deit_small")
     cfg, name = model.cfg, os.path.basename(args.weights).split(".")[0] if args.weights else "deit_small"
     out = args.out or os.path.join("results", f"speed_runtimes_{name}_{args.device}_{args.dtype}.json")
-    folder = tempfile.mkdtemp(prefix="speed_onnx_")  # the ONNX files timed and onnxruntime's profiles
+    folder = tempfile.mkdtemp(prefix="speed_onnx_")  # the ONNX files timed
     masks, fns, runtimes, skipped = build(args, model, device, dtype, threads, folder)
     used = [m for m, on in (("onnxruntime", "onnxruntime" in runtimes), ("timm", "timm dense" in fns)) if on]
     dense_gf = flops.count_flops(cfg) / 1e9
@@ -205,7 +112,7 @@ def main():
            "dtype": args.dtype, "machine": machine(),
            "versions": {"torch": torch.__version__, **{m: __import__(m).__version__ for m in used}}, "threads": threads,
            "runtimes": runtimes, "runtimes_not_timed": skipped, "batches": args.batches, "dense_gflops": dense_gf,
-           "paper_v100": PAPER_V100, "rows": {}, "semantics": {}, "profile_b1": {}}
+           "paper_v100": PAPER_V100, "rows": {}, "semantics": {}}
     times = {}
     with torch.inference_mode():
         for b in sorted(args.batches, reverse=True):
@@ -231,8 +138,6 @@ def main():
         print(f"{tokens}: GFLOPs {dense_gf:.2f} -> {gf:.2f}; " + "; ".join(f"{rt} " + ", ".join(
             f"{b} {v['speedup']:.2f}x" for b, v in sem["speedup"][rt].items()) for rt in runtimes), flush=True)
     res["absolute"] = absolute(res, max(args.batches)) if "timm dense" in fns and runtimes else None
-    if args.profile_calls and device.type == "cpu" and 1 in args.batches:
-        res["profile_b1"] = profile_b1(fns, cfg, folder, args.profile_calls, threads)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     write_json(out, res)
     shutil.rmtree(folder, ignore_errors=True)
@@ -247,22 +152,6 @@ def absolute(res, big):
           f"img/s: {slimmed[fastest] / timm_img_s:.2f}x", flush=True)
     return {"batch": big, "fastest_slimmed": fastest, "images_per_s": slimmed[fastest],
             "timm_dense_eager_images_per_s": timm_img_s, "over_timm": slimmed[fastest] / timm_img_s}
-
-
-def profile_b1(fns, cfg, folder, calls, threads):
-    """Batch-1 profile of every runtime and model, summarised by kind of operator."""
-    out = {}
-    with torch.inference_mode():  # the input made as the timed ones were, so no compiled graph is rebuilt
-        x = torch.randn(1, 3, cfg.img_size, cfg.img_size)
-        for label, fn in fns.items():
-            if label.startswith("onnxruntime"):
-                by_op = profile_ort(onnx_path(folder, label.split(" ", 1)[1]), x.numpy(), calls, threads)
-            else:
-                by_op = profile_torch(fn, x, calls)
-            out[label] = summarise(by_op)
-            print(f"profile {label:32s} batch 1: " + ", ".join(f"{c} {ms:.2f}" for c, ms in sorted(
-                out[label]["by_category"].items(), key=lambda kv: -kv[1])) + " ms", flush=True)
-    return out
 
 
 if __name__ == "__main__":
