@@ -194,16 +194,18 @@ def peers_speed(path=PEERS_SPEED):
     if missing(path, "python bench/peers_speed.py"):
         return missing(path, "python bench/peers_speed.py")
     res = load(path)
-    rows = [f"| method | setting | GFLOPs | images/s (batch {res['batch']}) | × dense | batch-1 latency | × dense "
-            "(paired) |", "|---|---|---|---|---|---|---|"]
-    for name, r in res["rows"].items():
-        rows.append(f"| {name} | {r['setting']} | {r['gflops']:.2f} | {r['images_per_s']:.1f} | "
-                    f"{times(r['speedup_batch'])} | {r['latency_ms_b1']:.1f} ms | {times(r['speedup_b1'])} "
-                    f"({times(r['speedup_b1_paired'])}) |")
+    rows = [f"| runtime | method | setting | GFLOPs | images/s (batch {res['batch']}) | × dense | batch-1 latency | "
+            "× dense (paired) |", "|---|---|---|---|---|---|---|---|"]
+    for rt, by_name in res["runtimes"].items():
+        for name, r in by_name.items():
+            rows.append(f"| {rt} | {name} | {r['setting']} | {r['gflops']:.2f} | {r['images_per_s']:.1f} | "
+                        f"{times(r['speedup_batch'])} | {r['latency_ms_b1']:.1f} ms | {times(r['speedup_b1'])} "
+                        f"({times(r['speedup_b1_paired'])}) |")
     m = res["machine"]
     return ("\n".join(rows) + f"\n\n`{res['command']}` (`{path}`): {res['model']}, random weights, {res['dtype']}, "
             f"{m['threads']} threads on {m['cpu']} ({m['cores']} cores), torch {m['torch']}; {res['repeats']} rounds "
-            "at the batch, 5 times as many at batch 1, interleaved; medians.")
+            "at the batch, 5 times as many at batch 1, every model of every runtime interleaved; medians; each "
+            "runtime's ratios to its own dense model.")
 
 
 def peers_summary():
@@ -212,13 +214,14 @@ def peers_summary():
     if missing(SELECTION, "python bench/peers_select.py"):
         return missing(SELECTION, "python bench/peers_select.py")
     res = load(SELECTION)
-    speed = load(PEERS_SPEED)["rows"] if os.path.exists(os.path.join(ROOT, PEERS_SPEED)) else {}
+    speed = load(PEERS_SPEED)["runtimes"] if os.path.exists(os.path.join(ROOT, PEERS_SPEED)) else {}
     budgets = list(res["budgets"])
     rows = ["| method | " + " | ".join(f"{b}: off the shelf (patch slimming − this) | {b}: fine-tuned, seed mean "
                                        "(patch slimming − this, seeds together)" for b in budgets)
-            + " | speed-up at DeiT-S shapes, batch 32 / batch 1 |", "|---|" + "---|---|" * len(budgets) + "---|",
+            + "".join(f" | speed-up at DeiT-S shapes, {rt}, batch 32 / batch 1" for rt in speed) + " |",
+            "|---|" + "---|---|" * len(budgets) + "---|" * len(speed),
             f"| dense ({res['dense_gflops']:.3f} G) | " + " | ".join(f"{res['dense']['top1']:.2f} | " for _ in budgets)
-            + " | 1× / 1× |"]
+            + " | 1× / 1×" * len(speed) + " |"]
     for name in METHODS:
         cells = []
         for b in budgets:
@@ -235,16 +238,17 @@ def peers_summary():
             else:
                 vs = " (the reference)" if name == "patch slimming" and done else ""
             cells.append(f"{sum(tuned) / len(tuned):.2f}{vs}" if tuned else "not run yet")
-        sp = speed.get(name)
-        rows.append(f"| {bold(name)} | " + " | ".join(cells) + " | "
-                    + (f"{times(sp['speedup_batch'])} / {times(sp['speedup_b1'])}" if sp else "not measured") + " |")
+        cells += [f"{times(by_name[name]['speedup_batch'])} / {times(by_name[name]['speedup_b1'])}"
+                  for by_name in speed.values()]
+        rows.append(f"| {bold(name)} | " + " | ".join(cells) + " |")
     seeds = ", ".join(sorted({k for b in res["budgets"].values() for m in b["methods"].values()
                               for k in m.get("finetuned", {})}))  # the seeds run so far
     return ("\n".join(rows) + f"\n\nOff the shelf: each method's free settings selected by top-1 on "
             f"{res['held_out']['images']} held-out training images at the budget, then val ({res['val_images']} images) "
             f"read once; 95% paired bootstrap intervals. Fine-tuned: that setting after the headline's one-epoch "
             f"fine-tune from the dense weights, every method alike{f' ({seeds})' if seeds else ''}. Speed: each "
-            f"method at about 2.6 of DeiT-S's 4.6 GFLOPs, PyTorch eager on this CPU. Files: `{SELECTION}`, "
+            f"method at about 2.6 of DeiT-S's 4.6 GFLOPs on this CPU, in PyTorch eager and under torch.compile, each "
+            f"runtime's ratios to its own dense model. Files: `{SELECTION}`, "
             f"`{PEERS_SPEED}`.")
 
 

@@ -40,18 +40,24 @@ def default_masks(cfg, tokens, gflops):
     return random_nested(counts, cfg.num_tokens), f"random nested, {label}"
 
 
+def compiled(module, device):
+    """torch.compile of module for inference: one graph per batch size; on the CPU, inductor's freezing (weights as
+    constants, prepacked for oneDNN), its CPU inference setting."""
+    import torch._dynamo.config as dynamo
+    dynamo.recompile_limit = 64  # one graph per model (several share one forward's code) and batch size
+    if device.type == "cpu":
+        import torch._inductor.config as inductor
+        inductor.freezing = True
+    return torch.compile(module.eval(), dynamic=False)
+
+
 def runtime_fns(runtime, model, masks, device, threads, folder):
     """{model label: fn(x)} of one runtime: "dense" and "slimmed <tokens>" for each semantics in masks."""
     variants = {"dense": (None, "frozen"), **{f"slimmed {t}": (keep, t) for t, (keep, _) in masks.items()}}
     if runtime == "eager":
         return {v: (lambda x, k=k, t=t: model(x, keep=k, tokens=t)) for v, (k, t) in variants.items()}
     if runtime == "compile":
-        import torch._dynamo.config as dynamo
-        dynamo.recompile_limit = 64  # one graph per model (they share StaticSlimmed.forward's code) and batch size
-        if device.type == "cpu":
-            import torch._inductor.config as inductor
-            inductor.freezing = True  # weights as constants, prepacked: inductor's CPU inference setting
-        return {v: torch.compile(export.StaticSlimmed(model, k, t).eval(), dynamic=False) for v, (k, t) in variants.items()}
+        return {v: compiled(export.StaticSlimmed(model, k, t), device) for v, (k, t) in variants.items()}
     fns, cpu_model = {}, model.float().cpu()  # onnxruntime
     for v, (k, t) in variants.items():
         path = os.path.join(folder, v.replace(" ", "_") + ".onnx")
