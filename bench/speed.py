@@ -3,7 +3,8 @@ Real speed of dense against patch-slimmed DeiT (arXiv 2106.02852) under both tok
 the paper's; C1 "removed"), each at the paper's budget under its own FLOP count, in every runtime of docs/speed.md:
 eager (vit.py's forward), compile (pipeline/export.StaticSlimmed, inductor's freezing on the CPU: weights prepacked)
 and onnxruntime (pipeline/export.py's file, idle threads not spinning), with timm's dense DeiT beside them; every
-model and runtime timed round-robin in one run (common.interleaved). Random weights and patches. Writes results/speed_runtimes_<model>_<device>_<dtype>.json.
+model and runtime timed round-robin in one run (common.interleaved). Random weights and patches. Writes
+results/speed_runtimes_<model>_<device>_<dtype>.json.
 
     python bench/speed.py                                   # DeiT-S 224 px, both semantics, CPU, every runtime
     python bench/speed.py --repeats 2 --runtimes eager onnxruntime     # a quick check
