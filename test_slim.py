@@ -317,12 +317,18 @@ def test_eval_transform_is_deit_recipe_at_224():
 
 
 @needs_full_val
-def test_proxy_checkpoint_reproduces_its_val_top1():
+def test_proxy_checkpoint_reproduces_its_val_predictions():
+    """The shipped proxy predicts, on every 5th CIFAR-10 val image, what the headline run's predictions.npz holds for
+    it as dense; that file's dense top-1 over the whole val set is the checkpoint's own val_top1."""
     ck = torch.load(PROXY_CKPT, map_location="cpu", weights_only=False)
+    committed = np.load(os.path.join(REPO, "results", "cifar10-proxy", "predictions.npz"))
     model = vit.load_checkpoint(PROXY_CKPT)
     ds = data.build_dataset(CIFAR_FULL, "val", model.cfg.img_size)
-    top1 = evaluate.evaluate(model, ds, workers=2)
-    assert abs(top1 - 100 * ck["val_top1"]) <= 0.2, (top1, ck["val_top1"])
+    every_5th = range(0, len(ds), 5)
+    preds, labels = evaluate.predict(model, torch.utils.data.Subset(ds, every_5th), workers=2)
+    assert np.array_equal(labels.numpy(), committed["labels"][every_5th])
+    assert (preds.numpy() != committed["dense"][every_5th]).sum() <= 1  # float summation order may flip a near-tie
+    assert abs(100 * (committed["dense"] == committed["labels"]).mean() - 100 * ck["val_top1"]) <= 0.02
 
 
 @pytest.mark.parametrize("tokens", vit.TOKENS)
@@ -1531,15 +1537,15 @@ def test_dress_rehearsal_at_deit_small_shapes_with_a_killed_finetune(tmp_path):
     """The whole pipeline at DeiT-S shapes (224 px, 197 tokens, random weights) on a tiny ImageNet-layout folder with
     DeiT's recipe: search, final fine-tune, eval. The fine-tune is killed (SIGTERM, as a cluster would) mid-epoch; the
     same command resumes from where it stopped, and a rerun with other arguments is refused."""
-    root = image_folder(tmp_path / "data", classes=4, train_per_class=6, val_per_class=2, size=(232, 256))
+    root = image_folder(tmp_path / "data", classes=4, train_per_class=3, val_per_class=2, size=(232, 256))
     cfg = vit.ViTConfig(**{**vit.asdict(vit.PRESETS["deit_small"]), "num_classes": 4})
     torch.manual_seed(0)
     torch.save({"model": vit.VisionTransformer(cfg).state_dict()}, tmp_path / "deit_small_random.pth")
     out = tmp_path / "out"
     argv = [sys.executable, "slim.py", "--data", "folder", "--data-path", str(root), "--weights",
             str(tmp_path / "deit_small_random.pth"), "--out", str(out), "--fit-images", "8", "--held-images", "4",
-            "--score-images", "4", "--ft-steps", "2", "--batch-size", "4", "--eps", "0.01", "--recipe", "deit",
-            "--final-epochs", "2", "--final-batch-size", "8", "--warmup-epochs", "0", "--workers", "1"]
+            "--score-images", "4", "--ft-steps", "2", "--batch-size", "4", "--eps", "0.01", "--r-step", "98",
+            "--recipe", "deit", "--final-epochs", "2", "--final-batch-size", "4", "--warmup-epochs", "0", "--workers", "1"]
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen(argv, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, t0 = out / "log.txt", time.time()
@@ -1832,20 +1838,18 @@ def onnx_macs(path):
     return total
 
 
-DEIT_S_MASKS = {  # the paper's budget at DeiT-S shapes, as bench/speed.py times it: Fig. 5 frozen, 2.6 G removed
-    "frozen": FIG5_PYRAMID, "removed": flops.linear_pyramid(vit.PRESETS["deit_small"], 2.6e9, "removed")}
+DEIT_S_REMOVED = flops.linear_pyramid(vit.PRESETS["deit_small"], 2.6e9, "removed")  # the paper's 2.6 G, as
+# bench/speed.py times it; the frozen semantics is exported from the trained proxy and from the other families below
 
 
 @pytest.fixture(scope="module")
 def deit_small_onnx(tmp_path_factory):
-    """DeiT-S (random weights, 224 px) exported slimmed under both semantics: {tokens: (path, keep)}."""
+    """DeiT-S (random weights, 224 px) exported slimmed under the removed semantics: (model, path, keep)."""
     torch.manual_seed(0)
     model = vit.deit("deit_small").eval()
-    folder, out = tmp_path_factory.mktemp("onnx"), {}
-    for tokens in vit.TOKENS:
-        keep = scattered_masks(DEIT_S_MASKS[tokens], 197, seed=1)
-        out[tokens] = (pipeline_export.export_onnx(model, str(folder / f"{tokens}.onnx"), keep, tokens), keep)
-    return model, out
+    keep = scattered_masks(DEIT_S_REMOVED, 197, seed=1)
+    return model, pipeline_export.export_onnx(model, str(tmp_path_factory.mktemp("onnx") / "removed.onnx"), keep,
+                                              "removed"), keep
 
 
 def scattered_masks(counts, N, seed):
@@ -1858,13 +1862,12 @@ def scattered_masks(counts, N, seed):
 
 
 @needs_onnx
-@pytest.mark.parametrize("tokens", vit.TOKENS)
-def test_onnx_matches_pytorch_and_the_eq2_reference_at_deit_small_shapes(deit_small_onnx, tokens):
+def test_onnx_matches_pytorch_and_the_eq2_reference_at_deit_small_shapes(deit_small_onnx):
     """onnxruntime on the exported file gives vit.py's logits to 1e-4 and the Eq. 2 reference's (written in this file)
     at any batch size; the masks are constants, the batch dimension is dynamic, and the metadata says how to feed it."""
     import onnx
-    model, files = deit_small_onnx
-    path, keep = files[tokens]
+    model, path, keep = deit_small_onnx
+    tokens = "removed"
     session = pipeline_export.ort_session(path)
     for batch in (2, 3):
         img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
@@ -1879,35 +1882,33 @@ def test_onnx_matches_pytorch_and_the_eq2_reference_at_deit_small_shapes(deit_sm
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["mean"]) == list(vit.IMAGENET_MEAN) and json.loads(meta["std"]) == list(vit.IMAGENET_STD)
     assert meta["img_size"] == "224" and "CenterCrop(size=(224, 224)" in meta["eval_transform"]
-    assert json.loads(meta["kept_per_layer"]) == DEIT_S_MASKS[tokens] and meta["tokens"] == tokens
+    assert json.loads(meta["kept_per_layer"]) == DEIT_S_REMOVED and meta["tokens"] == tokens
 
 
 @needs_onnx
-@pytest.mark.parametrize("tokens", vit.TOKENS)
-def test_onnx_graph_computes_only_the_flops_flops_py_counts(deit_small_onnx, tokens):
-    """The exported graph's multiply-adds (MatMul, Gemm and Conv, from onnx's shape inference) equal flops.py's count:
-    no query, attention row, W_o or MLP row is computed for a patch a layer does not update (P1), and under "removed"
-    no key or value for a patch that left (C1)."""
-    model, files = deit_small_onnx
-    path, keep = files[tokens]
-    assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens=tokens)
+def test_onnx_graph_computes_only_the_flops_flops_py_counts(deit_small_onnx):
+    """The exported DeiT-S graph's multiply-adds (MatMul, Gemm and Conv, from onnx's shape inference) equal flops.py's
+    count: no key or value for a patch that left (C1), no query or MLP row for it. (The frozen semantics' count, P1, is
+    checked on the proxy's graph and on the other families' graphs.)"""
+    model, path, keep = deit_small_onnx
+    assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens="removed")
 
 
 @needs_onnx
-@pytest.mark.parametrize("family", ["distilled", "deit3"])
-def test_onnx_of_every_family_matches_pytorch_and_counts_flops_py(tmp_path, family):
-    """The distilled DeiT (two prefix tokens, two heads averaged) and DeiT-III (LayerScale) export too, under both
-    semantics: onnxruntime gives vit.py's logits to 1e-4 and the graph's multiply-adds are flops.py's."""
+@pytest.mark.parametrize("family, tokens", [("distilled", "removed"), ("deit3", "frozen")])
+def test_onnx_of_every_family_matches_pytorch_and_counts_flops_py(tmp_path, family, tokens):
+    """The distilled DeiT (two prefix tokens, two heads averaged) exports under the removed semantics, DeiT-III
+    (LayerScale) under the frozen one (the plain DeiT's graphs: the proxy's frozen, DeiT-S's removed): onnxruntime gives
+    vit.py's logits to 1e-4 and the graph's multiply-adds are flops.py's."""
     model = family_model(family)
     x = torch.randn(3, 3, 32, 32)
-    for tokens in vit.TOKENS:
-        keep = random_nested_keep(model.cfg, seed=2)
-        path = pipeline_export.export_onnx(model, str(tmp_path / f"{family}_{tokens}.onnx"), keep, tokens)
-        got = pipeline_export.ort_session(path).run(["logits"], {"img": x.numpy()})[0]
-        with torch.no_grad():
-            want = model(x, keep=keep, tokens=tokens)
-        assert np.abs(got - want.numpy()).max() < 1e-4, (family, tokens)
-        assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens=tokens), (family, tokens)
+    keep = random_nested_keep(model.cfg, seed=2)
+    path = pipeline_export.export_onnx(model, str(tmp_path / f"{family}_{tokens}.onnx"), keep, tokens)
+    got = pipeline_export.ort_session(path).run(["logits"], {"img": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x, keep=keep, tokens=tokens)
+    assert np.abs(got - want.numpy()).max() < 1e-4
+    assert onnx_macs(path) == flops.count_flops(model.cfg, keep, tokens=tokens)
 
 
 def slimmed_proxy(tmp_path, masks):
