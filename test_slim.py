@@ -1,5 +1,6 @@
 """
-Correctness checks for the patch-slimming reference implementation (arXiv 2106.02852). Run: python -m pytest -q
+Correctness checks for the patch-slimming reference implementation (arXiv 2106.02852). Run:
+python -m pytest -q -n 2 --dist loadgroup (two workers, a thread each; plain `python -m pytest -q` runs in one process)
 
 The file reads by kind (STYLE.md), a section each, each opening with what it establishes:
 1. parity with independent references: timm's DeiT, the Eq. 2 forward written from its definition, Eq. 6 by
@@ -50,7 +51,7 @@ needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
                                 reason="the export extra is not installed: pip install -r requirements-export.txt")
 needs_full_val = pytest.mark.skipif(CIFAR_FULL is None, reason="needs the whole CIFAR-10 val set (5,000 images): "
                                     "run `python slim.py --data cifar10 --eval-only` once to write data/cifar10")
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # -n 2: a core for each of the two workers
 SMALL_CFG = vit.ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=4, num_heads=2)
 
 
@@ -1862,6 +1863,7 @@ def scattered_masks(counts, N, seed):
 
 
 @needs_onnx
+@pytest.mark.xdist_group("deit_small_onnx")  # one worker exports DeiT-S once for both
 def test_onnx_matches_pytorch_and_the_eq2_reference_at_deit_small_shapes(deit_small_onnx):
     """onnxruntime on the exported file gives vit.py's logits to 1e-4 and the Eq. 2 reference's (written in this file)
     at any batch size; the masks are constants, the batch dimension is dynamic, and the metadata says how to feed it."""
@@ -1886,6 +1888,7 @@ def test_onnx_matches_pytorch_and_the_eq2_reference_at_deit_small_shapes(deit_sm
 
 
 @needs_onnx
+@pytest.mark.xdist_group("deit_small_onnx")  # one worker exports DeiT-S once for both
 def test_onnx_graph_computes_only_the_flops_flops_py_counts(deit_small_onnx):
     """The exported DeiT-S graph's multiply-adds (MatMul, Gemm and Conv, from onnx's shape inference) equal flops.py's
     count: no key or value for a patch that left (C1), no query or MLP row for it. (The frozen semantics' count, P1, is
