@@ -235,8 +235,12 @@ def peers_summary():
                 vs = f" ({interval(m['finetuned_seeds_together'])})"
             elif len(done) == 1 and "ps_minus_this" in next(iter(done.values())):
                 vs = f" ({interval(next(iter(done.values()))['ps_minus_this'])}; {next(iter(done))} only)"
+            elif name == "patch slimming" and done:  # its seeds named while some peer has fewer
+                partial = any(sorted(res["budgets"][b]["methods"][o].get("finetuned", {})) != sorted(done)
+                              for o in METHODS)
+                vs = f" (the reference; {' and '.join(sorted(done))})" if partial else " (the reference)"
             else:
-                vs = " (the reference)" if name == "patch slimming" and done else ""
+                vs = ""
             cells.append(f"{sum(tuned) / len(tuned):.2f}{vs}" if tuned else "not run yet")
         cells += [f"{times(by_name[name]['speedup_batch'])} / {times(by_name[name]['speedup_b1'])}"
                   for by_name in speed.values()]
