@@ -322,7 +322,8 @@ def test_proxy_checkpoint_reproduces_its_val_predictions():
     """The shipped proxy predicts, on every 5th CIFAR-10 val image, what the headline run's predictions.npz holds for
     it as dense; that file's dense top-1 over the whole val set is the checkpoint's own val_top1."""
     ck = torch.load(PROXY_CKPT, map_location="cpu", weights_only=False)
-    committed = np.load(os.path.join(REPO, "results", "cifar10-proxy", "predictions.npz"))
+    with np.load(os.path.join(REPO, "results", "cifar10-proxy", "predictions.npz")) as f:
+        committed = {k: f[k] for k in ("labels", "dense")}
     model = vit.load_checkpoint(PROXY_CKPT)
     ds = data.build_dataset(CIFAR_FULL, "val", model.cfg.img_size)
     every_5th = range(0, len(ds), 5)
