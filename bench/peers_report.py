@@ -5,6 +5,7 @@ training images and its val numbers (bench/peers_select.py), every candidate, ea
 rows (bench/peers_select.py --finetune), the settings nearest in FLOPs (bench/peers_compare.py) and the speed
 (bench/peers_speed.py).
 """
+import collections
 import os
 
 from stats import ROOT, interval, kept, load, times, with_p
@@ -143,13 +144,17 @@ def peers_finetuned():
                 together[0] = "(the reference)"
             rows.append(f"| {budget} | {bold(name)} | {m['val']['gflops']:.4f} | " + " | ".join(cells) + " | "
                         + " | ".join(together) + " |")
+    cpus = collections.Counter(f"{e['machine']['cpu']} ({e['machine']['cores']} cores)" for b in res["budgets"].values()
+                               for m in b["methods"].values() for e in m.get("finetuned", {}).values())
+    machines = ", ".join(f"{cpu}: {n} rows" for cpu, n in cpus.most_common())
     return ("\n".join(rows) + f"\n\nEvery row: its selected setting (the table above), {ft['epochs']:g} epoch at lr "
             f"{ft['lr']:g}, batch {ft['batch_size']}, the light recipe with soft distillation from the dense model "
             f"(pipeline/finetune.py, the headline's), started from the dense weights: {ft['optimiser_steps']:,} steps "
             "each. Patch slimming's own runs are the headline's (`results/cifar10-proxy*/`): the same fine-tune after "
             f"its search's block fine-tunes, more training (counted above). {res['val_images']} val images; 95% paired "
             "bootstrap, McNemar p; seeds together resamples the images jointly over both seeds. File: "
-            f"`{SELECTION}` (predictions `results/peers_selection_predictions.npz`); command: `{command}`.")
+            f"`{SELECTION}` (each row's seconds and machine; predictions `results/peers_selection_predictions.npz`); "
+            f"command: `{command}`; run on {machines}.")
 
 
 def peers_nearest():
